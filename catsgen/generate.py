@@ -1,0 +1,190 @@
+"""Prefill, the decode loop, sampling, compilation and streaming."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from catsgen.errors import UserError
+from catsgen.model import Transformer
+from catsgen.tokenizer import StreamDecoder
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def validate(self):
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"--top-k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits [B, V] -> next token ids [B, 1]. Sync-free, so it can live inside the graph."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / params.temperature
+    if params.top_k is not None:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p is not None and params.top_p < 1:
+        logits = _top_p_filter(logits, params.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    # Exponential-race sampling (argmax of p / Exp(1)) draws from probs without a host sync.
+    noise = torch.empty_like(probs).exponential_(1)
+    return (probs / noise).argmax(dim=-1, keepdim=True)
+
+
+def _top_p_filter(logits, top_p):
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    # Drop a token when the tokens before it already cover top_p (the first always stays).
+    drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def prefill(model: Transformer, idx: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    input_pos = torch.arange(idx.shape[1], device=idx.device)
+    logits = model(idx, input_pos)
+    return sample(logits[:, -1], params)
+
+
+def decode_one(model: Transformer, token: torch.Tensor, input_pos: torch.Tensor,
+               params: SamplingParams) -> torch.Tensor:
+    logits = model(token, input_pos)
+    return sample(logits[:, -1], params)
+
+
+def make_decode_step(compile: bool, device) -> Callable:
+    """The per-token step. On CUDA it is compiled into one graph replayed with CUDA graphs."""
+    if not compile:
+        return decode_one
+    mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
+    return torch.compile(decode_one, mode=mode, fullgraph=True)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # new tokens per sequence
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    per_token_s: list[float] = field(default_factory=list)
+
+    @property
+    def decode_tok_per_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: list[int] | torch.Tensor, max_new_tokens: int,
+             params: SamplingParams = SamplingParams(), eos_ids: set[int] = frozenset(),
+             decode_step: Callable = decode_one, on_token: Callable[[int], None] | None = None,
+             batch_size: int = 1, time_each_token: bool = False) -> GenerationResult:
+    """Prefill the prompt, then decode up to max_new_tokens tokens (stopping at EOS for
+    batch 1). The caches must already be set up with room for prompt + new tokens."""
+    device = model.output.weight.device
+    idx = torch.as_tensor(prompt, dtype=torch.long, device=device).reshape(1, -1).repeat(batch_size, 1)
+    T = idx.shape[1]
+    if T + max_new_tokens > model.max_seq_len:
+        raise UserError(f"prompt ({T} tokens) + max new tokens ({max_new_tokens}) exceeds "
+                        f"--max-seq-len {model.max_seq_len}")
+    _sync(device)
+    start = time.perf_counter()
+    token = prefill(model, idx, params)
+    _sync(device)
+    prefill_s = time.perf_counter() - start
+    out = [token]
+    if on_token:
+        on_token(int(token[0, 0]))  # streaming needs the value; the sync is part of streaming
+    stop_at_eos = batch_size == 1 and bool(eos_ids)
+    steps, per_token = 0, []
+    input_pos = torch.tensor([T], device=device)
+    start = time.perf_counter()
+    while len(out) < max_new_tokens:
+        if stop_at_eos and int(out[-1][0, 0]) in eos_ids:
+            break
+        t0 = time.perf_counter()
+        token = decode_step(model, out[-1].clone(), input_pos, params).clone()
+        input_pos += 1
+        out.append(token)
+        steps += 1
+        if on_token:
+            on_token(int(token[0, 0]))
+        if time_each_token:
+            _sync(device)
+            per_token.append(time.perf_counter() - t0)
+    _sync(device)
+    decode_s = time.perf_counter() - start
+    tokens = torch.cat(out, dim=1).tolist()
+    if stop_at_eos:
+        tokens = [_cut_after_eos(tokens[0], eos_ids)]
+    return GenerationResult(tokens, T, prefill_s, decode_s, steps, per_token)
+
+
+def _cut_after_eos(tokens: list[int], eos_ids) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return tokens[: i + 1]
+    return tokens
+
+
+def load_for_generation(checkpoint, device, dtype, batch_size: int, max_seq_len: int):
+    """Model with caches set up, plus its tokenizer."""
+    from catsgen.checkpoint import load_model
+    from catsgen.tokenizer import Tokenizer
+    tokenizer = Tokenizer(checkpoint)
+    model = load_model(checkpoint, device=device, dtype=dtype)
+    model.setup_caches(batch_size, max_seq_len)
+    return model, tokenizer
+
+
+def run_generation(checkpoint, prompt: str, max_new_tokens: int, params: SamplingParams, seed: int,
+                   device, dtype, max_seq_len: int, chat: bool, sparsity: float, thresholds,
+                   compile: bool, log: Callable[[str], None], out=None) -> GenerationResult:
+    """The `generate` command: stream the continuation to `out`, a summary to `log`."""
+    import sys
+    from catsgen.cats import apply_sparsity, report_sparsity
+    out = out or sys.stdout
+    torch.manual_seed(seed)
+    model, tokenizer = load_for_generation(checkpoint, device, dtype, 1, max_seq_len)
+    counters = apply_sparsity(model, checkpoint, sparsity, thresholds, log=log)
+    text = tokenizer.apply_chat_template(prompt) if chat else prompt
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise UserError("the prompt encodes to zero tokens")
+    if len(ids) >= max_seq_len:
+        raise UserError(f"the prompt is {len(ids)} tokens, longer than --max-seq-len {max_seq_len}")
+    max_new_tokens = min(max_new_tokens, max_seq_len - len(ids))
+    stream = StreamDecoder(tokenizer)
+
+    def on_token(token_id):
+        if token_id not in tokenizer.eos_ids:
+            out.write(stream.push(token_id))
+            out.flush()
+
+    result = generate(model, ids, max_new_tokens, params, tokenizer.eos_ids,
+                      make_decode_step(compile, device), on_token)
+    out.write("\n")
+    log(f"[{len(ids)} prompt tokens, {len(result.tokens[0])} new tokens, prefill "
+        f"{result.prefill_s * 1e3:.1f} ms, decode {result.decode_tok_per_s:.1f} tok/s"
+        f"{' (includes compilation)' if compile else ''}]")
+    if counters is not None:
+        log(report_sparsity(counters))
+    return result

@@ -1,0 +1,208 @@
+"""A gpt-fast-style Llama/Mistral decoder: fused QKV, static KV cache, pluggable MLP activation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from catsgen.config import ModelConfig
+from catsgen.errors import UserError
+
+
+class KVCache(nn.Module):
+    """Static cache [B, n_kv_heads, max_seq_len, head_dim]: fixed shapes keep CUDA graphs valid."""
+
+    def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device=None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        # index_copy_ writes in place with a tensor index: no host sync, graph-capturable.
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Same order of operations as HF: normalise in fp32, cast back, then scale.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class DenseSiLU(nn.Module):
+    """The MLP's default activation slot: the plain gated SiLU MLP (CATS replaces this module)."""
+
+    def forward(self, x, w_gate, w_up, w_down_t):
+        return (F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)) @ w_down_t
+
+
+class MLP(nn.Module):
+    """Gated MLP. W_down is stored transposed ([f, d]) so that neuron i is one contiguous row,
+    which lets the CATS kernels skip whole rows. The activation module owns the arithmetic."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w_gate = nn.Parameter(torch.empty(hidden, dim), requires_grad=False)
+        self.w_up = nn.Parameter(torch.empty(hidden, dim), requires_grad=False)
+        self.w_down_t = nn.Parameter(torch.empty(hidden, dim), requires_grad=False)
+        self.activation: nn.Module = DenseSiLU()
+
+    def forward(self, x):
+        return self.activation(x, self.w_gate, self.w_up, self.w_down_t)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.sliding_window = config.sliding_window
+        self.wqkv = nn.Linear(config.dim, config.qkv_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, positions, input_pos=None):
+        B, T, _ = x.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        if input_pos is not None and self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+            kv_positions = torch.arange(k.shape[2], device=x.device)
+        else:
+            kv_positions = positions
+        mask = attention_mask(positions, kv_positions, self.sliding_window)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
+
+
+def attention_mask(q_positions, kv_positions, sliding_window):
+    """Boolean [1, 1, T, S] mask: causal, and within the sliding window when there is one."""
+    delta = q_positions[:, None] - kv_positions[None, :]
+    allowed = delta >= 0
+    if sliding_window is not None:
+        allowed = allowed & (delta < sliding_window)
+    return allowed[None, None]
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = MLP(config.dim, config.intermediate_size)
+        self.attention_norm = RMSNorm(config.dim, config.rms_norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, positions, input_pos=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.rms_norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.max_seq_len = 0
+
+    @property
+    def mlps(self) -> list[MLP]:
+        return [layer.feed_forward for layer in self.layers]
+
+    def setup_caches(self, batch_size: int, max_seq_len: int):
+        """Allocate the static KV cache and the RoPE tables for up to max_seq_len positions."""
+        c = self.config
+        dtype, device = self.output.weight.dtype, self.output.weight.device
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch_size, max_seq_len, c.n_kv_heads, c.head_dim, dtype, device)
+        self.max_seq_len = max_seq_len
+        self.setup_rope(max_seq_len)
+
+    def setup_rope(self, max_seq_len: int):
+        device = self.output.weight.device
+        cos, sin = rope_tables(self.config, max_seq_len, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, idx, input_pos=None):
+        """idx [B, T] token ids. With input_pos [T] the static KV cache is used (prefill/decode);
+        without it, a plain causal forward over positions 0..T-1 (calibration, perplexity)."""
+        T = idx.shape[1]
+        positions = input_pos if input_pos is not None else torch.arange(T, device=idx.device)
+        if getattr(self, "rope_cos", None) is None or self.rope_cos.shape[0] < T:
+            self.setup_rope(max(T, self.max_seq_len))
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        x = self.tok_embeddings(idx)
+        for layer in self.layers:
+            x = layer(x, cos, sin, positions, input_pos)
+        return self.output(self.norm(x))
+
+
+def apply_rotary(x, cos, sin):
+    """HF's rotate-half RoPE, computed in fp32. x [B, H, T, D], cos/sin [T, D]."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
+    if scaling["rope_type"] == "llama3":
+        return _llama3_inverse_frequencies(inv_freq, scaling)
+    if scaling["rope_type"] == "dynamic":
+        # Dynamic NTK only changes the base past the original context, and we size the table
+        # once: inside the original context it is the default rotary embedding.
+        return inv_freq
+    raise ValueError(f"unknown rope_type {scaling['rope_type']}")
+
+
+def _llama3_inverse_frequencies(inv_freq, scaling):
+    factor = scaling["factor"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_context = scaling.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_tables(config: ModelConfig, max_seq_len: int, device=None):
+    scaling = config.rope_scaling
+    if scaling and scaling["rope_type"] == "dynamic" and max_seq_len > config.max_position_embeddings:
+        raise UserError(f"dynamic NTK rope scaling past max_position_embeddings "
+                        f"({config.max_position_embeddings}) is not supported: lower --max-seq-len")
+    inv_freq = rope_inverse_frequencies(config)
+    freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(device), emb.sin().to(device)
