@@ -78,6 +78,55 @@ def generate(
         compile=dev.startswith("cuda") if compile is None else compile, log=log)
 
 
+@app.command()
+def convert(
+    gguf: Path = typer.Option(..., help="Llama-architecture GGUF file to convert."),
+    out: Path = typer.Option(..., help="Output directory (HF layout: config.json, model.safetensors, tokenizer)."),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16 for the written weights."),
+):
+    """Convert a GGUF model into a Hugging Face directory the engine loads like any other."""
+    from catsgen.checkpoint import parse_dtype
+    from catsgen.convert import convert_gguf
+    if parse_dtype(dtype) == parse_dtype("float16"):
+        raise UserError("--dtype: choose float32 or bfloat16")
+    convert_gguf(gguf, out, dtype=parse_dtype(dtype), progress=log)
+    log(f"wrote {out}")
+
+
+@app.command()
+def bench(
+    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint directory (uses its thresholds file). "
+                                              "Default: the SmolLM2 demo model unless --preset is given."),
+    preset: Optional[str] = typer.Option(None, help="Random weights at a real shape: llama-2-7b, mistral-7b, "
+                                         "llama-3-8b or tiny (no checkpoint needed)."),
+    sparsity: List[float] = typer.Option([0.0, 0.5, 0.7], help="Sparsities to time (repeat the option); "
+                                         "0 = dense, always timed first as the baseline."),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    batch_size: int = typer.Option(1, min=1, max=8, help="Sequences decoded together."),
+    prompt_len: int = typer.Option(128, min=1, help="Prompt tokens (random ids)."),
+    new_tokens: int = typer.Option(256, min=2, help="Decode steps timed per repeat."),
+    max_seq_len: int = typer.Option(2048, min=2, help="Static KV cache length."),
+    repeats: int = typer.Option(5, min=1, help="Timed runs per sparsity (after warm-up)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    thresholds: Optional[Path] = typer.Option(None, help="Thresholds file for --checkpoint "
+                                              "(default: cats_thresholds.json next to it)."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                           help="torch.compile the decode step. Default: on for cuda, off for cpu."),
+):
+    """Per-token decode latency, dense against CATS, end to end."""
+    from catsgen.bench import BenchSettings, run_bench
+    if checkpoint is not None and preset is not None:
+        raise UserError("give --checkpoint or --preset, not both")
+    dev = resolve_device(device)
+    settings = BenchSettings(
+        sparsities=sparsity, dtype=resolve_dtype(dtype, dev), batch_size=batch_size,
+        prompt_len=prompt_len, new_tokens=new_tokens, max_seq_len=max_seq_len, repeats=repeats,
+        device=dev, compile=dev.startswith("cuda") if compile is None else compile)
+    run_bench(settings, checkpoint=None if preset else resolve_checkpoint(checkpoint), preset=preset,
+              thresholds=thresholds, json_path=json_path, log=log)
+
+
 def main(argv: Optional[List[str]] = None, prog_name: Optional[str] = None, command: Optional[str] = None):
     """Run the app; a UserError becomes one line on stderr and exit code 2, not a traceback.
     `command` makes an entry script (generate.py ...) behave as that subcommand."""
@@ -92,3 +141,7 @@ def main(argv: Optional[List[str]] = None, prog_name: Optional[str] = None, comm
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -148,9 +148,11 @@ def _cut_after_eos(tokens: list[int], eos_ids) -> list[int]:
 def load_for_generation(checkpoint, device, dtype, batch_size: int, max_seq_len: int):
     """Model with caches set up, plus its tokenizer."""
     from catsgen.checkpoint import load_model
+    from catsgen.config import ModelConfig
     from catsgen.tokenizer import Tokenizer
+    config = ModelConfig.from_checkpoint(checkpoint)  # first: it names a bad directory best
     tokenizer = Tokenizer(checkpoint)
-    model = load_model(checkpoint, device=device, dtype=dtype)
+    model = load_model(checkpoint, device=device, dtype=dtype, config=config)
     model.setup_caches(batch_size, max_seq_len)
     return model, tokenizer
 
@@ -181,7 +183,7 @@ def run_generation(checkpoint, prompt: str, max_new_tokens: int, params: Samplin
 
     result = generate(model, ids, max_new_tokens, params, tokenizer.eos_ids,
                       make_decode_step(compile, device), on_token)
-    out.write("\n")
+    out.write(stream.flush() + "\n")
     log(f"[{len(ids)} prompt tokens, {len(result.tokens[0])} new tokens, prefill "
         f"{result.prefill_s * 1e3:.1f} ms, decode {result.decode_tok_per_s:.1f} tok/s"
         f"{' (includes compilation)' if compile else ''}]")

@@ -113,3 +113,9 @@ class StreamDecoder:
             return ""
         new, self.printed = text[len(self.printed):], text
         return new
+
+    def flush(self) -> str:
+        """Whatever was held back (the sequence ended inside a UTF-8 character)."""
+        text = self.tokenizer.decode(self.ids)
+        new, self.printed = text[len(self.printed):], text
+        return new

@@ -1,0 +1,76 @@
+"""Shared fixtures: small random HF checkpoints written by transformers' save_pretrained."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+VOCAB = 320
+TRAINING_TEXT = ("The quick brown fox jumps over the lazy dog. Sparse activations skip weights. "
+                 "Once upon a time, in a land of static caches and fused kernels, a model decoded "
+                 "tokens one by one, 0123456789, and everyone was happy. ") * 20
+
+
+def write_tokenizer(directory: Path):
+    """A byte-level BPE tokenizer.json trained on a tiny text, so the CLI can take prompts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TRAINING_TEXT], trainer)
+    tok.save(str(directory / "tokenizer.json"))
+    return tok
+
+
+CONFIGS = {
+    "mha": dict(num_key_value_heads=4),
+    "gqa": dict(num_key_value_heads=2),
+    "llama31_rope": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+                         rope_theta=500000.0),
+    "tied": dict(tie_word_embeddings=True, num_key_value_heads=1),
+    "mistral_window": dict(sliding_window=7, num_key_value_heads=2, mistral=True),
+    "sharded": dict(num_key_value_heads=2, shard=True),
+}
+
+
+def make_checkpoint(directory: Path, name: str, seed: int = 0):
+    """Save a small random Llama/Mistral with transformers and return (directory, hf_model)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    options = dict(CONFIGS[name])
+    mistral, shard = options.pop("mistral", False), options.pop("shard", False)
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=256, bos_token_id=1,
+                eos_token_id=2, rms_norm_eps=1e-5)
+    base.update(options)
+    torch.manual_seed(seed)
+    config_cls, model_cls = (MistralConfig, MistralForCausalLM) if mistral else (LlamaConfig, LlamaForCausalLM)
+    model = model_cls(config_cls(**base)).eval()
+    # Scale weights up so that greedy decoding is decisive rather than a sea of near-ties.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    model.save_pretrained(directory, max_shard_size="60KB" if shard else "5GB")
+    write_tokenizer(directory)
+    return directory, model
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """name -> (directory, transformers model), built once per session."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {name: make_checkpoint(root / name, name) for name in CONFIGS}
+
+
+def run_cli(*args, env=None, timeout=600):
+    """Run an entry script (generate.py, calibrate.py, bench.py) or `-m catsgen.cli` in a fresh process."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, env=full_env, timeout=timeout)

@@ -1,0 +1,123 @@
+"""CATS MLP kernels: the Triton path (run on CPU by Triton's interpreter) against the torch
+reference, and the reference against an independently written masked dense MLP."""
+import importlib
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before the kernels are decorated: triton.jit picks the interpreter at definition time.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import catsgen.kernels.triton_mlp as cm  # noqa: E402
+from catsgen.kernels import cats_mlp, cats_mlp_reference  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1" and type(cm._gate_up_kernel).__name__ != "InterpretedFunction":
+    cm = importlib.reload(cm)  # another test module imported the kernels before the variable was set
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+SMALL = cm.Blocks(f1=8, d1=32, f2=4, d2=32, progs_per_sm2=1)  # many loop steps, tails and splits at tiny sizes
+
+
+def _inputs(B, d, f, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x = r(B, d)
+    w_gate, w_up, w_down_t = r(f, d) / d**0.5, r(f, d) / d**0.5, r(f, d) / f**0.5
+    return [t.to(DEV, dtype) for t in (x, w_gate, w_up, w_down_t)]
+
+
+def _threshold(x, w_gate, sparsity):
+    """Scalar threshold that zeroes a `sparsity` fraction of |SiLU(W_gate x)| (0: none, 1: all)."""
+    if sparsity == 0:
+        return torch.tensor(-1.0, device=x.device)
+    if sparsity == 1:
+        return torch.tensor(float("inf"), device=x.device)
+    v = torch.nn.functional.silu(x.float() @ w_gate.float().t()).abs().flatten().sort().values
+    k = round(sparsity * v.numel())
+    # halfway between two values, so rounding differences cannot flip the neuron at t
+    return ((v[k - 1] + v[k]) / 2).to(torch.float32)
+
+
+def _rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def poisoned_scratch(monkeypatch):
+    """Every scratch buffer the kernels get (h, and the fp32 accumulator of y) starts as NaN."""
+    monkeypatch.setattr(cm, "_empty", lambda *a, **k: torch.full(a, float("nan"), **k))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B", [1, 3, 8])
+@pytest.mark.parametrize("sparsity", [0, 0.5, 1])
+@pytest.mark.parametrize("d,f,blocks", [(37, 67, None), (72, 150, SMALL)])
+def test_triton_matches_reference(poisoned_scratch, dtype, B, sparsity, d, f, blocks):
+    seed = int(torch.randint(2**31, ()))
+    x, w_gate, w_up, w_down_t = _inputs(B, d, f, dtype, seed)
+    t = _threshold(x, w_gate, sparsity)
+    out = cm.cats_mlp_triton(x, w_gate, w_up, w_down_t, t, blocks=blocks)
+    ref = cats_mlp_reference(x, w_gate, w_up, w_down_t, t)
+    assert out.shape == (B, d) and out.dtype == dtype
+    assert not out.isnan().any(), f"unwritten output (seed {seed})"
+    if sparsity == 1:
+        assert (out == 0).all()
+    else:
+        assert _rel_err(out, ref) < TOL[dtype], f"seed {seed}"
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_inactive_rows_are_never_read(B):
+    """NaN in the up/down rows of neurons no token needs must not reach y: those rows are skipped."""
+    d, f = 40, 96
+    x, w_gate, w_up, w_down_t = _inputs(B, d, f, torch.float32, seed=B)
+    t = _threshold(x, w_gate, 0.6)
+    ref = cats_mlp_reference(x, w_gate, w_up, w_down_t, t)
+    v = torch.nn.functional.silu(x @ w_gate.t())
+    idle = ~(v.abs() > t).any(0)
+    assert 0 < idle.sum() < f
+    w_up[idle], w_down_t[idle] = float("nan"), float("nan")
+    for blocks in (None, SMALL):
+        out = cm.cats_mlp_triton(x, w_gate, w_up, w_down_t, t, blocks=blocks)
+        assert _rel_err(out, ref) < 1e-5
+
+
+def test_per_neuron_threshold():
+    d, f, B = 37, 67, 2
+    x, w_gate, w_up, w_down_t = _inputs(B, d, f, torch.float32, seed=1)
+    t = torch.rand(f, device=DEV) * 0.5
+    out = cats_mlp(x, w_gate, w_up, w_down_t, t, use_triton=True)
+    assert _rel_err(out, cats_mlp_reference(x, w_gate, w_up, w_down_t, t)) < 1e-5
+
+
+def test_reference_is_masked_dense_mlp():
+    """The reference against the CATS definition written out per token, in float64."""
+    d, f, B = 24, 50, 3
+    x, w_gate, w_up, w_down_t = (a.double().cpu() for a in _inputs(B, d, f, torch.float32, seed=2))
+    t = 0.3
+    y = torch.zeros(B, d, dtype=torch.float64)
+    for b in range(B):
+        gate = w_gate @ x[b]
+        act = gate / (1 + torch.exp(-gate))
+        keep = (act.abs() > t).double()
+        y[b] = torch.einsum("fd,f->d", w_down_t, keep * act * (w_up @ x[b]))
+    ref = cats_mlp_reference(x.float(), w_gate.float(), w_up.float(), w_down_t.float(), torch.tensor(t))
+    assert _rel_err(ref, y) < 1e-5
+
+
+def test_custom_op_under_torch_compile():
+    """The custom op (reference on CPU, Triton on CUDA) inside a fullgraph-compiled step."""
+    d, f, B = 37, 67, 1
+    x, w_gate, w_up, w_down_t = _inputs(B, d, f, torch.float32, seed=3)
+    t = _threshold(x, w_gate, 0.5)
+    step = lambda x, t: x + cats_mlp(x * 2, w_gate, w_up, w_down_t, t)  # noqa: E731
+    compiled = torch.compile(step, fullgraph=True)
+    for _ in range(2):  # a second threshold value must not need a new graph
+        out = compiled(x, t)
+        assert _rel_err(out, x + cats_mlp_reference(x * 2, w_gate, w_up, w_down_t, t)) < 1e-5
+        t = t * 0.5
+    torch.library.opcheck(torch.ops.catsgen.cats_mlp.default, (x, w_gate, w_up, w_down_t, t))
