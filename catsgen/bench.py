@@ -1,0 +1,200 @@
+"""Per-token decode latency, dense against CATS, end to end: the logic behind `bench.py`."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from catsgen.config import ModelConfig
+from catsgen.errors import UserError
+from catsgen.generate import SamplingParams, generate, make_decode_step
+from catsgen.model import Transformer
+
+
+@dataclass
+class BenchSettings:
+    sparsities: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.7])
+    dtype: torch.dtype = torch.bfloat16
+    batch_size: int = 1
+    prompt_len: int = 128
+    new_tokens: int = 256
+    max_seq_len: int = 2048
+    repeats: int = 5
+    device: str = "cuda"
+    compile: bool = True
+    warmup_tokens: int = 8
+
+
+def weight_bytes_per_token(config: ModelConfig, element_bytes: int, mlp_active_fraction: float = 1.0) -> int:
+    """Bytes of weights one decode step must read: every matrix once, one embedding row, and
+    of W_up / W_down only the rows of active neurons (W_gate is always read whole)."""
+    d, f = config.dim, config.intermediate_size
+    attention = config.qkv_dim * d + config.n_heads * config.head_dim * d
+    mlp = f * d + 2 * f * d * mlp_active_fraction
+    norms = 2 * d
+    per_layer = attention + mlp + norms
+    total = config.n_layers * per_layer + d + d + config.vocab_size * d  # embedding row, final norm, head
+    return int(round(total * element_bytes))
+
+
+def byte_ratio_limit(config: ModelConfig, sparsity: float) -> float:
+    """The most a decode step can speed up at this sparsity if time were bytes read."""
+    return weight_bytes_per_token(config, 2, 1.0) / weight_bytes_per_token(config, 2, 1.0 - sparsity)
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _build_model(settings: BenchSettings, checkpoint, preset, log) -> Transformer:
+    from catsgen.checkpoint import load_model, random_model
+    from catsgen.config import preset as preset_config
+    start = time.perf_counter()
+    if preset is not None:
+        log(f"building {preset} with random weights on {settings.device} ...")
+        model = random_model(preset_config(preset), settings.device, settings.dtype)
+    else:
+        log(f"loading {checkpoint} ...")
+        model = load_model(checkpoint, settings.device, settings.dtype)
+    model.setup_caches(settings.batch_size, settings.max_seq_len)
+    log(f"model ready in {time.perf_counter() - start:.1f} s")
+    return model
+
+
+def _time_decode(model, prompt, settings: BenchSettings, step, new_tokens) -> tuple[float, float]:
+    """One prefill + new_tokens decode steps; returns (prefill s, decode s per step)."""
+    result = generate(model, prompt, new_tokens, SamplingParams(), eos_ids=set(),
+                      decode_step=step, batch_size=settings.batch_size)
+    return result.prefill_s, result.decode_s / max(result.decode_steps, 1)
+
+
+def bench_one_sparsity(model, prompt, settings: BenchSettings, step, sparsity, log) -> dict:
+    start = time.perf_counter()
+    _time_decode(model, prompt, settings, step, settings.warmup_tokens)
+    _sync(settings.device)
+    warmup_s = time.perf_counter() - start
+    log(f"  s={sparsity:.2f}: compile + warm-up {warmup_s:.1f} s")
+    prefill, per_token = [], []
+    for _ in range(settings.repeats):
+        p, t = _time_decode(model, prompt, settings, step, settings.new_tokens)
+        prefill.append(p)
+        per_token.append(t)
+    ms = [t * 1e3 for t in per_token]
+    return {"sparsity": sparsity, "compile_warmup_s": warmup_s,
+            "decode_ms_per_token_median": statistics.median(ms),
+            "decode_ms_per_token_min": min(ms), "decode_ms_per_token_max": max(ms),
+            "prefill_ms_median": statistics.median(prefill) * 1e3,
+            "tokens_per_s": 1e3 / statistics.median(ms) * settings.batch_size}
+
+
+def run_bench(settings: BenchSettings, checkpoint=None, preset=None, thresholds=None,
+              json_path: Path | None = None, log: Callable[[str], None] = print) -> dict:
+    from catsgen import cats
+    sparsities = sorted(set([0.0] + [float(s) for s in settings.sparsities]))
+    for s in sparsities:
+        if not 0 <= s <= 0.99:
+            raise UserError(f"--sparsity {s} is outside [0, 0.99]")
+    if json_path is not None:
+        _check_writable(json_path)
+    torch.manual_seed(0)
+    model = _build_model(settings, checkpoint, preset, log)
+    config = model.config
+    prompt = torch.randint(0, config.vocab_size, (settings.prompt_len,)).tolist()
+    sparse = [s for s in sparsities if s > 0]
+    table = cats.bench_thresholds(model, checkpoint, thresholds, preset is not None, log) if sparse else None
+    step = make_decode_step(settings.compile, settings.device)
+    element_bytes = torch.empty((), dtype=settings.dtype).element_size()
+    rows = []
+    for s in sparsities:
+        measured = 0.0
+        if s > 0:
+            cats.set_sparsity(model, table, s)
+            measured = cats.measure_union_sparsity(model, prompt, settings.batch_size)
+        elif table is not None:
+            cats.set_dense(model)
+        row = bench_one_sparsity(model, prompt, settings, step, s, log)
+        bytes_read = weight_bytes_per_token(config, element_bytes, 1.0 - measured)
+        row.update(measured_sparsity=measured, weight_bytes_per_token=bytes_read,
+                   achieved_gb_per_s=bytes_read / (row["decode_ms_per_token_median"] * 1e-3) / 1e9,
+                   byte_ratio_limit=byte_ratio_limit(config, measured))
+        rows.append(row)
+    dense_ms = rows[0]["decode_ms_per_token_median"]
+    for row in rows:
+        row["speedup_vs_dense"] = dense_ms / row["decode_ms_per_token_median"]
+    report = {"environment": environment(settings.device), "settings": _settings_dict(settings),
+              "model": {"source": preset or str(checkpoint), **_shape_dict(config)}, "rows": rows}
+    print(format_table(report))
+    if json_path is not None:
+        write_json_atomically(json_path, report)
+        log(f"wrote {json_path}")
+    return report
+
+
+def environment(device) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    on_cuda = torch.device(device).type == "cuda"
+    return {"device": str(device),
+            "device_name": torch.cuda.get_device_name() if on_cuda else platform.processor() or "cpu",
+            "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _settings_dict(settings: BenchSettings) -> dict:
+    d = asdict(settings)
+    d["dtype"] = str(settings.dtype).removeprefix("torch.")
+    return d
+
+
+def _shape_dict(config: ModelConfig) -> dict:
+    return {"architecture": config.architecture, "dim": config.dim, "n_layers": config.n_layers,
+            "n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads, "head_dim": config.head_dim,
+            "intermediate_size": config.intermediate_size, "vocab_size": config.vocab_size}
+
+
+def format_table(report: dict) -> str:
+    env, settings, model = report["environment"], report["settings"], report["model"]
+    lines = [f"{model['source']} | {settings['dtype']} | batch {settings['batch_size']} | prompt "
+             f"{settings['prompt_len']} | {settings['new_tokens']} new tokens x {settings['repeats']} | "
+             f"{env['device_name']} | torch {env['torch']} | triton {env['triton']}",
+             f"{'sparsity':>8} {'actual':>7} {'ms/tok':>8} {'spread':>15} {'tok/s':>8} {'GB/s':>7} "
+             f"{'speedup':>8} {'limit':>6} {'prefill ms':>10} {'warm-up s':>9}"]
+    for r in report["rows"]:
+        spread = f"{r['decode_ms_per_token_min']:.3f}-{r['decode_ms_per_token_max']:.3f}"
+        lines.append(f"{r['sparsity']:>8.2f} {r['measured_sparsity']:>7.3f} "
+                     f"{r['decode_ms_per_token_median']:>8.3f} {spread:>15} {r['tokens_per_s']:>8.1f} "
+                     f"{r['achieved_gb_per_s']:>7.1f} {r['speedup_vs_dense']:>7.2f}x "
+                     f"{r['byte_ratio_limit']:>5.2f}x {r['prefill_ms_median']:>10.1f} {r['compile_warmup_s']:>9.1f}")
+    return "\n".join(lines)
+
+
+def _check_writable(path: Path):
+    parent = Path(path).resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"--json {path}: directory {parent} does not exist or is not writable")
+
+
+def write_json_atomically(path: Path, data: dict):
+    """Write to a temporary file beside the target, then rename: never a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
