@@ -127,12 +127,46 @@ def bench(
               thresholds=thresholds, json_path=json_path, log=log)
 
 
+@app.command("bench-kernels")
+def bench_kernels(
+    batch_size: List[int] = typer.Option([1, 4], help="Decode batch sizes (repeat the option)."),
+    sparsity: List[float] = typer.Option([0.0, 0.3, 0.5, 0.7, 0.9], help="Sparsities to time."),
+):
+    """Time the CATS MLP kernels against the dense cuBLAS MLP (CUDA only); also `bench.py kernels`."""
+    import torch
+    if not torch.cuda.is_available():
+        raise UserError("bench-kernels needs a CUDA GPU")
+    from catsgen.kernels.bench import format_table, run_kernel_bench
+    print(format_table(run_kernel_bench(batch_sizes=tuple(batch_size), sparsities=tuple(sparsity))))
+
+
+# Options that take several values after one flag (`--sparsity 0 0.5 0.7`), per command.
+MULTI_VALUE_OPTIONS = {"bench": ("--sparsity", "--batch-size"), "perplexity": ("--sparsity",),
+                       "bench-kernels": ("--sparsity", "--batch-size")}
+
+
+def expand_multi_value_options(args: List[str]) -> List[str]:
+    """Rewrite `--opt a b c` as `--opt a --opt b --opt c`, which click understands."""
+    options = MULTI_VALUE_OPTIONS.get(args[0] if args else "", ())
+    out, current = [], None
+    for arg in args:
+        if arg.startswith("-"):
+            current = arg if arg in options else None
+            out.append(arg)
+        elif current is not None and out[-1] != current:
+            out += [current, arg]
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Optional[List[str]] = None, prog_name: Optional[str] = None, command: Optional[str] = None):
     """Run the app; a UserError becomes one line on stderr and exit code 2, not a traceback.
     `command` makes an entry script (generate.py ...) behave as that subcommand."""
     args = list(sys.argv[1:] if argv is None else argv)
     if command is not None:
         args = [command] + args
+    args = expand_multi_value_options(args)
     try:
         app(args=args, prog_name=prog_name or "catsgen", standalone_mode=True)
     except UserError as e:

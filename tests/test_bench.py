@@ -54,3 +54,12 @@ def test_bench_tiny_cpu_writes_every_field(tmp_path):
 def test_bench_rejects_bad_sparsity(tmp_path):
     result = run_cli("bench.py", "--preset", "tiny", "--device", "cpu", "--sparsity", 1.5)
     assert result.returncode == 2 and "outside [0, 0.99]" in result.stderr
+
+
+def test_several_values_after_one_flag():
+    from catsgen.cli import expand_multi_value_options
+    assert expand_multi_value_options(["bench", "--sparsity", "0", "0.5", "--repeats", "3"]) == \
+        ["bench", "--sparsity", "0", "--sparsity", "0.5", "--repeats", "3"]
+    # generate takes one sparsity: its arguments are left alone
+    assert expand_multi_value_options(["generate", "--sparsity", "0.5", "--prompt", "x"]) == \
+        ["generate", "--sparsity", "0.5", "--prompt", "x"]
