@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from catsgen.config import ModelConfig
 from catsgen.errors import UserError
+from catsgen.kernels.decode_attention import decode_attention
 
 
 class KVCache(nn.Module):
@@ -83,6 +84,9 @@ class Attention(nn.Module):
 
         if input_pos is not None and self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
+            if T == 1 and q.is_cuda:  # decode: a Triton kernel reads only the allowed cache positions
+                y = decode_attention(q, k, v, input_pos, self.sliding_window)
+                return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
             kv_positions = torch.arange(k.shape[2], device=x.device)
         else:
             kv_positions = positions

@@ -1,0 +1,241 @@
+"""Flash-decoding attention for one new token over a static KV cache, as the custom op
+catsgen::decode_attention (Triton on CUDA, the torch reference elsewhere).
+
+The decode step attends one query per head to a cache [B, n_kv_heads, S, D] whose first pos+1
+positions are filled. SDPA with a boolean mask reads the whole cache (S positions) every step;
+these kernels read only the positions the mask allows. pos stays on the device (no host sync,
+static shapes), so the grid covers all S positions and programs with nothing to do exit
+before loading anything.
+
+Two launches:
+  1. _split_kernel, grid (n_chunks, B * n_kv_heads): program (c, b*kv) takes positions
+     [c*CHUNK, (c+1)*CHUNK) intersected with the allowed range [lo, pos] (lo = pos - window + 1
+     with a sliding window, else 0). It handles all G = n_heads / n_kv_heads query heads of its
+     kv head, so K and V are read once (GQA without repeats). It writes an unnormalised fp32
+     partial output and its running max / sum of exp (base 2) per query head.
+  2. _reduce_kernel, grid (B * n_heads,): combines the partials of the chunks that overlap
+     [lo, pos] (it recomputes that range from pos, so untouched partials are never read) and
+     writes the output in q.dtype.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
+    triton = None
+
+__all__ = ["decode_attention", "decode_attention_reference", "decode_attention_triton", "Blocks"]
+
+
+def decode_attention_reference(q, k_cache, v_cache, pos, sliding_window: int | None = None):
+    """SDPA over the whole cache with the decode mask, in fp32; GQA by repeat_interleave.
+
+    q [B, H, 1, D], k_cache / v_cache [B, Hkv, S, D], pos int64 [1] (index of the current
+    token, whose k/v are already in the cache). Key j is attended iff j <= pos and, with a
+    sliding window w (None or 0: none), pos - j < w. Returns [B, H, 1, D] in q.dtype."""
+    B, H, T, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    delta = pos.reshape(-1)[:1, None].to(torch.long) - torch.arange(S, device=q.device)[None, :]
+    allowed = delta >= 0
+    if sliding_window:
+        allowed = allowed & (delta < sliding_window)
+    k, v = k_cache.float(), v_cache.float()
+    if H != Hkv:
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(q.float(), k, v, attn_mask=allowed[None, None])
+    return out.to(q.dtype)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Tile sizes. chunk: positions per split program (a multiple of block_n); block_n:
+    positions per loop step; block_c: chunks combined per step of the reduction."""
+    chunk: int = 64
+    block_n: int = 64
+    warps: int = 4
+    stages: int = 2
+    block_c: int = 32
+    warps_reduce: int = 4
+
+
+DEFAULT_BLOCKS = Blocks()
+
+
+if triton is not None:
+    @triton.jit
+    def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr,
+                      sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
+                      H_KV, S, window, n_chunks, scale_log2,
+                      D: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, USE_DOT: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+        c = tl.program_id(0)
+        bkv = tl.program_id(1)
+        b = bkv // H_KV
+        kvh = bkv % H_KV
+        pos = tl.load(pos_ptr)
+        hi = tl.minimum(pos + 1, S)  # exclusive end of the allowed range
+        lo = tl.where(window > 0, tl.maximum(pos - window + 1, 0), 0)
+        start = tl.maximum(c * CHUNK, lo)
+        end = tl.minimum(c * CHUNK + CHUNK, hi)
+        if end > start:  # else: nothing to read, nothing to write
+            g = tl.arange(0, GP)
+            d = tl.arange(0, BLOCK_D)
+            g_ok = g < G
+            d_ok = d < D
+            heads = kvh * G + g
+            q = tl.load(q_ptr + b.to(tl.int64) * sq_b + heads[:, None] * sq_h + d[None, :],
+                        mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+            k_base = k_ptr + b.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h
+            v_base = v_ptr + b.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h
+            m = tl.full([GP], -1.0e30, tl.float32)  # finite: a fully masked step gives p = 0, not NaN
+            l = tl.zeros([GP], tl.float32)
+            acc = tl.zeros([GP, BLOCK_D], tl.float32)
+            n0 = tl.arange(0, BLOCK_N)
+            for s0 in tl.range(start, end, BLOCK_N):
+                n = s0 + n0
+                n_ok = n < end
+                kv_mask = n_ok[:, None] & d_ok[None, :]
+                # Both loads issued before any arithmetic: one memory round trip per step.
+                k = tl.load(k_base + n[:, None].to(tl.int64) * sk_s + d[None, :], mask=kv_mask, other=0.0,
+                            eviction_policy="evict_first")
+                v = tl.load(v_base + n[:, None].to(tl.int64) * sv_s + d[None, :], mask=kv_mask, other=0.0,
+                            eviction_policy="evict_first")
+                if DOT_F32:  # the interpreter's tl.dot misreads bf16 operands (triton 3.9)
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                if USE_DOT:
+                    s = tl.dot(q.to(k.dtype), tl.trans(k), input_precision=DOT_PRECISION)
+                else:
+                    s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+                s = tl.where(n_ok[None, :], s * scale_log2, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, axis=1))
+                alpha = tl.exp2(m - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l = l * alpha + tl.sum(p, axis=1)
+                if USE_DOT:
+                    pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                else:
+                    pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+                acc = acc * alpha[:, None] + pv
+                m = m_new
+            row = (b * H_KV * G + heads).to(tl.int64) * n_chunks + c  # [B, H, n_chunks] partial index
+            tl.store(o_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+            tl.store(m_ptr + row, m, mask=g_ok)
+            tl.store(l_ptr + row, l, mask=g_ok)
+
+    @triton.jit
+    def _reduce_kernel(o_ptr, m_ptr, l_ptr, pos_ptr, out_ptr, so_b, so_h,
+                       H, S, window, n_chunks,
+                       D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+        bh = tl.program_id(0)
+        b = bh // H
+        h = bh % H
+        pos = tl.load(pos_ptr)
+        hi = tl.minimum(pos + 1, S)
+        lo = tl.where(window > 0, tl.maximum(pos - window + 1, 0), 0)
+        c_first = lo // CHUNK
+        c_end = (hi - 1) // CHUNK + 1  # the chunks the split kernel wrote: [c_first, c_end)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        cs0 = tl.arange(0, BLOCK_C)
+        m = tl.max(tl.full([BLOCK_C], -1.0e30, tl.float32), axis=0)
+        l = tl.sum(tl.zeros([BLOCK_C], tl.float32), axis=0)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        base = bh.to(tl.int64) * n_chunks
+        for c0 in tl.range(c_first, c_end, BLOCK_C):
+            cs = c0 + cs0
+            c_ok = cs < c_end
+            mc = tl.load(m_ptr + base + cs, mask=c_ok, other=float("-inf"))
+            lc = tl.load(l_ptr + base + cs, mask=c_ok, other=0.0)
+            oc = tl.load(o_ptr + (base + cs)[:, None] * BLOCK_D + d[None, :], mask=c_ok[:, None] & d_ok[None, :],
+                         other=0.0)
+            m_new = tl.maximum(m, tl.max(mc, axis=0))
+            alpha = tl.exp2(m - m_new)
+            w = tl.exp2(mc - m_new)
+            l = l * alpha + tl.sum(w * lc, axis=0)
+            acc = acc * alpha + tl.sum(w[:, None] * oc, axis=0)
+            m = m_new
+        out = acc / l
+        tl.store(out_ptr + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h + d,
+                 out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def decode_attention_triton(q, k_cache, v_cache, pos, sliding_window: int | None = None,
+                            blocks: Blocks = DEFAULT_BLOCKS):
+    """The Triton path (same contract as decode_attention_reference). On CPU tensors it needs
+    TRITON_INTERPRET=1 set before this module was imported."""
+    B, H, T, D = q.shape
+    _, Hkv, S, Dk = k_cache.shape
+    assert T == 1, "decode attention takes one query token"
+    assert v_cache.shape == k_cache.shape and Dk == D and H % Hkv == 0
+    q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
+    assert blocks.chunk % blocks.block_n == 0
+    G = H // Hkv
+    block_d = max(16, triton.next_power_of_2(D))
+    use_dot = G > 1
+    gp = max(16, triton.next_power_of_2(G)) if use_dot else 1  # tl.dot needs M >= 16
+    n_chunks = triton.cdiv(S, blocks.chunk)
+    window = int(sliding_window or 0)
+    dev = q.device
+    o_part = torch.empty(B * H * n_chunks * block_d, device=dev, dtype=torch.float32)
+    m_part = torch.empty(B * H * n_chunks, device=dev, dtype=torch.float32)
+    l_part = torch.empty(B * H * n_chunks, device=dev, dtype=torch.float32)
+    out = torch.empty((B, H, 1, D), device=dev, dtype=q.dtype)
+    dot_f32 = use_dot and not q.is_cuda and q.dtype == torch.bfloat16  # interpreter only, see the kernel
+    precision = "ieee" if q.dtype == torch.float32 or dot_f32 else "tf32"  # unused for 16-bit inputs
+    _split_kernel[(n_chunks, B * Hkv)](
+        q, k_cache, v_cache, pos, o_part, m_part, l_part,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        Hkv, S, window, n_chunks, math.log2(math.e) / math.sqrt(D),
+        D=D, G=G, GP=gp, BLOCK_D=block_d, BLOCK_N=blocks.block_n, CHUNK=blocks.chunk,
+        USE_DOT=use_dot, DOT_PRECISION=precision, DOT_F32=dot_f32, num_warps=blocks.warps, num_stages=blocks.stages)
+    _reduce_kernel[(B * H,)](
+        o_part, m_part, l_part, pos, out, out.stride(0), out.stride(1),
+        H, S, window, n_chunks,
+        D=D, CHUNK=blocks.chunk, BLOCK_C=blocks.block_c, BLOCK_D=block_d, num_warps=blocks.warps_reduce)
+    return out
+
+
+def _op_exists() -> bool:
+    try:
+        torch.ops.catsgen.decode_attention
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+if not _op_exists():  # a reload of this module (tests switching to the interpreter) keeps the first one
+    @torch.library.custom_op("catsgen::decode_attention", mutates_args=())
+    def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             pos: torch.Tensor, sliding_window: int) -> torch.Tensor:
+        if q.is_cuda:
+            return decode_attention_triton(q, k_cache, v_cache, pos, sliding_window)
+        return decode_attention_reference(q, k_cache, v_cache, pos, sliding_window)
+
+    @_decode_attention_op.register_fake
+    def _(q, k_cache, v_cache, pos, sliding_window):
+        return q.new_empty(q.shape[0], q.shape[1], 1, q.shape[3])
+
+
+def decode_attention(q, k_cache, v_cache, pos, sliding_window: int | None = None,
+                     use_triton: bool | None = None):
+    """Attention of one new token q [B, H, 1, D] over the static cache [B, Hkv, S, D], keys
+    0..pos (and pos - j < sliding_window when given); GQA when H is a multiple of Hkv.
+    Returns [B, H, 1, D] in q.dtype.
+
+    use_triton: None (default) runs the custom op: Triton on CUDA, the reference elsewhere.
+    True forces the Triton path (CPU tensors need TRITON_INTERPRET=1 set before triton kernels
+    are defined); False forces the reference."""
+    if use_triton:
+        return decode_attention_triton(q, k_cache, v_cache, pos, sliding_window)
+    if use_triton is False:
+        return decode_attention_reference(q, k_cache, v_cache, pos, sliding_window)
+    return torch.ops.catsgen.decode_attention(q, k_cache, v_cache, pos, int(sliding_window or 0))

@@ -1,0 +1,149 @@
+"""GPU check of the flash-decoding attention kernel (kernels/decode_attention.py):
+  1. kernel vs the torch reference at real shapes (bf16; fp16 / fp32 spot checks);
+  2. a small model decoding with the kernel vs the same model with the old SDPA path;
+  3. time: kernel (a few tilings) vs SDPA over the whole cache with a boolean mask, each call
+     captured in a CUDA graph, rotating over 8 layers' caches so L2 holds none of them.
+`--bench-baseline BENCH_ARGS...` instead runs bench.py with the decode step on the old SDPA
+path (the baseline, on the same card).
+    python3 scripts/gpu_attention.py
+"""
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, as for bench.py
+import catsgen.model as M  # noqa: E402
+from catsgen.kernels.decode_attention import (Blocks, DEFAULT_BLOCKS, decode_attention,  # noqa: E402
+                                              decode_attention_reference, decode_attention_triton)
+
+
+def sdpa_whole_cache(q, k, v, pos, window):
+    """What Attention.forward did for decode before the kernel: SDPA over all S positions."""
+    mask = M.attention_mask(pos, torch.arange(k.shape[2], device=q.device), window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def graph_time_us(fns, replays=20):
+    """Median time of one call: the calls in fns (one per layer) captured in one graph, replayed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(4):
+            for fn in fns:
+                fn()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (4 * len(fns)))
+    return statistics.median(times)
+
+
+def check_kernel():
+    ok = True
+    cases = [(32, 200, 0, torch.bfloat16), (32, 2000, 0, torch.bfloat16), (8, 200, 0, torch.bfloat16),
+             (8, 2000, 0, torch.bfloat16), (8, 2000, 512, torch.bfloat16), (32, 0, 0, torch.bfloat16),
+             (8, 2047, 0, torch.bfloat16), (8, 1000, 0, torch.float16), (32, 1000, 0, torch.float32),
+             (8, 1000, 100, torch.float32)]
+    for Hkv, p, window, dt in cases:
+        q = torch.randn(1, 32, 1, 128, device="cuda", dtype=dt)
+        k, v = (torch.randn(1, Hkv, 2048, 128, device="cuda", dtype=dt) for _ in range(2))
+        pos = torch.tensor([p], device="cuda")
+        out = decode_attention(q, k, v, pos, window)
+        err = rel_err(out, decode_attention_reference(q, k, v, pos, window))
+        good = not out.isnan().any() and err < (1e-4 if dt == torch.float32 else 1e-2)
+        ok &= good
+        print(f"check Hkv={Hkv} pos={p} window={window} {dt}: rel_err={err:.2e} {'OK' if good else 'FAIL'}")
+    return ok
+
+
+@torch.no_grad()
+def check_model():
+    """Logits of a small model (head_dim 128, GQA, with and without a sliding window) decoding
+    with the kernel, eager and compiled (aot_eager), against the old SDPA path."""
+    from catsgen.checkpoint import random_model
+    from catsgen.config import ModelConfig
+    ok = True
+    for window, dtype in [(None, torch.float32), (24, torch.float32), (24, torch.bfloat16)]:
+        cfg = ModelConfig(dim=512, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=512, vocab_size=256,
+                          sliding_window=window)
+        model = random_model(cfg, "cuda", dtype)
+        model.setup_caches(1, 100)
+        prompt = torch.randint(0, 256, (1, 20), device="cuda")
+        tokens = torch.randint(0, 256, (1, 40), device="cuda")
+
+        def run(attention_fn, compiled=False):
+            M.decode_attention = attention_fn
+            torch._dynamo.reset()
+            fwd = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+            model(prompt, torch.arange(20, device="cuda"))
+            logits = []
+            for i in range(20, 60):  # fixed tokens, not argmax: near-ties must not fork the sequence
+                logits.append(fwd(tokens[:, i - 20:i - 19], torch.tensor([i], device="cuda")).float())
+            return torch.cat(logits)
+
+        base = run(sdpa_whole_cache)
+        for name, compiled in [("eager", False), ("compiled", True)]:
+            err = rel_err(run(decode_attention, compiled), base)
+            good = err < (1e-4 if dtype == torch.float32 else 2e-2)
+            ok &= good
+            print(f"model window={window} {dtype} {name}: logits rel_err={err:.2e} {'OK' if good else 'FAIL'}")
+        M.decode_attention = decode_attention
+    return ok
+
+
+def timings():
+    rows = []
+    variants = [DEFAULT_BLOCKS, Blocks(chunk=128, block_n=64), Blocks(chunk=32, block_n=32),
+                Blocks(chunk=256, block_n=128, warps=8)]
+    for Hkv in (32, 8):
+        layers = [[torch.randn(1, Hkv, 2048, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+                  for _ in range(8)]
+        q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+        for p in (200, 1000, 2000):
+            pos = torch.tensor([p], device="cuda")
+            sdpa = graph_time_us([lambda k=k, v=v: sdpa_whole_cache(q, k, v, pos, None) for k, v in layers])
+            row = dict(Hkv=Hkv, pos=p, sdpa=sdpa)
+            for i, blk in enumerate(variants):
+                row[i] = graph_time_us([lambda k=k, v=v: decode_attention_triton(q, k, v, pos, None, blocks=blk)
+                                        for k, v in layers])
+            row["op"] = graph_time_us([lambda k=k, v=v: decode_attention(q, k, v, pos) for k, v in layers])
+            row["gbps"] = 2 * Hkv * (p + 1) * 128 * 2 / (row["op"] * 1e-6) / 1e9
+            rows.append(row)
+            print(row)
+    print(f"\n{torch.cuda.get_device_name()}, bf16, B=1, 32 heads, D=128, S=2048, per call (us), CUDA graphs, median")
+    names = [f"c{b.chunk}/n{b.block_n}/w{b.warps}" for b in variants]
+    print(f"{'Hkv':>4} {'pos':>5} {'sdpa':>8} " + " ".join(f"{n:>13}" for n in names) + f" {'op':>7} {'op GB/s':>8} {'speedup':>8}")
+    for r in rows:
+        print(f"{r['Hkv']:>4} {r['pos']:>5} {r['sdpa']:8.1f} " + " ".join(f"{r[i]:13.1f}" for i in range(len(variants)))
+              + f" {r['op']:7.1f} {r['gbps']:8.0f} {r['sdpa'] / r['op']:7.1f}x")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--bench-baseline"]:
+        from catsgen.cli import main
+        M.decode_attention = sdpa_whole_cache
+        print("BASELINE: decode attention = SDPA over the whole cache (the path before the kernel)", flush=True)
+        main(argv=sys.argv[2:], prog_name="bench.py", command="bench")
+    print("torch", torch.__version__, "triton", __import__("triton").__version__, torch.cuda.get_device_name())
+    ok = check_kernel()
+    ok &= check_model()
+    timings()
+    sys.exit(0 if ok else 1)
