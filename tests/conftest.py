@@ -5,8 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+
+# On a machine without CUDA the Triton kernels run in Triton's interpreter, which must be chosen
+# before triton is first imported (catsgen.model imports the kernels): set it here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 320

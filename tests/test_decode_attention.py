@@ -1,22 +1,16 @@
 """Flash-decoding attention: the Triton path (run on CPU by Triton's interpreter) against the
 torch reference, the reference against an independently written softmax, and the custom op
 inside a fullgraph-compiled step."""
-import importlib
 import math
 import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Must be set before the kernels are decorated: triton.jit picks the interpreter at definition time.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import catsgen.kernels.decode_attention as da
 
-import pytest  # noqa: E402
-
-import catsgen.kernels.decode_attention as da  # noqa: E402
-
-if os.environ.get("TRITON_INTERPRET") == "1" and type(da._split_kernel).__name__ != "InterpretedFunction":
-    da = importlib.reload(da)  # catsgen.model imported the kernels before the variable was set
+# conftest.py chooses Triton's interpreter on machines without CUDA, before triton is imported.
+assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}

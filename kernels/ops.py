@@ -1,0 +1,34 @@
+"""The custom op catsgen::cats_mlp, so a compiled decode step (fullgraph, CUDA graphs) treats
+the Triton launches as one opaque call, plus the public entry point cats_mlp."""
+import torch
+
+from .reference import cats_mlp_reference
+
+
+@torch.library.custom_op("catsgen::cats_mlp", mutates_args=())
+def _cats_mlp_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
+                 threshold: torch.Tensor) -> torch.Tensor:
+    if x.is_cuda:
+        from .triton_mlp import cats_mlp_triton  # triton is only needed where it runs
+        return cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold)
+    return cats_mlp_reference(x, w_gate, w_up, w_down_t, threshold)
+
+
+@_cats_mlp_op.register_fake
+def _(x, w_gate, w_up, w_down_t, threshold):
+    return torch.empty_like(x)
+
+
+def cats_mlp(x, w_gate, w_up, w_down_t, threshold, use_triton: bool | None = None):
+    """y [B, d] = W_down (CATS_t(SiLU(W_gate x)) * (W_up x)), in x.dtype; see reference.py.
+
+    use_triton: None (default) runs the custom op: Triton on CUDA, the torch reference elsewhere.
+    True forces the Triton path (CPU tensors need TRITON_INTERPRET=1 set before triton is
+    imported); False forces the reference.
+    """
+    if use_triton:
+        from .triton_mlp import cats_mlp_triton
+        return cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold)
+    if use_triton is False:
+        return cats_mlp_reference(x, w_gate, w_up, w_down_t, threshold)
+    return torch.ops.catsgen.cats_mlp(x, w_gate, w_up, w_down_t, threshold)

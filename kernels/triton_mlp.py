@@ -1,0 +1,173 @@
+"""Triton kernels for the CATS MLP at decode time (batch B = 1..8).
+
+Weights are read as whole rows (row i = neuron i: W_gate, W_up, and W_down stored transposed).
+Three Triton launches, no host sync (plus a 4-byte memset of the list's counter before, and
+y.to(dtype) after):
+  1. _gate_kernel: v = CATS_t(SiLU(W_gate x)), dense, BLOCK_F rows per program. Each program
+     also appends its active rows (v != 0 for some token) to a list `idx` (one atomic on a
+     counter per program), and zeroes the fp32 accumulators of u and y.
+  2. _up_kernel:   u[slot] += W_up[idx[slot], cols] x[cols]: a program takes BLOCK_R consecutive
+     entries of the list and a range of columns, so every tile it loads is full of needed rows.
+  3. _down_kernel: y[cols] += sum over slots of (v u)[slot] W_down^T[idx[slot], cols].
+Both sparse launches have a grid sized for "all rows active"; programs past
+the list's end return at once. Why the list: with per-row masked loads over fixed row blocks
+(v1, v2) a program at s=0.9 fetched a tile 90% empty per step, and the time stopped falling
+with sparsity (latency-bound, notes/kernels.md). Order of the list varies between runs, so fp32
+sums may differ in the last bits; the atomics of split reductions do that anyway.
+Tokens are padded to 16 so each step is one tl.dot on the tensor cores (FMA units for fp32).
+"""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_F32: tl.constexpr):
+    if DOT_F32:  # fp32 inputs; also under Triton's interpreter, whose bf16 tl.dot is wrong (3.9)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _rows_times_x(w_ptr, x_ptr, rows, row_mask, B, D,
+                  BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+    """[BLOCK_F, 16] fp32 = w[rows] @ x^T (tokens padded to 16); rows outside row_mask are not read."""
+    toks = tl.arange(0, 16)
+    acc = tl.zeros([BLOCK_F, 16], tl.float32)
+    for k in range(0, D, BLOCK_D):
+        cols = k + tl.arange(0, BLOCK_D)
+        w = tl.load(w_ptr + rows[:, None] * D + cols[None, :], mask=row_mask[:, None] & (cols < D)[None, :],
+                    other=0.0, eviction_policy="evict_first")  # weights are read once: leave L2 to x, v, h, y
+        xt = tl.load(x_ptr + toks[None, :] * D + cols[:, None], mask=(toks < B)[None, :] & (cols < D)[:, None],
+                     other=0.0)
+        acc = _dot(w, xt, acc, DOT_F32)
+    return acc
+
+
+@triton.jit
+def _gate_kernel(x_ptr, wg_ptr, t_ptr, v_ptr, idx_ptr, count_ptr, u_acc_ptr, y_acc_ptr, B, D, F,
+                 T_PER_ROW: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, ZBLOCK: tl.constexpr,
+                 DOT_F32: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_F + tl.arange(0, BLOCK_F)
+    row_ok = rows < F
+    g = _rows_times_x(wg_ptr, x_ptr, rows, row_ok, B, D, BLOCK_F, BLOCK_D, DOT_F32)
+    v = g * tl.sigmoid(g)
+    if T_PER_ROW:  # per-neuron thresholds (e.g. a weight-aware score |v_i| s_i > t, as t / s_i)
+        t = tl.load(t_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    else:
+        t = tl.load(t_ptr)
+    v = tl.where(tl.abs(v) > t, v, 0.0)  # padded tokens and rows: g = 0, so v = 0
+    toks = tl.arange(0, 16)
+    tl.store(v_ptr + toks[None, :] * F + rows[:, None], v, mask=(toks < B)[None, :] & row_ok[:, None])
+
+    active = (tl.max(tl.abs(v), axis=1) > 0).to(tl.int32)  # a row is read if any token needs it
+    pos = tl.atomic_add(count_ptr, tl.sum(active, axis=0)) + tl.cumsum(active, axis=0) - 1
+    tl.store(idx_ptr + pos, rows, mask=active > 0)
+
+    z = pid * ZBLOCK + tl.arange(0, ZBLOCK)  # zero u_acc [B*F] then y_acc [B*D], one range each program
+    tl.store(u_acc_ptr + z, tl.zeros([ZBLOCK], tl.float32), mask=z < B * F)
+    tl.store(y_acc_ptr + (z - B * F), tl.zeros([ZBLOCK], tl.float32), mask=(z >= B * F) & (z < B * F + B * D))
+
+
+@triton.jit
+def _up_kernel(x_ptr, wu_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_PROG,
+               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+    n_active = tl.load(count_ptr)
+    if tl.program_id(1) * BLOCK_R < n_active:
+        slots = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = slots < n_active
+        rows = tl.load(idx_ptr + slots, mask=ok, other=0)
+        toks = tl.arange(0, 16)
+        acc = tl.zeros([BLOCK_R, 16], tl.float32)
+        c0 = tl.program_id(0) * COLS_PER_PROG
+        for c in range(c0, c0 + COLS_PER_PROG, BLOCK_D):
+            cols = c + tl.arange(0, BLOCK_D)
+            w = tl.load(wu_ptr + rows[:, None] * D + cols[None, :], mask=ok[:, None] & (cols < D)[None, :],
+                        other=0.0, eviction_policy="evict_first")
+            xt = tl.load(x_ptr + toks[None, :] * D + cols[:, None], mask=(toks < B)[None, :] & (cols < D)[:, None],
+                         other=0.0)
+            acc = _dot(w, xt, acc, DOT_F32)
+        tl.atomic_add(u_acc_ptr + toks[None, :] * F + slots[:, None], acc, mask=(toks < B)[None, :] & ok[:, None],
+                      sem="relaxed")
+
+
+@triton.jit
+def _down_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, y_acc_ptr, B, D, F, COLS_PER_PROG,
+                 BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+    n_active = tl.load(count_ptr)
+    if tl.program_id(1) * BLOCK_R < n_active:
+        slots = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = slots < n_active
+        rows = tl.load(idx_ptr + slots, mask=ok, other=0)
+        toks = tl.arange(0, 16)
+        tok_ok = toks < B
+        m = tok_ok[:, None] & ok[None, :]
+        v = tl.load(v_ptr + toks[:, None] * F + rows[None, :], mask=m, other=0.0)
+        u = tl.load(u_acc_ptr + toks[:, None] * F + slots[None, :], mask=m, other=0.0)
+        h = (v * u).to(wd_ptr.dtype.element_ty)  # [16, BLOCK_R]; the dot's operands share the weights' dtype
+        c0 = tl.program_id(0) * COLS_PER_PROG
+        for c in range(c0, c0 + COLS_PER_PROG, BLOCK_D):
+            cols = c + tl.arange(0, BLOCK_D)
+            col_ok = cols < D
+            w = tl.load(wd_ptr + rows[:, None] * D + cols[None, :], mask=ok[:, None] & col_ok[None, :],
+                        other=0.0, eviction_policy="evict_first")
+            y = _dot(h, w, tl.zeros([16, BLOCK_D], tl.float32), DOT_F32)
+            tl.atomic_add(y_acc_ptr + toks[:, None] * D + cols[None, :], y, mask=tok_ok[:, None] & col_ok[None, :],
+                          sem="relaxed")
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Tile sizes (rows x columns per step), steps per program, warps, pipeline depth."""
+    gate_f: int = 64
+    gate_d: int = 128
+    up_r: int = 32
+    up_d: int = 256
+    up_steps: int = 2
+    down_r: int = 32
+    down_d: int = 128
+    down_steps: int = 2
+    warps: int = 4
+    stages: int = 3
+
+
+def pick_blocks(B: int) -> Blocks:
+    """Tokens are padded to 16, so one table serves B = 1..8. Measured on H100: notes/kernels.md."""
+    return Blocks()
+
+
+_empty = torch.empty  # scratch allocation; tests swap in a NaN-filling version to catch unwritten outputs
+
+
+def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None = None):
+    """Triton implementation of cats_mlp (see reference.py for the definition)."""
+    B, D = x.shape
+    F = w_gate.shape[0]
+    assert 1 <= B <= 16, "decode kernel: tokens are padded to 16"
+    assert w_gate.shape == w_up.shape == w_down_t.shape == (F, D)
+    assert w_gate.is_contiguous() and w_up.is_contiguous() and w_down_t.is_contiguous()
+    assert threshold.numel() in (1, F) and threshold.dtype == torch.float32
+    x = x.contiguous()
+    cfg = blocks or pick_blocks(B)
+    common = dict(DOT_F32=x.dtype == torch.float32 or not x.is_cuda, num_warps=cfg.warps, num_stages=cfg.stages)
+
+    f32 = dict(device=x.device, dtype=torch.float32)
+    v, u_acc, y_acc = _empty(B, F, **f32), _empty(B, F, **f32), _empty(B, D, **f32)
+    idx = _empty(F, device=x.device, dtype=torch.int32)
+    count = torch.zeros(1, device=x.device, dtype=torch.int32)  # the one memset: it must precede launch 1
+
+    n_gate = triton.cdiv(F, cfg.gate_f)
+    _gate_kernel[(n_gate,)](x, w_gate, threshold, v, idx, count, u_acc, y_acc, B, D, F,
+                            T_PER_ROW=threshold.numel() > 1, BLOCK_F=cfg.gate_f, BLOCK_D=cfg.gate_d,
+                            ZBLOCK=triton.next_power_of_2(triton.cdiv(B * (F + D), n_gate)), **common)
+    up_cols = cfg.up_d * cfg.up_steps
+    _up_kernel[(triton.cdiv(D, up_cols), triton.cdiv(F, cfg.up_r))](
+        x, w_up, idx, count, u_acc, B, D, F, up_cols, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d, **common)
+    down_cols = cfg.down_d * cfg.down_steps
+    _down_kernel[(triton.cdiv(D, down_cols), triton.cdiv(F, cfg.down_r))](
+        v, u_acc, idx, count, w_down_t, y_acc, B, D, F, down_cols, BLOCK_R=cfg.down_r, BLOCK_D=cfg.down_d, **common)
+    return y_acc if x.dtype == torch.float32 else y_acc.to(x.dtype)
