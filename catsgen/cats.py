@@ -1,12 +1,395 @@
-"""CATS activation, calibration statistics and the thresholds file (placeholder until the CATS issue)."""
+"""CATS (arXiv 2404.08763): the thresholded MLP activation, its calibration statistics, the
+thresholds file, and measuring the sparsity a run actually got.
+
+CATS_t(v) = v where |v| > t, else 0, applied to v = SiLU(W_gate x), one threshold t per layer.
+The threshold for sparsity s is the s-quantile of |v| on a calibration text (dense model).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
 from catsgen.errors import UserError
+from catsgen.model import DenseSiLU, Transformer
+
+THRESHOLDS_FILENAME = "cats_thresholds.json"
+FILE_FORMAT = "catsgen-cats-thresholds"
+FILE_VERSION = 1
+LEVELS = [round(i / 100, 2) for i in range(100)]  # 0.00, 0.01, ..., 0.99
+MAX_SPARSITY = LEVELS[-1]
+# Decode steps (at most this many tokens) go to the Triton kernel on CUDA; prefill stays in torch.
+KERNEL_MAX_TOKENS = 8
+CALIBRATE_HINT = "make one for this checkpoint with `python calibrate.py --checkpoint DIR` (or `catsgen calibrate`)"
 
 
-def apply_sparsity(model, checkpoint, sparsity, thresholds, log):
-    if sparsity != 0:
-        raise UserError("--sparsity other than 0 is not available yet")
-    return None
+# --- the activation -----------------------------------------------------------------------------
+
+class CATS(nn.Module):
+    """Plugs into MLP.activation. The threshold is a 0-d float32 buffer: a new sparsity is written
+    into it in place, so a compiled decode step (and its CUDA graph) is reused, not recompiled."""
+
+    def __init__(self, layer: int, threshold: float, device=None):
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("threshold", torch.tensor(threshold, dtype=torch.float32, device=device))
+        self.counter: SparsityCounter | None = None  # set only during a measuring forward
+
+    def forward(self, x, w_gate, w_up, w_down_t):
+        tokens = x.numel() // x.shape[-1]
+        if x.is_cuda and tokens <= KERNEL_MAX_TOKENS and self.counter is None:
+            from catsgen.kernels import cats_mlp  # Triton; imported only where it runs
+            return cats_mlp(x.reshape(tokens, x.shape[-1]), w_gate, w_up, w_down_t, self.threshold).view(x.shape)
+        v = F.silu(F.linear(x, w_gate))
+        # Compared in fp32 whatever the model dtype, as calibration measured |v| in fp32.
+        keep = v.float().abs() > self.threshold
+        if self.counter is not None:
+            self.counter.add(self.layer, keep)
+        return (torch.where(keep, v, 0) * F.linear(x, w_up)) @ w_down_t
 
 
-def report_sparsity(counters):
-    return ""
+def set_dense(model: Transformer):
+    for mlp in model.mlps:
+        mlp.activation = DenseSiLU()
+
+
+def set_thresholds(model: Transformer, thresholds: list[float]):
+    """Install CATS in every layer, or update the thresholds in place where it already is."""
+    device = model.output.weight.device
+    for i, (mlp, t) in enumerate(zip(model.mlps, thresholds, strict=True)):
+        if isinstance(mlp.activation, CATS):
+            mlp.activation.threshold.fill_(t)
+        else:
+            mlp.activation = CATS(i, t, device)
+
+
+def set_sparsity(model: Transformer, table: "Thresholds", sparsity: float):
+    """Dense at s = 0 (bit-identical to the plain model), CATS with the table's thresholds otherwise."""
+    check_sparsity(sparsity)
+    if sparsity == 0:
+        set_dense(model)
+    else:
+        set_thresholds(model, table.for_sparsity(sparsity))
+
+
+def check_sparsity(sparsity: float):
+    if not 0 <= sparsity <= MAX_SPARSITY:  # also rejects NaN
+        raise UserError(f"--sparsity {sparsity} is outside [0, {MAX_SPARSITY}]")
+
+
+# --- measured sparsity ----------------------------------------------------------------------------
+
+class SparsityCounter:
+    """Per-layer counts of zeroed activations in a measuring forward, kept on the device.
+    start: positions before it are not counted. union: a neuron counts as zeroed at a position
+    only if it is zero for every sequence of the batch (what a batched kernel can skip)."""
+
+    def __init__(self, n_layers: int, sparsity: float, start: int = 0, union: bool = False):
+        self.sparsity, self.start, self.union = sparsity, start, union
+        self.zeroed = [0] * n_layers
+        self.total = [0] * n_layers
+
+    def add(self, layer: int, keep: torch.Tensor):
+        keep = keep[:, self.start:]  # [B, T, f]
+        if self.union:
+            keep = keep.any(dim=0)
+        self.zeroed[layer] += keep.numel() - keep.sum()
+        self.total[layer] += keep.numel()
+
+    def per_layer(self) -> list[float]:
+        return [float(z) / t if t else float("nan") for z, t in zip(self.zeroed, self.total)]
+
+    def overall(self) -> float:
+        total = sum(self.total)
+        return float(sum(self.zeroed)) / total if total else float("nan")
+
+
+@contextmanager
+def counting(model: Transformer, counter: SparsityCounter):
+    """Count zeroed activations in the forwards inside; CATS takes its torch path meanwhile."""
+    activations = [mlp.activation for mlp in model.mlps if isinstance(mlp.activation, CATS)]
+    for a in activations:
+        a.counter = counter
+    try:
+        yield counter
+    finally:
+        for a in activations:
+            a.counter = None
+
+
+@torch.no_grad()
+def measure_sparsity(model: Transformer, idx: torch.Tensor, counter: SparsityCounter) -> SparsityCounter:
+    """One plain forward (no KV cache) over idx [B, T], counting; kept out of the decode hot path."""
+    with counting(model, counter):
+        model(idx.to(model.output.weight.device))
+    return counter
+
+
+def measure_generation_sparsity(model: Transformer, prompt: list[int], new: list[int],
+                                counter: SparsityCounter) -> SparsityCounter:
+    """Sparsity over the positions whose outputs chose the new tokens: the last prompt position
+    and every new token but the last, the same inputs the decode loop fed through the MLPs."""
+    counter.start = len(prompt) - 1
+    return measure_sparsity(model, torch.tensor([(prompt + new)[:-1]]), counter)
+
+
+def measure_union_sparsity(model: Transformer, prompt: list[int], batch_size: int) -> float:
+    """For the benchmark: over the prompt fed as a batch of batch_size, the fraction of
+    (position, neuron) pairs zero in every sequence, i.e. rows a batched decode step skips."""
+    counter = SparsityCounter(model.config.n_layers, float("nan"), union=True)
+    return measure_sparsity(model, torch.tensor([prompt]).repeat(batch_size, 1), counter).overall()
+
+
+def report_sparsity(counter: SparsityCounter) -> str:
+    per_layer = counter.per_layer()
+    rows = [" ".join(f"{s:.3f}" for s in per_layer[i:i + 10]) for i in range(0, len(per_layer), 10)]
+    layers = "\n".join(f"  layers {i * 10:>3}-{min(i * 10 + 9, len(per_layer) - 1):<3} {row}"
+                       for i, row in enumerate(rows))
+    return (f"[CATS sparsity: target {counter.sparsity:.2f}, measured {counter.overall():.3f} overall "
+            f"(reference forward over the positions that chose the new tokens); per layer:]\n{layers}")
+
+
+# --- calibration statistics -----------------------------------------------------------------------
+
+class ActivationSample:
+    """A uniform random subsample of |SiLU(W_gate x)| per layer: each value is kept with
+    probability SIZE / (values expected in the run), so about SIZE values per layer are kept
+    however many tokens pass (bounded memory). Thresholds are exact quantiles of the sample, so
+    the fraction of all calibration values below the threshold for s has a binomial error of
+    standard deviation sqrt(s(1-s)/SIZE) <= 0.0005, whatever the shape of the distribution
+    (|SiLU| piles up at its minimum, 0.2785, which a histogram would have to resolve)."""
+
+    SIZE = 1 << 20
+
+    def __init__(self, n_layers: int, expected_per_layer: int, device=None, seed: int = 0):
+        self.rate = min(1.0, self.SIZE / max(expected_per_layer, 1))
+        self.parts: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def add(self, layer: int, v: torch.Tensor):
+        values = v.float().abs().flatten()
+        if self.rate < 1:
+            keep = torch.rand(values.numel(), generator=self.generator, device=values.device) < self.rate
+            values = values[keep]
+        self.parts[layer].append(values)
+
+    def thresholds(self) -> list[list[float]]:
+        """[layer][level]: t with a fraction `level` of the sample at or below it, midway between
+        the two neighbouring sample values (0 for level 0)."""
+        return [self._layer_thresholds(torch.cat(parts).double().sort().values) for parts in self.parts]
+
+    @staticmethod
+    def _layer_thresholds(ordered: torch.Tensor) -> list[float]:
+        n = ordered.numel()
+        k = torch.tensor([round(level * n) for level in LEVELS], device=ordered.device)
+        below, above = ordered[(k - 1).clamp(min=0)], ordered[k.clamp(max=n - 1)]
+        return torch.where(k > 0, (below + above) / 2, 0.0).tolist()
+
+    @classmethod
+    def describe(cls) -> str:
+        return (f"exact quantiles of a uniform random subsample of |SiLU(W_gate x)|, "
+                f"about {cls.SIZE} values per layer")
+
+
+class SampleRecorder(nn.Module):
+    """The dense MLP (DenseSiLU's arithmetic) that also records |v| into the sample."""
+
+    def __init__(self, layer: int, sample: ActivationSample):
+        super().__init__()
+        self.layer, self.sample = layer, sample
+
+    def forward(self, x, w_gate, w_up, w_down_t):
+        v = F.silu(F.linear(x, w_gate))
+        self.sample.add(self.layer, v)
+        return (v * F.linear(x, w_up)) @ w_down_t
+
+
+@contextmanager
+def recording(model: Transformer, sample: ActivationSample):
+    """Run the model dense, recording every layer's |v|; the previous activations come back after."""
+    previous = [mlp.activation for mlp in model.mlps]
+    for i, mlp in enumerate(model.mlps):
+        mlp.activation = SampleRecorder(i, sample)
+    try:
+        yield sample
+    finally:
+        for mlp, activation in zip(model.mlps, previous):
+            mlp.activation = activation
+
+
+# --- the thresholds file --------------------------------------------------------------------------
+
+def default_thresholds_path(checkpoint_dir) -> Path:
+    return Path(checkpoint_dir) / THRESHOLDS_FILENAME
+
+
+def checkpoint_fingerprint(checkpoint_dir, samples: int = 64, sample_bytes: int = 64) -> str:
+    """sha256 over each safetensors file's header (names, dtypes, shapes, offsets) and a few bytes
+    sampled at evenly spaced offsets of its data. Reads a few KB, not the weights, and depends on
+    the files only: not on the dtype or device the model is loaded with."""
+    from catsgen.checkpoint import checkpoint_files
+    digest = hashlib.sha256()
+    for file in sorted(set(checkpoint_files(Path(checkpoint_dir)).values())):
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            digest.update(file.name.encode() + f.read(header_len))
+            data_start, data_len = 8 + header_len, file.stat().st_size - 8 - header_len
+            for i in range(samples):
+                f.seek(data_start + data_len * i // samples)
+                digest.update(f.read(sample_bytes))
+    return digest.hexdigest()[:16]
+
+
+def model_info(config, checkpoint_dir) -> dict:
+    """What a thresholds file records about its model; None fingerprint for random weights."""
+    return {"architecture": config.architecture, "n_layers": config.n_layers,
+            "intermediate_size": config.intermediate_size, "hidden_size": config.dim,
+            "fingerprint": checkpoint_fingerprint(checkpoint_dir) if checkpoint_dir is not None else None}
+
+
+def engine_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("catsgen")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class Thresholds:
+    """Per layer, the threshold for every level 0.00..0.99, and the model and text that made them."""
+    model: dict
+    calibration: dict
+    per_layer: list[list[float]]  # [layer][level]
+    path: Path | None = None
+
+    def for_sparsity(self, sparsity: float) -> list[float]:
+        """Linear interpolation between the two neighbouring 0.01 levels (exact on a level)."""
+        position = sparsity * 100
+        low = min(int(position + 1e-9), len(LEVELS) - 1)
+        high, frac = min(low + 1, len(LEVELS) - 1), max(position - low, 0.0)
+        return [row[low] + (row[high] - row[low]) * frac for row in self.per_layer]
+
+    def check_model(self, info: dict):
+        for key in ("architecture", "n_layers", "intermediate_size", "hidden_size"):
+            if self.model.get(key) != info[key]:
+                raise UserError(f"{self.path} was calibrated for another model ({key} "
+                                f"{self.model.get(key)} there, {info[key]} here): {CALIBRATE_HINT}")
+        if info["fingerprint"] is not None and self.model.get("fingerprint") != info["fingerprint"]:
+            raise UserError(f"{self.path} was calibrated for other weights (fingerprint "
+                            f"{self.model.get('fingerprint')} there, {info['fingerprint']} here): {CALIBRATE_HINT}")
+
+    def describe(self) -> str:
+        c = self.calibration
+        texts = ", ".join(t["name"] for t in c.get("texts", [])) or "?"
+        return f"calibrated on {c.get('tokens')} tokens of {texts} on {c.get('date', '?')[:10]}"
+
+    def to_json(self) -> dict:
+        return {"format": FILE_FORMAT, "version": FILE_VERSION, "model": self.model,
+                "calibration": self.calibration, "levels": LEVELS, "thresholds": self.per_layer}
+
+    def save(self, path: Path):
+        write_json_atomically(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: Path) -> "Thresholds":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{path} is not a readable thresholds file ({e})") from None
+        if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
+            raise UserError(f"{path} is not a catsgen thresholds file (no \"format\": \"{FILE_FORMAT}\")")
+        if data.get("version") != FILE_VERSION:
+            raise UserError(f"{path} has thresholds file version {data.get('version')}; this catsgen "
+                            f"reads version {FILE_VERSION}: {CALIBRATE_HINT}")
+        table = cls(data.get("model", {}), data.get("calibration", {}), data.get("thresholds"), Path(path))
+        if (data.get("levels") != LEVELS or not isinstance(table.per_layer, list)
+                or len(table.per_layer) != table.model.get("n_layers")
+                or any(not isinstance(row, list) or len(row) != len(LEVELS) for row in table.per_layer)):
+            raise UserError(f"{path} is damaged: expected {len(LEVELS)} thresholds per layer for "
+                            f"{table.model.get('n_layers')} layers")
+        return table
+
+
+def write_json_atomically(path: Path, data: dict):
+    """Temporary file beside the target, then os.replace: the target is whole or absent, never partial."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def calibration_record(texts: list[dict], tokens: int, seq_len: int, dtype, device) -> dict:
+    return {"texts": texts, "tokens": tokens, "seq_len": seq_len,
+            "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+            "engine_version": engine_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "statistic": ActivationSample.describe()}
+
+
+# --- choosing thresholds at run time --------------------------------------------------------------
+
+def load_thresholds(model: Transformer, checkpoint_dir, path=None, sparsity: float | None = None) -> Thresholds:
+    """The thresholds file for this checkpoint (default: next to it), checked against the model."""
+    if path is not None and not Path(path).is_file():
+        raise UserError(f"thresholds file {path} does not exist: {CALIBRATE_HINT}")
+    path = Path(path) if path is not None else default_thresholds_path(checkpoint_dir)
+    if not path.is_file():
+        needs = f"--sparsity {sparsity}" if sparsity is not None else "CATS"
+        raise UserError(f"{needs} needs a thresholds file and there is none at {path}: "
+                        f"{CALIBRATE_HINT.replace('DIR', str(checkpoint_dir))}, or pass --thresholds PATH")
+    table = Thresholds.load(path)
+    table.check_model(model_info(model.config, checkpoint_dir))
+    return table
+
+
+def apply_sparsity(model: Transformer, checkpoint_dir, sparsity: float, thresholds, log: Callable[[str], None]):
+    """Set the model up for `sparsity`; returns a counter for measure_generation_sparsity, or None
+    at s = 0, where the model stays exactly dense (no thresholds file needed)."""
+    check_sparsity(sparsity)
+    if sparsity == 0:
+        set_dense(model)
+        return None
+    table = load_thresholds(model, checkpoint_dir, thresholds, sparsity)
+    set_sparsity(model, table, sparsity)
+    log(f"[CATS sparsity {sparsity:.2f}: thresholds from {table.path}, {table.describe()}]")
+    return SparsityCounter(model.config.n_layers, sparsity)
+
+
+@torch.no_grad()
+def bench_thresholds(model: Transformer, checkpoint_dir, path, random_weights: bool, log) -> Thresholds:
+    """The benchmark's thresholds: the checkpoint's file, or for random weights (no file can exist)
+    a calibration on random token ids, done here in memory."""
+    if not random_weights:
+        return load_thresholds(model, checkpoint_dir, path)
+    if path is not None:
+        raise UserError("--thresholds belongs to --checkpoint: random weights are calibrated on random tokens")
+    tokens = 512
+    log(f"random weights: calibrating thresholds on {tokens} random token ids")
+    device = model.output.weight.device
+    generator = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator).to(device)
+    sample = ActivationSample(model.config.n_layers, tokens * model.config.intermediate_size, device)
+    with recording(model, sample):
+        model(idx)
+    record = calibration_record([{"name": "random token ids", "bytes": 0}], tokens, tokens,
+                                model.output.weight.dtype, device)
+    return Thresholds(model_info(model.config, None), record, sample.thresholds())

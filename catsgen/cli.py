@@ -140,6 +140,58 @@ def bench_kernels(
     print(format_table(run_kernel_bench(batch_sizes=tuple(batch_size), sparsities=tuple(sparsity))))
 
 
+TEXT_HELP = ("UTF-8 text file (repeat for several, read one after the other). Default: the built-in "
+             "sample, Python's documentation prose (pydoc_data.topics).")
+
+
+@app.command()
+def calibrate(
+    checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
+    text: Optional[List[Path]] = typer.Option(None, help=TEXT_HELP),
+    tokens: int = typer.Option(65536, min=1, help="Tokens of text to run (stops early if the text is shorter)."),
+    seq_len: int = typer.Option(512, min=1, help="Window length: the text runs as independent windows of this many tokens."),
+    out: Optional[Path] = typer.Option(None, help="Thresholds file to write. Default: cats_thresholds.json "
+                                       "next to the checkpoint."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+):
+    """Run the dense model over a text and write the CATS thresholds of every layer for every
+    sparsity 0.00..0.99 (one file serves every --sparsity)."""
+    from catsgen.calibrate import calibrate as run_calibration
+    dev = resolve_device(device)
+    run_calibration(resolve_checkpoint(checkpoint), text, max_tokens=tokens, seq_len=seq_len, out=out,
+                    device=dev, dtype=resolve_dtype(dtype, dev), log=log)
+
+
+@app.command()
+def perplexity(
+    checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
+    text: Optional[List[Path]] = typer.Option(None, help=TEXT_HELP),
+    sparsity: List[float] = typer.Option([0.0], help="CATS sparsities to score (several after one flag, or "
+                                         "repeat it); the dense model (0) is always scored first."),
+    thresholds: Optional[Path] = typer.Option(None, help="Thresholds file from `calibrate` "
+                                              "(default: cats_thresholds.json next to the checkpoint)."),
+    max_tokens: int = typer.Option(16384, min=2, help="Score at most this many tokens from the start of the text."),
+    seq_len: int = typer.Option(512, min=2, help="Window length in tokens (see the convention above)."),
+    json_output: bool = typer.Option(False, "--json", help="Print only a JSON object on stdout (progress stays on stderr)."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+):
+    """Token-level perplexity, dense and at each CATS sparsity, with the sparsity actually reached.
+
+    Convention: the text is tokenized without special tokens and cut into non-overlapping windows
+    of --seq-len tokens; each window is scored on its own (its first token is context only).
+    Perplexities from other conventions (strided sliding windows, BOS per window) are not comparable.
+    """
+    import json
+    from catsgen.perplexity import format_report, run_perplexity
+    dev = resolve_device(device)
+    report = run_perplexity(resolve_checkpoint(checkpoint), text, sparsity, thresholds=thresholds,
+                            max_tokens=max_tokens, seq_len=seq_len, device=dev,
+                            dtype=resolve_dtype(dtype, dev), log=log)
+    print(json.dumps(report, indent=2) if json_output else format_report(report))
+
+
 # Options that take several values after one flag (`--sparsity 0 0.5 0.7`), per command.
 MULTI_VALUE_OPTIONS = {"bench": ("--sparsity", "--batch-size"), "perplexity": ("--sparsity",),
                        "bench-kernels": ("--sparsity", "--batch-size")}

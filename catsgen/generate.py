@@ -162,7 +162,7 @@ def run_generation(checkpoint, prompt: str, max_new_tokens: int, params: Samplin
                    compile: bool, log: Callable[[str], None], out=None) -> GenerationResult:
     """The `generate` command: stream the continuation to `out`, a summary to `log`."""
     import sys
-    from catsgen.cats import apply_sparsity, report_sparsity
+    from catsgen.cats import apply_sparsity, measure_generation_sparsity, report_sparsity
     out = out or sys.stdout
     torch.manual_seed(seed)
     model, tokenizer = load_for_generation(checkpoint, device, dtype, 1, max_seq_len)
@@ -188,5 +188,6 @@ def run_generation(checkpoint, prompt: str, max_new_tokens: int, params: Samplin
         f"{result.prefill_s * 1e3:.1f} ms, decode {result.decode_tok_per_s:.1f} tok/s"
         f"{' (includes compilation)' if compile else ''}]")
     if counters is not None:
-        log(report_sparsity(counters))
+        # Measured by a separate reference forward, so the decode loop carries no counting.
+        log(report_sparsity(measure_generation_sparsity(model, ids, result.tokens[0], counters)))
     return result

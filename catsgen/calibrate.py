@@ -1,0 +1,66 @@
+"""The calibration driver: the dense model over a text in windows, recording every layer's
+|SiLU(W_gate x)| sample, then the thresholds file (one write, atomic, at the very end)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from catsgen.cats import (ActivationSample, Thresholds, calibration_record, default_thresholds_path,
+                          model_info, recording)
+from catsgen.errors import UserError
+from catsgen.progress import Progress
+from catsgen.text_sample import text_sources, token_stream, windows
+
+DEFAULT_TOKENS = 65536
+DEFAULT_SEQ_LEN = 512
+
+
+def resolve_output(checkpoint: Path, out: Path | None) -> Path:
+    """Checked before any work, so that an unwritable place fails in a second, not after the run."""
+    if out is None:
+        if not os.access(checkpoint, os.W_OK):
+            raise UserError(f"the checkpoint directory {checkpoint} is not writable: pass --out PATH "
+                            "(and --thresholds PATH when you generate)")
+        return default_thresholds_path(checkpoint)
+    parent = Path(out).resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"--out {out}: directory {parent} does not exist or is not writable")
+    return Path(out)
+
+
+@torch.no_grad()
+def calibrate(checkpoint: Path, texts: list[Path] | None, max_tokens: int = DEFAULT_TOKENS,
+              seq_len: int = DEFAULT_SEQ_LEN, out: Path | None = None, device="cpu",
+              dtype: torch.dtype | None = None, log: Callable[[str], None] = print) -> Thresholds:
+    from catsgen.checkpoint import load_model
+    from catsgen.tokenizer import Tokenizer
+    out = resolve_output(Path(checkpoint), out)
+    sources = text_sources(texts)
+    if not texts:
+        log(f"no --text given: calibrating on the built-in sample, {sources[0].name}")
+    tokenizer = Tokenizer(checkpoint)
+    model = load_model(checkpoint, device=device, dtype=dtype)
+    sample = ActivationSample(model.config.n_layers, max_tokens * model.config.intermediate_size, device)
+    progress = Progress("calibrating", max_tokens)
+    seen = 0
+    with recording(model, sample):
+        for window in windows(token_stream(sources, tokenizer), seq_len, max_tokens):
+            model(torch.tensor([window], dtype=torch.long, device=device))
+            seen += len(window)
+            progress.update(seen)
+    progress.close()
+    if seen == 0:
+        raise UserError("the calibration text has no tokens")
+    if seen < max_tokens:
+        log(f"the text ran out after {seen} tokens, fewer than --tokens {max_tokens}: calibrated on {seen}")
+    record = calibration_record([s.record() for s in sources], seen, seq_len, model.output.weight.dtype, device)
+    table = Thresholds(model_info(model.config, checkpoint), record, sample.thresholds(), out)
+    table.save(out)
+    half = table.for_sparsity(0.5)
+    log(f"wrote {out}: thresholds for sparsity 0.00..0.99 in {len(half)} layers from {seen} tokens "
+        f"(at 0.50: {min(half):.4g} .. {max(half):.4g})")
+    return table

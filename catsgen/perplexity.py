@@ -1,0 +1,98 @@
+"""Token-level perplexity, dense and at CATS sparsities, with the sparsity actually reached."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from catsgen.cats import SparsityCounter, check_sparsity, counting, load_thresholds, set_sparsity
+from catsgen.errors import UserError
+from catsgen.model import Transformer
+from catsgen.progress import Progress
+from catsgen.text_sample import text_sources, token_stream, windows
+
+CONVENTION = ("the text is tokenized without special tokens and cut into non-overlapping windows of "
+              "--seq-len tokens (the last may be shorter); each window is an independent sequence whose "
+              "first token is context only and whose other tokens are each scored given the tokens before "
+              "it in the window; perplexity = exp(total negative log-likelihood / tokens scored). Numbers "
+              "from other conventions (strided sliding windows, a BOS per window, ...) are not comparable.")
+DEFAULT_MAX_TOKENS = 16384
+DEFAULT_SEQ_LEN = 512
+
+
+@torch.no_grad()
+def window_nll(model: Transformer, window: list[int]) -> torch.Tensor:
+    """Summed NLL (fp32) of tokens 1.. of one window, each given the tokens before it."""
+    idx = torch.tensor([window], dtype=torch.long, device=model.output.weight.device)
+    logits = model(idx)[0, :-1].float()
+    return F.cross_entropy(logits, idx[0, 1:], reduction="sum")
+
+
+def perplexity(model: Transformer, token_windows: list[list[int]], progress: Progress | None = None):
+    """(perplexity, tokens scored) over the windows, with the model as it is set up."""
+    nll, scored = 0.0, 0
+    for window in token_windows:
+        if len(window) >= 2:  # a one-token window has nothing to score
+            nll += float(window_nll(model, window))
+            scored += len(window) - 1
+        if progress:
+            progress.update(progress.done + len(window))
+    return math.exp(nll / scored), scored
+
+
+def sparsity_levels(sparsities: list[float]) -> list[float]:
+    """Dense first, then each requested level once, in the order given."""
+    for s in sparsities:
+        check_sparsity(s)
+    return [0.0] + [s for s in dict.fromkeys(sparsities) if s != 0]
+
+
+def run_perplexity(checkpoint: Path, texts: list[Path] | None, sparsities: list[float],
+                   thresholds: Path | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
+                   seq_len: int = DEFAULT_SEQ_LEN, device="cpu", dtype: torch.dtype | None = None,
+                   log: Callable[[str], None] = print) -> dict:
+    from catsgen.checkpoint import load_model
+    from catsgen.tokenizer import Tokenizer
+    levels = sparsity_levels(sparsities)
+    sources = text_sources(texts)
+    tokenizer = Tokenizer(checkpoint)
+    model = load_model(checkpoint, device=device, dtype=dtype)
+    table = load_thresholds(model, checkpoint, thresholds, levels[1]) if len(levels) > 1 else None
+    if not texts:
+        log(f"no --text given: scoring the built-in sample, {sources[0].name}")
+    token_windows = list(windows(token_stream(sources, tokenizer), seq_len, max_tokens))
+    total = sum(len(w) for w in token_windows)
+    if total - len(token_windows) < 1:
+        raise UserError("the text is too short to score: it needs at least 2 tokens")
+    if total < max_tokens:
+        log(f"the text has {total} tokens, fewer than --max-tokens {max_tokens}: scoring all of them")
+    rows = []
+    for s in levels:
+        set_sparsity(model, table, s)
+        progress = Progress(f"sparsity {s:.2f}", total)
+        counter = SparsityCounter(model.config.n_layers, s)
+        with counting(model, counter):
+            ppl, scored = perplexity(model, token_windows, progress)
+        progress.close()
+        # The dense pass masks nothing: its actual sparsity is 0 by definition.
+        rows.append({"sparsity": s, "perplexity": ppl, "actual_sparsity": counter.overall() if s > 0 else 0.0,
+                     "tokens": scored})
+    return {"checkpoint": str(checkpoint), "texts": [s.record() for s in sources],
+            "tokens": total, "seq_len": seq_len, "windows": len(token_windows),
+            "dtype": str(model.output.weight.dtype).removeprefix("torch."), "device": str(device),
+            "thresholds": str(table.path) if table else None, "convention": CONVENTION, "rows": rows}
+
+
+def format_report(report: dict) -> str:
+    texts = ", ".join(t["name"] for t in report["texts"])
+    lines = [f"perplexity of {report['checkpoint']} on {texts}: {report['tokens']} tokens in "
+             f"{report['windows']} windows of {report['seq_len']} ({report['dtype']}, {report['device']})",
+             f"{'sparsity':>8}  {'perplexity':>10}  {'actual sparsity':>15}  {'tokens scored':>13}"]
+    for r in report["rows"]:
+        lines.append(f"{r['sparsity']:>8.2f}  {r['perplexity']:>10.4f}  {r['actual_sparsity']:>15.4f}  "
+                     f"{r['tokens']:>13}")
+    return "\n".join(lines)
