@@ -40,11 +40,21 @@ def resolve_dtype(dtype: Optional[str], device: str):
     return parse_dtype(dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
 
 
-def resolve_checkpoint(checkpoint: Optional[Path]) -> Path:
+def needs_default_thresholds(sparsities, thresholds: Optional[Path]) -> bool:
+    """Whether the default model must be calibrated first: CATS asked for, no file given.
+    Out-of-range values are left to the commands' own check (a one-line error, no calibration)."""
+    return thresholds is None and any(0 < s <= 0.99 for s in sparsities)
+
+
+def resolve_checkpoint(checkpoint: Optional[Path], needs_thresholds: bool = False) -> Path:
+    """The given directory, or the default model (converted, and calibrated when CATS needs it)."""
     if checkpoint is not None:
         return checkpoint
-    from catsgen.default_model import default_checkpoint
-    return default_checkpoint(log=log)
+    from catsgen.default_model import default_checkpoint, ensure_thresholds
+    directory = default_checkpoint(log=log)
+    if needs_thresholds:
+        ensure_thresholds(directory, log=log)
+    return directory
 
 
 @app.command()
@@ -72,7 +82,8 @@ def generate(
     params.validate()
     dev = resolve_device(device)
     run_generation(
-        checkpoint=resolve_checkpoint(checkpoint), prompt=prompt, max_new_tokens=max_new_tokens,
+        checkpoint=resolve_checkpoint(checkpoint, needs_default_thresholds([sparsity], thresholds)),
+        prompt=prompt, max_new_tokens=max_new_tokens,
         params=params, seed=seed, device=dev, dtype=resolve_dtype(dtype, dev), max_seq_len=max_seq_len,
         chat=chat, sparsity=sparsity, thresholds=thresholds,
         compile=dev.startswith("cuda") if compile is None else compile, log=log)
@@ -123,7 +134,8 @@ def bench(
         sparsities=sparsity, dtype=resolve_dtype(dtype, dev), batch_size=batch_size,
         prompt_len=prompt_len, new_tokens=new_tokens, max_seq_len=max_seq_len, repeats=repeats,
         device=dev, compile=dev.startswith("cuda") if compile is None else compile)
-    run_bench(settings, checkpoint=None if preset else resolve_checkpoint(checkpoint), preset=preset,
+    checkpoint = None if preset else resolve_checkpoint(checkpoint, needs_default_thresholds(sparsity, thresholds))
+    run_bench(settings, checkpoint=checkpoint, preset=preset,
               thresholds=thresholds, json_path=json_path, log=log)
 
 
@@ -186,7 +198,8 @@ def perplexity(
     import json
     from catsgen.perplexity import format_report, run_perplexity
     dev = resolve_device(device)
-    report = run_perplexity(resolve_checkpoint(checkpoint), text, sparsity, thresholds=thresholds,
+    checkpoint = resolve_checkpoint(checkpoint, needs_default_thresholds(sparsity, thresholds))
+    report = run_perplexity(checkpoint, text, sparsity, thresholds=thresholds,
                             max_tokens=max_tokens, seq_len=seq_len, device=dev,
                             dtype=resolve_dtype(dtype, dev), log=log)
     print(json.dumps(report, indent=2) if json_output else format_report(report))

@@ -66,3 +66,19 @@ def default_checkpoint(log: Callable[[str], None] = print_to_stderr) -> Path:
     convert_gguf(gguf_path, checkpoint, progress=log, overwrite=True)
     log(f"default model ready in {checkpoint}")
     return checkpoint
+
+
+DEFAULT_CALIBRATION_TOKENS = 16384  # about a minute on 2 CPU cores; within 0.02 of the target sparsity
+
+
+def ensure_thresholds(checkpoint: Path, log: Callable[[str], None] = print_to_stderr) -> Path:
+    """The default model's thresholds file, calibrating once on the built-in text if it is missing."""
+    from catsgen.calibrate import calibrate
+    from catsgen.cats import default_thresholds_path
+
+    path = default_thresholds_path(checkpoint)
+    if not path.is_file():
+        log(f"first CATS use of the default model: calibrating it once on the built-in text "
+            f"({DEFAULT_CALIBRATION_TOKENS} tokens) into {path}")
+        calibrate(checkpoint, None, max_tokens=DEFAULT_CALIBRATION_TOKENS, log=log)
+    return path
