@@ -1,8 +1,8 @@
 """Triton kernels for the CATS MLP at decode time (batch B = 1..8).
 
 Weights are read as whole rows (row i = neuron i: W_gate, W_up, and W_down stored transposed).
-Three Triton launches, no host sync (plus a 4-byte memset of the list's counter before, and
-y.to(dtype) after):
+Three Triton launches, no host sync (plus a 4-byte memset of the list's counter before; the
+custom op returns the fp32 result, so the cast to x.dtype fuses into the model's residual add):
   1. _gate_kernel: v = CATS_t(SiLU(W_gate x)), dense, BLOCK_F rows per program. Each program
      also appends its active rows (v != 0 for some token) to a list `idx` (one atomic on a
      counter per program), and zeroes the fp32 accumulators of u and y.
@@ -143,8 +143,10 @@ def pick_blocks(B: int) -> Blocks:
 _empty = torch.empty  # scratch allocation; tests swap in a NaN-filling version to catch unwritten outputs
 
 
-def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None = None):
-    """Triton implementation of cats_mlp (see reference.py for the definition)."""
+def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None = None,
+                    fp32_out: bool = False):
+    """Triton implementation of cats_mlp (see reference.py for the definition). fp32_out returns
+    the fp32 accumulator, leaving the cast to the caller (the compiled model fuses it away)."""
     B, D = x.shape
     F = w_gate.shape[0]
     assert 1 <= B <= 16, "decode kernel: tokens are padded to 16"
@@ -170,4 +172,4 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     down_cols = cfg.down_d * cfg.down_steps
     _down_kernel[(triton.cdiv(D, down_cols), triton.cdiv(F, cfg.down_r))](
         v, u_acc, idx, count, w_down_t, y_acc, B, D, F, down_cols, BLOCK_R=cfg.down_r, BLOCK_D=cfg.down_d, **common)
-    return y_acc if x.dtype == torch.float32 else y_acc.to(x.dtype)
+    return y_acc if fp32_out or x.dtype == torch.float32 else y_acc.to(x.dtype)
