@@ -115,7 +115,7 @@ def bench(
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     batch_size: int = typer.Option(1, min=1, max=8, help="Sequences decoded together."),
     prompt_len: int = typer.Option(128, min=1, help="Prompt tokens (random ids)."),
-    new_tokens: int = typer.Option(256, min=2, help="Decode steps timed per repeat."),
+    new_tokens: int = typer.Option(256, min=3, help="New tokens per repeat (the first decode step is not timed)."),
     max_seq_len: int = typer.Option(2048, min=2, help="Static KV cache length."),
     repeats: int = typer.Option(5, min=1, help="Timed runs per sparsity (after warm-up)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
