@@ -98,7 +98,9 @@ def bench_one_sparsity(model, prompt, settings: BenchSettings, step, sparsity, l
 
 
 def run_bench(settings: BenchSettings, checkpoint=None, preset=None, thresholds=None,
-              json_path: Path | None = None, log: Callable[[str], None] = print) -> dict:
+              json_path: Path | None = None, log: Callable[[str], None] = print,
+              allocation: str | None = None) -> dict:
+    """allocation: None = the thresholds file's best; presets (random weights) have uniform only."""
     from catsgen import cats
     sparsities = sorted(set([0.0] + [float(s) for s in settings.sparsities]))
     for s in sparsities:
@@ -112,13 +114,14 @@ def run_bench(settings: BenchSettings, checkpoint=None, preset=None, thresholds=
     prompt = torch.randint(0, config.vocab_size, (settings.prompt_len,)).tolist()
     sparse = [s for s in sparsities if s > 0]
     table = cats.bench_thresholds(model, checkpoint, thresholds, preset is not None, log) if sparse else None
+    allocation = cats.resolve_allocation(table, allocation) if table is not None else None
     step = make_decode_step(settings.compile, settings.device)
     element_bytes = torch.empty((), dtype=settings.dtype).element_size()
     rows = []
     for s in sparsities:
         measured = 0.0
         if s > 0:
-            cats.set_sparsity(model, table, s)
+            cats.set_sparsity(model, table, s, allocation)
             measured = cats.measure_union_sparsity(model, prompt, settings.batch_size)
         elif table is not None:
             cats.set_dense(model)
@@ -131,7 +134,7 @@ def run_bench(settings: BenchSettings, checkpoint=None, preset=None, thresholds=
     dense_ms = rows[0]["decode_ms_per_token_median"]
     for row in rows:
         row["speedup_vs_dense"] = dense_ms / row["decode_ms_per_token_median"]
-    report = {"environment": environment(settings.device), "settings": _settings_dict(settings),
+    report = {"environment": environment(settings.device), "settings": _settings_dict(settings), "allocation": allocation,
               "model": {"source": preset or str(checkpoint), **_shape_dict(config)}, "rows": rows}
     print(format_table(report))
     if json_path is not None:
@@ -169,7 +172,8 @@ def format_table(report: dict) -> str:
     env, settings, model = report["environment"], report["settings"], report["model"]
     lines = [f"{model['source']} | {settings['dtype']} | batch {settings['batch_size']} | prompt "
              f"{settings['prompt_len']} | {settings['new_tokens']} new tokens x {settings['repeats']} | "
-             f"{env['device_name']} | torch {env['torch']} | triton {env['triton']}",
+             f"{env['device_name']} | torch {env['torch']} | triton {env['triton']} | "
+             f"{report.get('allocation') or 'no'} allocation",
              f"{'sparsity':>8} {'actual':>7} {'ms/tok':>8} {'spread':>15} {'tok/s':>8} {'GB/s':>7} "
              f"{'speedup':>8} {'limit':>6} {'prefill ms':>10} {'warm-up s':>9}"]
     for r in report["rows"]:

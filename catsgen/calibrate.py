@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from catsgen import allocation
 from catsgen.cats import (ActivationSample, Thresholds, calibration_record, default_thresholds_path,
                           model_info, recording)
 from catsgen.errors import UserError
@@ -17,6 +18,7 @@ from catsgen.text_sample import text_sources, token_stream, windows
 
 DEFAULT_TOKENS = 65536
 DEFAULT_SEQ_LEN = 512
+DEFAULT_ALLOCATION_TOKENS = 256  # KL curves cost 30 layers x 4 grid points forwards of these
 
 
 def resolve_output(checkpoint: Path, out: Path | None) -> Path:
@@ -35,7 +37,8 @@ def resolve_output(checkpoint: Path, out: Path | None) -> Path:
 @torch.no_grad()
 def calibrate(checkpoint: Path, texts: list[Path] | None, max_tokens: int = DEFAULT_TOKENS,
               seq_len: int = DEFAULT_SEQ_LEN, out: Path | None = None, device="cpu",
-              dtype: torch.dtype | None = None, log: Callable[[str], None] = print) -> Thresholds:
+              dtype: torch.dtype | None = None, log: Callable[[str], None] = print,
+              allocation_tokens: int = DEFAULT_ALLOCATION_TOKENS) -> Thresholds:
     from catsgen.checkpoint import load_model
     from catsgen.tokenizer import Tokenizer
     out = resolve_output(Path(checkpoint), out)
@@ -59,8 +62,22 @@ def calibrate(checkpoint: Path, texts: list[Path] | None, max_tokens: int = DEFA
         log(f"the text ran out after {seen} tokens, fewer than --tokens {max_tokens}: calibrated on {seen}")
     record = calibration_record([s.record() for s in sources], seen, seq_len, model.output.weight.dtype, device)
     table = Thresholds(model_info(model.config, checkpoint), record, sample.thresholds(), out)
+    if allocation_tokens > 0:
+        # The start of the same text: the allocation is part of the calibration, from the same source.
+        head = list(windows(token_stream(sources, tokenizer), min(seq_len, allocation_tokens), allocation_tokens))
+        table.allocations = {"greedy": find_allocation(model, table, head)}
     table.save(out)
     half = table.for_sparsity(0.5)
     log(f"wrote {out}: thresholds for sparsity 0.00..0.99 in {len(half)} layers from {seen} tokens "
         f"(at 0.50: {min(half):.4g} .. {max(half):.4g})")
     return table
+
+
+def find_allocation(model, table: Thresholds, head: list[list[int]]) -> dict:
+    """The greedy allocation's file entry: how it was found and [level][layer] sparsities."""
+    progress = Progress("allocating", model.config.n_layers, unit="layers")
+    curves = allocation.layer_kl_curves(model, table.per_layer, head, progress.update)
+    progress.close()
+    tokens = sum(len(w) for w in head)
+    return {"method": allocation.describe(tokens), "tokens": tokens, "grid": list(allocation.GRID),
+            "kl": curves, "sparsity": allocation.greedy_allocation(curves, allocation.layer_bytes(model))}

@@ -29,6 +29,8 @@ FILE_FORMAT = "catsgen-cats-thresholds"
 FILE_VERSION = 1
 LEVELS = [round(i / 100, 2) for i in range(100)]  # 0.00, 0.01, ..., 0.99
 MAX_SPARSITY = LEVELS[-1]
+# How the target sparsity is spread over layers (catsgen/allocation.py finds "greedy").
+ALLOCATIONS = ("uniform", "greedy")
 # Decode steps (at most this many tokens) go to the Triton kernel on CUDA; prefill stays in torch.
 KERNEL_MAX_TOKENS = 8
 CALIBRATE_HINT = "make one for this checkpoint with `python calibrate.py --checkpoint DIR` (or `catsgen calibrate`)"
@@ -74,13 +76,13 @@ def set_thresholds(model: Transformer, thresholds: list[float]):
             mlp.activation = CATS(i, t, device)
 
 
-def set_sparsity(model: Transformer, table: "Thresholds", sparsity: float):
+def set_sparsity(model: Transformer, table: "Thresholds", sparsity: float, allocation: str = "uniform"):
     """Dense at s = 0 (bit-identical to the plain model), CATS with the table's thresholds otherwise."""
     check_sparsity(sparsity)
     if sparsity == 0:
         set_dense(model)
     else:
-        set_thresholds(model, table.for_sparsity(sparsity))
+        set_thresholds(model, table.for_sparsity(sparsity, allocation))
 
 
 def check_sparsity(sparsity: float):
@@ -274,12 +276,27 @@ class Thresholds:
     per_layer: list[list[float]]  # [layer][level]
     path: Path | None = None
 
-    def for_sparsity(self, sparsity: float) -> list[float]:
-        """Linear interpolation between the two neighbouring 0.01 levels (exact on a level)."""
-        position = sparsity * 100
-        low = min(int(position + 1e-9), len(LEVELS) - 1)
-        high, frac = min(low + 1, len(LEVELS) - 1), max(position - low, 0.0)
-        return [row[low] + (row[high] - row[low]) * frac for row in self.per_layer]
+    allocations: dict | None = None  # name -> {"sparsity": [level][layer], how it was found}
+
+    def layer_sparsities(self, sparsity: float, allocation: str = "uniform") -> list[float]:
+        """Each layer's sparsity for the target: the same everywhere (uniform), or the file's
+        allocation for the two neighbouring levels, interpolated (same byte-weighted mean)."""
+        if allocation == "uniform":
+            return [sparsity] * len(self.per_layer)
+        if allocation not in (self.allocations or {}):
+            raise UserError(f"{self.path} has no {allocation!r} allocation (calibrated before allocations "
+                            f"existed?): use --allocation uniform, or {CALIBRATE_HINT}")
+        per_level = self.allocations[allocation]["sparsity"]
+        return [interpolate(column, sparsity) for column in zip(*per_level)]
+
+    def for_sparsity(self, sparsity: float, allocation: str = "uniform") -> list[float]:
+        """Each layer's threshold at its sparsity, interpolated between 0.01 levels."""
+        return [interpolate(row, s) for row, s in
+                zip(self.per_layer, self.layer_sparsities(sparsity, allocation), strict=True)]
+
+    def default_allocation(self) -> str:
+        """The best allocation this file has: greedy when calibrated with it (measured better)."""
+        return "greedy" if "greedy" in (self.allocations or {}) else "uniform"
 
     def check_model(self, info: dict):
         for key in ("architecture", "n_layers", "intermediate_size", "hidden_size"):
@@ -296,8 +313,11 @@ class Thresholds:
         return f"calibrated on {c.get('tokens')} tokens of {texts} on {c.get('date', '?')[:10]}"
 
     def to_json(self) -> dict:
-        return {"format": FILE_FORMAT, "version": FILE_VERSION, "model": self.model,
+        data = {"format": FILE_FORMAT, "version": FILE_VERSION, "model": self.model,
                 "calibration": self.calibration, "levels": LEVELS, "thresholds": self.per_layer}
+        if self.allocations:
+            data["allocations"] = self.allocations
+        return data
 
     def save(self, path: Path):
         write_json_atomically(path, self.to_json())
@@ -313,13 +333,28 @@ class Thresholds:
         if data.get("version") != FILE_VERSION:
             raise UserError(f"{path} has thresholds file version {data.get('version')}; this catsgen "
                             f"reads version {FILE_VERSION}: {CALIBRATE_HINT}")
-        table = cls(data.get("model", {}), data.get("calibration", {}), data.get("thresholds"), Path(path))
-        if (data.get("levels") != LEVELS or not isinstance(table.per_layer, list)
-                or len(table.per_layer) != table.model.get("n_layers")
-                or any(not isinstance(row, list) or len(row) != len(LEVELS) for row in table.per_layer)):
+        table = cls(data.get("model", {}), data.get("calibration", {}), data.get("thresholds"), Path(path),
+                    data.get("allocations"))
+        n_layers = table.model.get("n_layers")
+        if (data.get("levels") != LEVELS or not _is_table(table.per_layer, n_layers, len(LEVELS))
+                or not all(isinstance(a, dict) and _is_table(a.get("sparsity"), len(LEVELS), n_layers)
+                           for a in (table.allocations or {}).values())):
             raise UserError(f"{path} is damaged: expected {len(LEVELS)} thresholds per layer for "
-                            f"{table.model.get('n_layers')} layers")
+                            f"{n_layers} layers (and {len(LEVELS)} x {n_layers} sparsities per allocation)")
         return table
+
+
+def _is_table(rows, n_rows: int, n_columns: int) -> bool:
+    return (isinstance(rows, list) and len(rows) == n_rows
+            and all(isinstance(row, list) and len(row) == n_columns for row in rows))
+
+
+def interpolate(row: list[float], sparsity: float) -> float:
+    """row[level] at a sparsity between levels: linear between the two neighbouring 0.01 levels."""
+    position = sparsity * 100
+    low = min(int(position + 1e-9), len(LEVELS) - 1)
+    high, frac = min(low + 1, len(LEVELS) - 1), max(position - low, 0.0)
+    return row[low] + (row[high] - row[low]) * frac
 
 
 def write_json_atomically(path: Path, data: dict):
@@ -361,16 +396,32 @@ def load_thresholds(model: Transformer, checkpoint_dir, path=None, sparsity: flo
     return table
 
 
-def apply_sparsity(model: Transformer, checkpoint_dir, sparsity: float, thresholds, log: Callable[[str], None]):
+def check_allocation(allocation: str | None):
+    if allocation is not None and allocation not in ALLOCATIONS:
+        raise UserError(f"--allocation {allocation!r}: choose {' or '.join(ALLOCATIONS)}")
+
+
+def resolve_allocation(table: "Thresholds", allocation: str | None) -> str:
+    """The requested allocation, checked against the file; None = the best the file has."""
+    check_allocation(allocation)
+    allocation = allocation or table.default_allocation()
+    table.layer_sparsities(0.5, allocation)  # a clear error now if the file lacks it
+    return allocation
+
+
+def apply_sparsity(model: Transformer, checkpoint_dir, sparsity: float, thresholds, log: Callable[[str], None],
+                   allocation: str | None = None):
     """Set the model up for `sparsity`; returns a counter for measure_generation_sparsity, or None
     at s = 0, where the model stays exactly dense (no thresholds file needed)."""
     check_sparsity(sparsity)
+    check_allocation(allocation)
     if sparsity == 0:
         set_dense(model)
         return None
     table = load_thresholds(model, checkpoint_dir, thresholds, sparsity)
-    set_sparsity(model, table, sparsity)
-    log(f"[CATS sparsity {sparsity:.2f}: thresholds from {table.path}, {table.describe()}]")
+    allocation = resolve_allocation(table, allocation)
+    set_sparsity(model, table, sparsity, allocation)
+    log(f"[CATS sparsity {sparsity:.2f}, {allocation} allocation: thresholds from {table.path}, {table.describe()}]")
     return SparsityCounter(model.config.n_layers, sparsity)
 
 

@@ -18,6 +18,15 @@ CHECKPOINT_HELP = ("Hugging Face checkpoint directory (config.json + *.safetenso
                    "into the cache directory.")
 DEVICE_HELP = "cpu or cuda. Default: cuda when available."
 DTYPE_HELP = "bfloat16, float16 or float32. Default: bfloat16 on cuda, float32 on cpu."
+ALLOCATION_HELP = ("How the sparsity is spread over layers (same bytes read per token): uniform, or greedy "
+                   "(per-layer sparsities found by calibrate). Default: greedy when the thresholds file has it.")
+
+
+def check_allocations(values):
+    """Bad --allocation values fail in a second, before any model loads."""
+    from catsgen.cats import check_allocation
+    for value in values:
+        check_allocation(value)
 
 
 def log(message: str):
@@ -73,6 +82,7 @@ def generate(
     sparsity: float = typer.Option(0.0, help="CATS sparsity in [0, 0.99]; 0 = dense."),
     thresholds: Optional[Path] = typer.Option(None, help="Thresholds file from `calibrate` "
                                               "(default: cats_thresholds.json next to the checkpoint)."),
+    allocation: Optional[str] = typer.Option(None, help=ALLOCATION_HELP),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                            help="torch.compile the decode step. Default: on for cuda, off for cpu."),
 ):
@@ -80,12 +90,13 @@ def generate(
     from catsgen.generate import SamplingParams, run_generation
     params = SamplingParams(temperature, top_k, top_p)
     params.validate()
+    check_allocations([allocation])
     dev = resolve_device(device)
     run_generation(
         checkpoint=resolve_checkpoint(checkpoint, needs_default_thresholds([sparsity], thresholds)),
         prompt=prompt, max_new_tokens=max_new_tokens,
         params=params, seed=seed, device=dev, dtype=resolve_dtype(dtype, dev), max_seq_len=max_seq_len,
-        chat=chat, sparsity=sparsity, thresholds=thresholds,
+        chat=chat, sparsity=sparsity, thresholds=thresholds, allocation=allocation,
         compile=dev.startswith("cuda") if compile is None else compile, log=log)
 
 
@@ -122,6 +133,7 @@ def bench(
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     thresholds: Optional[Path] = typer.Option(None, help="Thresholds file for --checkpoint "
                                               "(default: cats_thresholds.json next to it)."),
+    allocation: Optional[str] = typer.Option(None, help=ALLOCATION_HELP + " --preset: uniform only."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                            help="torch.compile the decode step. Default: on for cuda, off for cpu."),
 ):
@@ -129,6 +141,7 @@ def bench(
     from catsgen.bench import BenchSettings, run_bench
     if checkpoint is not None and preset is not None:
         raise UserError("give --checkpoint or --preset, not both")
+    check_allocations([allocation])
     dev = resolve_device(device)
     settings = BenchSettings(
         sparsities=sparsity, dtype=resolve_dtype(dtype, dev), batch_size=batch_size,
@@ -136,7 +149,7 @@ def bench(
         device=dev, compile=dev.startswith("cuda") if compile is None else compile)
     checkpoint = None if preset else resolve_checkpoint(checkpoint, needs_default_thresholds(sparsity, thresholds))
     run_bench(settings, checkpoint=checkpoint, preset=preset,
-              thresholds=thresholds, json_path=json_path, log=log)
+              thresholds=thresholds, allocation=allocation, json_path=json_path, log=log)
 
 
 @app.command("bench-kernels")
@@ -164,15 +177,17 @@ def calibrate(
     seq_len: int = typer.Option(512, min=1, help="Window length: the text runs as independent windows of this many tokens."),
     out: Optional[Path] = typer.Option(None, help="Thresholds file to write. Default: cats_thresholds.json "
                                        "next to the checkpoint."),
+    allocation_tokens: int = typer.Option(256, min=0, help="Tokens (from the start of the text) on which the "
+                                          "greedy per-layer allocation is searched; 0 = none (uniform only)."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
 ):
     """Run the dense model over a text and write the CATS thresholds of every layer for every
-    sparsity 0.00..0.99 (one file serves every --sparsity)."""
+    sparsity 0.00..0.99 (one file serves every --sparsity), and the greedy per-layer allocation."""
     from catsgen.calibrate import calibrate as run_calibration
     dev = resolve_device(device)
     run_calibration(resolve_checkpoint(checkpoint), text, max_tokens=tokens, seq_len=seq_len, out=out,
-                    device=dev, dtype=resolve_dtype(dtype, dev), log=log)
+                    device=dev, dtype=resolve_dtype(dtype, dev), log=log, allocation_tokens=allocation_tokens)
 
 
 @app.command()
@@ -183,6 +198,7 @@ def perplexity(
                                          "repeat it); the dense model (0) is always scored first."),
     thresholds: Optional[Path] = typer.Option(None, help="Thresholds file from `calibrate` "
                                               "(default: cats_thresholds.json next to the checkpoint)."),
+    allocation: List[str] = typer.Option([], help=ALLOCATION_HELP + " Several: rows for each."),
     max_tokens: int = typer.Option(16384, min=2, help="Score at most this many tokens from the start of the text."),
     seq_len: int = typer.Option(512, min=2, help="Window length in tokens (see the convention above)."),
     json_output: bool = typer.Option(False, "--json", help="Print only a JSON object on stdout (progress stays on stderr)."),
@@ -197,16 +213,17 @@ def perplexity(
     """
     import json
     from catsgen.perplexity import format_report, run_perplexity
+    check_allocations(allocation)
     dev = resolve_device(device)
     checkpoint = resolve_checkpoint(checkpoint, needs_default_thresholds(sparsity, thresholds))
-    report = run_perplexity(checkpoint, text, sparsity, thresholds=thresholds,
+    report = run_perplexity(checkpoint, text, sparsity, thresholds=thresholds, allocations=allocation or [None],
                             max_tokens=max_tokens, seq_len=seq_len, device=dev,
                             dtype=resolve_dtype(dtype, dev), log=log)
     print(json.dumps(report, indent=2) if json_output else format_report(report))
 
 
 # Options that take several values after one flag (`--sparsity 0 0.5 0.7`), per command.
-MULTI_VALUE_OPTIONS = {"bench": ("--sparsity", "--batch-size"), "perplexity": ("--sparsity",),
+MULTI_VALUE_OPTIONS = {"bench": ("--sparsity", "--batch-size"), "perplexity": ("--sparsity", "--allocation"),
                        "bench-kernels": ("--sparsity", "--batch-size")}
 
 

@@ -157,14 +157,15 @@ def load_for_generation(checkpoint, device, dtype, batch_size: int, max_seq_len:
 
 def run_generation(checkpoint, prompt: str, max_new_tokens: int, params: SamplingParams, seed: int,
                    device, dtype, max_seq_len: int, chat: bool, sparsity: float, thresholds,
-                   compile: bool, log: Callable[[str], None], out=None) -> GenerationResult:
+                   compile: bool, log: Callable[[str], None], out=None,
+                   allocation: str | None = None) -> GenerationResult:
     """The `generate` command: stream the continuation to `out`, a summary to `log`."""
     import sys
     from catsgen.cats import apply_sparsity, measure_generation_sparsity, report_sparsity
     out = out or sys.stdout
     torch.manual_seed(seed)
     model, tokenizer = load_for_generation(checkpoint, device, dtype, 1, max_seq_len)
-    counters = apply_sparsity(model, checkpoint, sparsity, thresholds, log=log)
+    counters = apply_sparsity(model, checkpoint, sparsity, thresholds, log=log, allocation=allocation)
     text = tokenizer.apply_chat_template(prompt) if chat else prompt
     ids = tokenizer.encode(text)
     if not ids:

@@ -9,7 +9,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from catsgen.cats import SparsityCounter, check_sparsity, counting, load_thresholds, set_sparsity
+from catsgen.cats import (SparsityCounter, check_allocation, check_sparsity, counting, load_thresholds,
+                          resolve_allocation, set_sparsity)
 from catsgen.errors import UserError
 from catsgen.model import Transformer
 from catsgen.progress import Progress
@@ -54,10 +55,13 @@ def sparsity_levels(sparsities: list[float]) -> list[float]:
 def run_perplexity(checkpoint: Path, texts: list[Path] | None, sparsities: list[float],
                    thresholds: Path | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
                    seq_len: int = DEFAULT_SEQ_LEN, device="cpu", dtype: torch.dtype | None = None,
-                   log: Callable[[str], None] = print) -> dict:
+                   log: Callable[[str], None] = print, allocations: list[str | None] = (None,)) -> dict:
+    """Dense, then every (allocation, sparsity) pair; allocation None = the file's best."""
     from catsgen.checkpoint import load_model
     from catsgen.tokenizer import Tokenizer
     levels = sparsity_levels(sparsities)
+    for a in allocations:
+        check_allocation(a)
     sources = text_sources(texts)
     tokenizer = Tokenizer(checkpoint)
     model = load_model(checkpoint, device=device, dtype=dtype)
@@ -70,17 +74,21 @@ def run_perplexity(checkpoint: Path, texts: list[Path] | None, sparsities: list[
         raise UserError("the text is too short to score: it needs at least 2 tokens")
     if total < max_tokens:
         log(f"the text has {total} tokens, fewer than --max-tokens {max_tokens}: scoring all of them")
+    runs = [("dense", 0.0)]
+    if table is not None:
+        chosen = dict.fromkeys(resolve_allocation(table, a) for a in allocations)
+        runs += [(a, s) for a in chosen for s in levels[1:]]
     rows = []
-    for s in levels:
-        set_sparsity(model, table, s)
-        progress = Progress(f"sparsity {s:.2f}", total)
+    for allocation, s in runs:
+        set_sparsity(model, table, s, allocation)
+        progress = Progress(f"sparsity {s:.2f} {allocation}", total)
         counter = SparsityCounter(model.config.n_layers, s)
         with counting(model, counter):
             ppl, scored = perplexity(model, token_windows, progress)
         progress.close()
         # The dense pass masks nothing: its actual sparsity is 0 by definition.
-        rows.append({"sparsity": s, "perplexity": ppl, "actual_sparsity": counter.overall() if s > 0 else 0.0,
-                     "tokens": scored})
+        rows.append({"sparsity": s, "allocation": allocation, "perplexity": ppl,
+                     "actual_sparsity": counter.overall() if s > 0 else 0.0, "tokens": scored})
     return {"checkpoint": str(checkpoint), "texts": [s.record() for s in sources],
             "tokens": total, "seq_len": seq_len, "windows": len(token_windows),
             "dtype": str(model.output.weight.dtype).removeprefix("torch."), "device": str(device),
@@ -91,8 +99,8 @@ def format_report(report: dict) -> str:
     texts = ", ".join(t["name"] for t in report["texts"])
     lines = [f"perplexity of {report['checkpoint']} on {texts}: {report['tokens']} tokens in "
              f"{report['windows']} windows of {report['seq_len']} ({report['dtype']}, {report['device']})",
-             f"{'sparsity':>8}  {'perplexity':>10}  {'actual sparsity':>15}  {'tokens scored':>13}"]
+             f"{'sparsity':>8}  {'allocation':>10}  {'perplexity':>10}  {'actual sparsity':>15}  {'tokens scored':>13}"]
     for r in report["rows"]:
-        lines.append(f"{r['sparsity']:>8.2f}  {r['perplexity']:>10.4f}  {r['actual_sparsity']:>15.4f}  "
-                     f"{r['tokens']:>13}")
+        lines.append(f"{r['sparsity']:>8.2f}  {r['allocation']:>10}  {r['perplexity']:>10.4f}  "
+                     f"{r['actual_sparsity']:>15.4f}  {r['tokens']:>13}")
     return "\n".join(lines)
