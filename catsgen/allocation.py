@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from catsgen.cats import CATS, LEVELS, MAX_SPARSITY, interpolate, set_dense
+from catsgen.cats import CATS, LEVELS, interpolate, set_dense
 from catsgen.model import Transformer
 
 GRID = (0.3, 0.5, 0.7, 0.9)  # sparsities at which each layer's KL is measured; linear in between

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +13,7 @@ import torch
 
 from catsgen.config import ModelConfig
 from catsgen.errors import UserError
+from catsgen.files import check_writable_parent, write_json_atomically
 from catsgen.generate import SamplingParams, generate, make_decode_step
 from catsgen.model import Transformer
 
@@ -107,7 +105,7 @@ def run_bench(settings: BenchSettings, checkpoint=None, preset=None, thresholds=
         if not 0 <= s <= 0.99:
             raise UserError(f"--sparsity {s} is outside [0, 0.99]")
     if json_path is not None:
-        _check_writable(json_path)
+        check_writable_parent(json_path, "--json")
     torch.manual_seed(0)
     model = _build_model(settings, checkpoint, preset, log)
     config = model.config
@@ -138,7 +136,7 @@ def run_bench(settings: BenchSettings, checkpoint=None, preset=None, thresholds=
               "model": {"source": preset or str(checkpoint), **_shape_dict(config)}, "rows": rows}
     print(format_table(report))
     if json_path is not None:
-        write_json_atomically(json_path, report)
+        write_json_atomically(json_path, report, indent=2)
         log(f"wrote {json_path}")
     return report
 
@@ -183,22 +181,3 @@ def format_table(report: dict) -> str:
                      f"{r['achieved_gb_per_s']:>7.1f} {r['speedup_vs_dense']:>7.2f}x "
                      f"{r['byte_ratio_limit']:>5.2f}x {r['prefill_ms_median']:>10.1f} {r['compile_warmup_s']:>9.1f}")
     return "\n".join(lines)
-
-
-def _check_writable(path: Path):
-    parent = Path(path).resolve().parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UserError(f"--json {path}: directory {parent} does not exist or is not writable")
-
-
-def write_json_atomically(path: Path, data: dict):
-    """Write to a temporary file beside the target, then rename: never a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -13,6 +13,7 @@ from catsgen import allocation
 from catsgen.cats import (ActivationSample, Thresholds, calibration_record, default_thresholds_path,
                           model_info, recording)
 from catsgen.errors import UserError
+from catsgen.files import check_writable_parent
 from catsgen.progress import Progress
 from catsgen.text_sample import text_sources, token_stream, windows
 
@@ -28,9 +29,7 @@ def resolve_output(checkpoint: Path, out: Path | None) -> Path:
             raise UserError(f"the checkpoint directory {checkpoint} is not writable: pass --out PATH "
                             "(and --thresholds PATH when you generate)")
         return default_thresholds_path(checkpoint)
-    parent = Path(out).resolve().parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UserError(f"--out {out}: directory {parent} does not exist or is not writable")
+    check_writable_parent(out, "--out")
     return Path(out)
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from catsgen.errors import UserError
+from catsgen.files import write_json_atomically
 from catsgen.model import DenseSiLU, Transformer
 
 THRESHOLDS_FILENAME = "cats_thresholds.json"
@@ -355,21 +354,6 @@ def interpolate(row: list[float], sparsity: float) -> float:
     low = min(int(position + 1e-9), len(LEVELS) - 1)
     high, frac = min(low + 1, len(LEVELS) - 1), max(position - low, 0.0)
     return row[low] + (row[high] - row[low]) * frac
-
-
-def write_json_atomically(path: Path, data: dict):
-    """Temporary file beside the target, then os.replace: the target is whole or absent, never partial."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def calibration_record(texts: list[dict], tokens: int, seq_len: int, dtype, device) -> dict:
