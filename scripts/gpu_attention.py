@@ -7,7 +7,6 @@
 path (the baseline, on the same card).
     python3 scripts/gpu_attention.py
 """
-import statistics
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, as for bench.py
 import catsgen.model as M  # noqa: E402
+from catsgen.kernels.bench import graph_time_us as kernel_graph_time_us  # noqa: E402
 from catsgen.kernels.decode_attention import (Blocks, DEFAULT_BLOCKS, decode_attention,  # noqa: E402
                                               decode_attention_reference, decode_attention_triton)
 
@@ -32,28 +32,12 @@ def rel_err(a, b):
 
 
 def graph_time_us(fns, replays=20):
-    """Median time of one call: the calls in fns (one per layer) captured in one graph, replayed."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    """Median time of one call: the calls in fns (one per layer, so the caches rotate and L2
+    does not hold them) captured in one graph, replayed."""
+    def all_layers():
         for fn in fns:
             fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(4):
-            for fn in fns:
-                fn()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (4 * len(fns)))
-    return statistics.median(times)
+    return kernel_graph_time_us(all_layers, calls=4, replays=replays) / len(fns)
 
 
 def check_kernel():
