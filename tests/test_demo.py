@@ -17,7 +17,8 @@ NEW_TOKENS = 24
 def demo_runs(tmp_path_factory):
     env = {"CATSGEN_CACHE": str(tmp_path_factory.mktemp("cache"))}
     runs = {s: run_cli("generate.py", "--prompt", PROMPT, "--max-new-tokens", NEW_TOKENS,
-                       "--device", "cpu", "--sparsity", s, env=env) for s in ("0", "0.5")}
+                       "--device", "cpu", "--sparsity", s, env=env, timeout=1800)  # 0.5: calibrates first
+            for s in ("0", "0.5")}
     return env["CATSGEN_CACHE"], runs
 
 
