@@ -8,7 +8,6 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv --system-site-packages .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate
-python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 if ! python -c "import torch" 2>/dev/null; then
     echo "installing torch 2.13.0 ..." >&2
     python -m pip install -q torch==2.13.0
