@@ -49,11 +49,6 @@ def byte_ratio_limit(config: ModelConfig, sparsity: float) -> float:
     return weight_bytes_per_token(config, 2, 1.0) / weight_bytes_per_token(config, 2, 1.0 - sparsity)
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _build_model(settings: BenchSettings, checkpoint, preset, log) -> Transformer:
     from catsgen.checkpoint import load_model, random_model
     from catsgen.config import preset as preset_config
@@ -78,8 +73,7 @@ def _time_decode(model, prompt, settings: BenchSettings, step, new_tokens) -> tu
 
 def bench_one_sparsity(model, prompt, settings: BenchSettings, step, sparsity, log) -> dict:
     start = time.perf_counter()
-    _time_decode(model, prompt, settings, step, settings.warmup_tokens)
-    _sync(settings.device)
+    _time_decode(model, prompt, settings, step, settings.warmup_tokens)  # generate syncs at its end
     warmup_s = time.perf_counter() - start
     log(f"  s={sparsity:.2f}: compile + warm-up {warmup_s:.1f} s")
     prefill, per_token = [], []

@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from catsgen.errors import UserError
 from catsgen.files import write_json_atomically
@@ -37,7 +35,7 @@ CALIBRATE_HINT = "make one for this checkpoint with `python calibrate.py --check
 
 # --- the activation -----------------------------------------------------------------------------
 
-class CATS(nn.Module):
+class CATS(DenseSiLU):
     """Plugs into MLP.activation. The threshold is a 0-d float32 buffer: a new sparsity is written
     into it in place, so a compiled decode step (and its CUDA graph) is reused, not recompiled."""
 
@@ -52,12 +50,14 @@ class CATS(nn.Module):
         if x.is_cuda and tokens <= KERNEL_MAX_TOKENS and self.counter is None:
             from catsgen.kernels import cats_mlp  # Triton; imported only where it runs
             return cats_mlp(x.reshape(tokens, x.shape[-1]), w_gate, w_up, w_down_t, self.threshold).view(x.shape)
-        v = F.silu(F.linear(x, w_gate))
+        return super().forward(x, w_gate, w_up, w_down_t)
+
+    def activate(self, v):
         # Compared in fp32 whatever the model dtype, as calibration measured |v| in fp32.
         keep = v.float().abs() > self.threshold
         if self.counter is not None:
             self.counter.add(self.layer, keep)
-        return (torch.where(keep, v, 0) * F.linear(x, w_up)) @ w_down_t
+        return torch.where(keep, v, 0)
 
 
 def set_dense(model: Transformer):
@@ -203,17 +203,16 @@ class ActivationSample:
                 f"about {cls.SIZE} values per layer")
 
 
-class SampleRecorder(nn.Module):
-    """The dense MLP (DenseSiLU's arithmetic) that also records |v| into the sample."""
+class SampleRecorder(DenseSiLU):
+    """The dense MLP that also records |v| into the sample."""
 
     def __init__(self, layer: int, sample: ActivationSample):
         super().__init__()
         self.layer, self.sample = layer, sample
 
-    def forward(self, x, w_gate, w_up, w_down_t):
-        v = F.silu(F.linear(x, w_gate))
+    def activate(self, v):
         self.sample.add(self.layer, v)
-        return (v * F.linear(x, w_up)) @ w_down_t
+        return v
 
 
 @contextmanager

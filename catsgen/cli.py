@@ -55,6 +55,11 @@ def needs_default_thresholds(sparsities, thresholds: Optional[Path]) -> bool:
     return thresholds is None and any(0 < s <= 0.99 for s in sparsities)
 
 
+def resolve_compile(compile: Optional[bool], device: str) -> bool:
+    """torch.compile by default where it pays (CUDA graphs), eager on the CPU."""
+    return device.startswith("cuda") if compile is None else compile
+
+
 def resolve_checkpoint(checkpoint: Optional[Path], needs_thresholds: bool = False) -> Path:
     """The given directory, or the default model (converted, and calibrated when CATS needs it)."""
     if checkpoint is not None:
@@ -97,7 +102,7 @@ def generate(
         prompt=prompt, max_new_tokens=max_new_tokens,
         params=params, seed=seed, device=dev, dtype=resolve_dtype(dtype, dev), max_seq_len=max_seq_len,
         chat=chat, sparsity=sparsity, thresholds=thresholds, allocation=allocation,
-        compile=dev.startswith("cuda") if compile is None else compile, log=log)
+        compile=resolve_compile(compile, dev), log=log)
 
 
 @app.command()
@@ -146,7 +151,7 @@ def bench(
     settings = BenchSettings(
         sparsities=sparsity, dtype=resolve_dtype(dtype, dev), batch_size=batch_size,
         prompt_len=prompt_len, new_tokens=new_tokens, max_seq_len=max_seq_len, repeats=repeats,
-        device=dev, compile=dev.startswith("cuda") if compile is None else compile)
+        device=dev, compile=resolve_compile(compile, dev))
     checkpoint = None if preset else resolve_checkpoint(checkpoint, needs_default_thresholds(sparsity, thresholds))
     run_bench(settings, checkpoint=checkpoint, preset=preset,
               thresholds=thresholds, allocation=allocation, json_path=json_path, log=log)

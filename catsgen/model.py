@@ -43,10 +43,14 @@ class RMSNorm(nn.Module):
 
 
 class DenseSiLU(nn.Module):
-    """The MLP's default activation slot: the plain gated SiLU MLP (CATS replaces this module)."""
+    """The MLP's default activation slot: the plain gated SiLU MLP. Subclasses (CATS, calibration
+    recording) change only `activate`, what happens to v = SiLU(W_gate x) before the up product."""
 
     def forward(self, x, w_gate, w_up, w_down_t):
-        return (F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)) @ w_down_t
+        return (self.activate(F.silu(F.linear(x, w_gate))) * F.linear(x, w_up)) @ w_down_t
+
+    def activate(self, v):
+        return v
 
 
 class MLP(nn.Module):
