@@ -77,7 +77,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, positions, input_pos=None):
+    def forward(self, x, cos, sin, mask, input_pos=None):
         B, T, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -91,10 +91,6 @@ class Attention(nn.Module):
             if T == 1 and q.is_cuda:  # decode: a Triton kernel reads only the allowed cache positions
                 y = decode_attention(q, k, v, input_pos, self.sliding_window)
                 return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
-            kv_positions = torch.arange(k.shape[2], device=x.device)
-        else:
-            kv_positions = positions
-        mask = attention_mask(positions, kv_positions, self.sliding_window)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
@@ -117,8 +113,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.rms_norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, positions, input_pos=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, positions, input_pos)
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -161,9 +157,13 @@ class Transformer(nn.Module):
         if getattr(self, "rope_cos", None) is None or self.rope_cos.shape[0] < T:
             self.setup_rope(max(T, self.max_seq_len))
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        # One mask for every layer: over the whole static cache, or over this sequence alone.
+        cached = input_pos is not None and self.max_seq_len > 0
+        kv_positions = torch.arange(self.max_seq_len, device=idx.device) if cached else positions
+        mask = attention_mask(positions, kv_positions, self.config.sliding_window)
         x = self.tok_embeddings(idx)
         for layer in self.layers:
-            x = layer(x, cos, sin, positions, input_pos)
+            x = layer(x, cos, sin, mask, input_pos)
         return self.output(self.norm(x))
 
 
