@@ -8,14 +8,18 @@ static shapes), so the grid covers all S positions and programs with nothing to 
 before loading anything.
 
 Two launches:
-  1. _split_kernel, grid (n_chunks, B * n_kv_heads): program (c, b*kv) takes positions
-     [c*CHUNK, (c+1)*CHUNK) intersected with the allowed range [lo, pos] (lo = pos - window + 1
-     with a sliding window, else 0). It handles all G = n_heads / n_kv_heads query heads of its
-     kv head, so K and V are read once (GQA without repeats). It writes an unnormalised fp32
-     partial output and its running max / sum of exp (base 2) per query head.
-  2. _reduce_kernel, grid (B * n_heads,): combines the partials of the chunks that overlap
-     [lo, pos] (it recomputes that range from pos, so untouched partials are never read) and
-     writes the output in q.dtype.
+  1. _split_kernel, grid (n_splits, B * n_kv_heads): the allowed range [lo, pos] (lo = pos -
+     window + 1 with a sliding window, else 0) is cut on the device into n_splits equal parts
+     (rounded up to GRANULE positions); program (c, b*kv) takes part c. n_splits is fixed on the
+     host so that the grid holds about `programs` programs whatever the context: a grid sized
+     for max_seq_len (one program per fixed chunk) spent most of its time launching programs
+     that had nothing to read at short context (8 us at position 256 on an H100). It handles
+     all G = n_heads / n_kv_heads query heads of its kv head, so K and V are read once (GQA
+     without repeats), and writes an unnormalised fp32 partial output and its running max / sum
+     of exp (base 2) per query head.
+  2. _reduce_kernel, grid (B * n_heads,): combines the partials of the parts that are not empty
+     (it recomputes them from pos, so untouched partials are never read) and writes the output
+     in q.dtype.
 """
 from __future__ import annotations
 
@@ -54,9 +58,11 @@ def decode_attention_reference(q, k_cache, v_cache, pos, sliding_window: int | N
 
 @dataclass(frozen=True)
 class Blocks:
-    """Tile sizes. chunk: positions per split program (a multiple of block_n); block_n:
-    positions per loop step; block_c: chunks combined per step of the reduction."""
-    chunk: int = 64
+    """programs: about how many split programs to launch (n_splits = programs / (B * n_kv_heads));
+    granule: a part's length is a multiple of it; block_n: positions per loop step;
+    block_c: partials combined per step of the reduction."""
+    programs: int = 256
+    granule: int = 16
     block_n: int = 64
     warps: int = 4
     stages: int = 2
@@ -71,19 +77,17 @@ if triton is not None:
     @triton.jit
     def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr,
                       sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
-                      H_KV, S, window, n_chunks, scale_log2,
+                      H_KV, S, window, n_splits, scale_log2,
                       D: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, USE_DOT: tl.constexpr,
+                      BLOCK_N: tl.constexpr, GRANULE: tl.constexpr, USE_DOT: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
         c = tl.program_id(0)
         bkv = tl.program_id(1)
         b = bkv // H_KV
         kvh = bkv % H_KV
-        pos = tl.load(pos_ptr)
-        hi = tl.minimum(pos + 1, S)  # exclusive end of the allowed range
-        lo = tl.where(window > 0, tl.maximum(pos - window + 1, 0), 0)
-        start = tl.maximum(c * CHUNK, lo)
-        end = tl.minimum(c * CHUNK + CHUNK, hi)
+        lo, hi, part = _allowed_parts(pos_ptr, S, window, n_splits, GRANULE)
+        start = lo + c * part
+        end = tl.minimum(start + part, hi)
         if end > start:  # else: nothing to read, nothing to write
             g = tl.arange(0, GP)
             d = tl.arange(0, BLOCK_D)
@@ -125,30 +129,37 @@ if triton is not None:
                     pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
                 acc = acc * alpha[:, None] + pv
                 m = m_new
-            row = (b * H_KV * G + heads).to(tl.int64) * n_chunks + c  # [B, H, n_chunks] partial index
+            row = (b * H_KV * G + heads).to(tl.int64) * n_splits + c  # [B, H, n_splits] partial index
             tl.store(o_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
             tl.store(m_ptr + row, m, mask=g_ok)
             tl.store(l_ptr + row, l, mask=g_ok)
 
     @triton.jit
-    def _reduce_kernel(o_ptr, m_ptr, l_ptr, pos_ptr, out_ptr, so_b, so_h,
-                       H, S, window, n_chunks,
-                       D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-        bh = tl.program_id(0)
-        b = bh // H
-        h = bh % H
+    def _allowed_parts(pos_ptr, S, window, n_splits, GRANULE: tl.constexpr):
+        """The allowed key range [lo, hi) and the length of each of its n_splits parts."""
         pos = tl.load(pos_ptr)
         hi = tl.minimum(pos + 1, S)
         lo = tl.where(window > 0, tl.maximum(pos - window + 1, 0), 0)
-        c_first = lo // CHUNK
-        c_end = (hi - 1) // CHUNK + 1  # the chunks the split kernel wrote: [c_first, c_end)
+        part = tl.cdiv(tl.cdiv(hi - lo, n_splits), GRANULE) * GRANULE
+        return lo, hi, part
+
+    @triton.jit
+    def _reduce_kernel(o_ptr, m_ptr, l_ptr, pos_ptr, out_ptr, so_b, so_h,
+                       H, S, window, n_splits,
+                       D: tl.constexpr, GRANULE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+        bh = tl.program_id(0)
+        b = bh // H
+        h = bh % H
+        lo, hi, part = _allowed_parts(pos_ptr, S, window, n_splits, GRANULE)
+        c_first = 0
+        c_end = tl.cdiv(hi - lo, part)  # the parts the split kernel wrote: [0, c_end)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D
         cs0 = tl.arange(0, BLOCK_C)
         m = tl.max(tl.full([BLOCK_C], -1.0e30, tl.float32), axis=0)
         l = tl.sum(tl.zeros([BLOCK_C], tl.float32), axis=0)
         acc = tl.zeros([BLOCK_D], tl.float32)
-        base = bh.to(tl.int64) * n_chunks
+        base = bh.to(tl.int64) * n_splits
         for c0 in tl.range(c_first, c_end, BLOCK_C):
             cs = c0 + cs0
             c_ok = cs < c_end
@@ -176,31 +187,30 @@ def decode_attention_triton(q, k_cache, v_cache, pos, sliding_window: int | None
     assert T == 1, "decode attention takes one query token"
     assert v_cache.shape == k_cache.shape and Dk == D and H % Hkv == 0
     q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
-    assert blocks.chunk % blocks.block_n == 0
     G = H // Hkv
     block_d = max(16, triton.next_power_of_2(D))
     use_dot = G > 1
     gp = max(16, triton.next_power_of_2(G)) if use_dot else 1  # tl.dot needs M >= 16
-    n_chunks = triton.cdiv(S, blocks.chunk)
+    n_splits = max(1, min(triton.cdiv(blocks.programs, B * Hkv), triton.cdiv(S, blocks.granule)))
     window = int(sliding_window or 0)
     dev = q.device
-    o_part = torch.empty(B * H * n_chunks * block_d, device=dev, dtype=torch.float32)
-    m_part = torch.empty(B * H * n_chunks, device=dev, dtype=torch.float32)
-    l_part = torch.empty(B * H * n_chunks, device=dev, dtype=torch.float32)
+    o_part = torch.empty(B * H * n_splits * block_d, device=dev, dtype=torch.float32)
+    m_part = torch.empty(B * H * n_splits, device=dev, dtype=torch.float32)
+    l_part = torch.empty(B * H * n_splits, device=dev, dtype=torch.float32)
     out = torch.empty((B, H, 1, D), device=dev, dtype=q.dtype)
     dot_f32 = use_dot and not q.is_cuda and q.dtype == torch.bfloat16  # interpreter only, see the kernel
     precision = "ieee" if q.dtype == torch.float32 or dot_f32 else "tf32"  # unused for 16-bit inputs
-    _split_kernel[(n_chunks, B * Hkv)](
+    _split_kernel[(n_splits, B * Hkv)](
         q, k_cache, v_cache, pos, o_part, m_part, l_part,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        Hkv, S, window, n_chunks, math.log2(math.e) / math.sqrt(D),
-        D=D, G=G, GP=gp, BLOCK_D=block_d, BLOCK_N=blocks.block_n, CHUNK=blocks.chunk,
+        Hkv, S, window, n_splits, math.log2(math.e) / math.sqrt(D),
+        D=D, G=G, GP=gp, BLOCK_D=block_d, BLOCK_N=blocks.block_n, GRANULE=blocks.granule,
         USE_DOT=use_dot, DOT_PRECISION=precision, DOT_F32=dot_f32, num_warps=blocks.warps, num_stages=blocks.stages)
     _reduce_kernel[(B * H,)](
         o_part, m_part, l_part, pos, out, out.stride(0), out.stride(1),
-        H, S, window, n_chunks,
-        D=D, CHUNK=blocks.chunk, BLOCK_C=blocks.block_c, BLOCK_D=block_d, num_warps=blocks.warps_reduce)
+        H, S, window, n_splits,
+        D=D, GRANULE=blocks.granule, BLOCK_C=blocks.block_c, BLOCK_D=block_d, num_warps=blocks.warps_reduce)
     return out
 
 

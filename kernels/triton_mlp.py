@@ -1,16 +1,18 @@
 """Triton kernels for the CATS MLP at decode time (batch B = 1..8).
 
 Weights are read as whole rows (row i = neuron i: W_gate, W_up, and W_down stored transposed).
-Three Triton launches, no host sync (plus a 4-byte memset of the list's counter before; the
-custom op returns the fp32 result, so the cast to x.dtype fuses into the model's residual add):
+Three Triton launches, no host sync, no memset (the list's counter is a workspace that the
+launches leave at zero, see list_counter; the custom op returns the fp32 result, so the cast to
+x.dtype fuses into the model's residual add):
   1. _gate_kernel: v = CATS_t(SiLU(W_gate x)), dense, BLOCK_F rows per program. Each program
      also appends its active rows (v != 0 for some token) to a list `idx` (one atomic on a
      counter per program), and zeroes the fp32 accumulators of u and y.
   2. _up_kernel:   u[slot] += W_up[idx[slot], cols] x[cols]: a program takes BLOCK_R consecutive
      entries of the list and a range of columns, so every tile it loads is full of needed rows.
   3. _down_kernel: y[cols] += sum over slots of (v u)[slot] W_down^T[idx[slot], cols].
-Both sparse launches have a grid sized for "all rows active"; programs past
-the list's end return at once. Why the list: with per-row masked loads over fixed row blocks
+A work item of the sparse launches is BLOCK_R list entries x a column range; the grid has one
+program per item of the "all rows active" case (programs past the list's end return at once),
+or Blocks.sparse_programs programs that loop over the items. Why the list: with per-row masked loads over fixed row blocks
 (v1, v2) a program at s=0.9 fetched a tile 90% empty per step, and the time stopped falling
 with sparsity (latency-bound, notes/kernels.md). Order of the list varies between runs, so fp32
 sums may differ in the last bits; the atomics of split reductions do that anyway.
@@ -66,7 +68,7 @@ def _gate_kernel(x_ptr, wg_ptr, t_ptr, v_ptr, idx_ptr, count_ptr, u_acc_ptr, y_a
 
     active = (tl.max(tl.abs(v), axis=1) > 0).to(tl.int32)  # a row is read if any token needs it
     pos = tl.atomic_add(count_ptr, tl.sum(active, axis=0)) + tl.cumsum(active, axis=0) - 1
-    tl.store(idx_ptr + pos, rows, mask=active > 0)
+    tl.store(idx_ptr + pos, rows, mask=(active > 0) & (pos < F))  # pos < F: only if the counter was stale
 
     z = pid * ZBLOCK + tl.arange(0, ZBLOCK)  # zero u_acc [B*F] then y_acc [B*D], one range each program
     tl.store(u_acc_ptr + z, tl.zeros([ZBLOCK], tl.float32), mask=z < B * F)
@@ -74,16 +76,25 @@ def _gate_kernel(x_ptr, wg_ptr, t_ptr, v_ptr, idx_ptr, count_ptr, u_acc_ptr, y_a
 
 
 @triton.jit
-def _up_kernel(x_ptr, wu_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_PROG,
+def _work_items(count_ptr, F, N_COLS, BLOCK_R: tl.constexpr):
+    """Work items (BLOCK_R list entries x one column range) to do: all the list's, none past it."""
+    n_active = tl.minimum(tl.load(count_ptr), F)  # min: a stale counter must not read past the list
+    return n_active, tl.cdiv(n_active, BLOCK_R) * N_COLS
+
+
+@triton.jit
+def _up_kernel(x_ptr, wu_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS,
                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
-    n_active = tl.load(count_ptr)
-    if tl.program_id(1) * BLOCK_R < n_active:
-        slots = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n_active, n_items = _work_items(count_ptr, F, N_COLS, BLOCK_R)
+    if tl.program_id(0) == 0:
+        tl.store(count_ptr + 1, n_active)  # for the down launch, which resets count_ptr[0]
+    toks = tl.arange(0, 16)
+    for item in tl.range(tl.program_id(0), n_items, tl.num_programs(0)):
+        slots = (item // N_COLS) * BLOCK_R + tl.arange(0, BLOCK_R)
         ok = slots < n_active
         rows = tl.load(idx_ptr + slots, mask=ok, other=0)
-        toks = tl.arange(0, 16)
         acc = tl.zeros([BLOCK_R, 16], tl.float32)
-        c0 = tl.program_id(0) * COLS_PER_PROG
+        c0 = (item % N_COLS) * COLS_PER_PROG
         for c in range(c0, c0 + COLS_PER_PROG, BLOCK_D):
             cols = c + tl.arange(0, BLOCK_D)
             w = tl.load(wu_ptr + rows[:, None] * D + cols[None, :], mask=ok[:, None] & (cols < D)[None, :],
@@ -96,20 +107,22 @@ def _up_kernel(x_ptr, wu_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_P
 
 
 @triton.jit
-def _down_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, y_acc_ptr, B, D, F, COLS_PER_PROG,
+def _down_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, y_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS,
                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
-    n_active = tl.load(count_ptr)
-    if tl.program_id(1) * BLOCK_R < n_active:
-        slots = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n_active, n_items = _work_items(count_ptr + 1, F, N_COLS, BLOCK_R)
+    if tl.program_id(0) == 0:
+        tl.store(count_ptr, 0)  # the list is empty again for the next call's gate launch
+    toks = tl.arange(0, 16)
+    tok_ok = toks < B
+    for item in tl.range(tl.program_id(0), n_items, tl.num_programs(0)):
+        slots = (item // N_COLS) * BLOCK_R + tl.arange(0, BLOCK_R)
         ok = slots < n_active
         rows = tl.load(idx_ptr + slots, mask=ok, other=0)
-        toks = tl.arange(0, 16)
-        tok_ok = toks < B
         m = tok_ok[:, None] & ok[None, :]
         v = tl.load(v_ptr + toks[:, None] * F + rows[None, :], mask=m, other=0.0)
         u = tl.load(u_acc_ptr + toks[:, None] * F + slots[None, :], mask=m, other=0.0)
         h = (v * u).to(wd_ptr.dtype.element_ty)  # [16, BLOCK_R]; the dot's operands share the weights' dtype
-        c0 = tl.program_id(0) * COLS_PER_PROG
+        c0 = (item % N_COLS) * COLS_PER_PROG
         for c in range(c0, c0 + COLS_PER_PROG, BLOCK_D):
             cols = c + tl.arange(0, BLOCK_D)
             col_ok = cols < D
@@ -125,14 +138,17 @@ class Blocks:
     """Tile sizes (rows x columns per step), steps per program, warps, pipeline depth."""
     gate_f: int = 64
     gate_d: int = 128
+    gate_warps: int = 4
+    gate_stages: int = 3
     up_r: int = 32
     up_d: int = 256
     up_steps: int = 2
     down_r: int = 32
     down_d: int = 128
-    down_steps: int = 2
+    down_steps: int = 4
     warps: int = 4
     stages: int = 3
+    sparse_programs: int = 0  # up/down grid: 0 = one program per work item, else that many looping
 
 
 def pick_blocks(B: int) -> Blocks:
@@ -141,6 +157,24 @@ def pick_blocks(B: int) -> Blocks:
 
 
 _empty = torch.empty  # scratch allocation; tests swap in a NaN-filling version to catch unwritten outputs
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def list_counter(device) -> torch.Tensor:
+    """int32 [count, n]: the active-row list's length. A workspace kept across calls (like cuBLAS's)
+    instead of a zeroed scratch, which saves a memset launch per call: the gate launch counts up
+    from 0, the up launch copies count to n, the down launch reads n and sets count back to 0.
+    So calls on one device must not overlap on two streams (the decode step runs on one)."""
+    device = torch.device(device)
+    if device not in _counters:
+        _counters[device] = torch.zeros(2, device=device, dtype=torch.int32)
+    return _counters[device]
+
+
+def _sparse_grid(cfg: Blocks, most_items: int) -> int:
+    """Programs of an up/down launch: enough for every item when all rows are active, or a fixed
+    number that loop over the items (fewer programs that find nothing to do at high sparsity)."""
+    return min(cfg.sparse_programs, most_items) if cfg.sparse_programs else most_items
 
 
 def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None = None,
@@ -160,16 +194,18 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     f32 = dict(device=x.device, dtype=torch.float32)
     v, u_acc, y_acc = _empty(B, F, **f32), _empty(B, F, **f32), _empty(B, D, **f32)
     idx = _empty(F, device=x.device, dtype=torch.int32)
-    count = torch.zeros(1, device=x.device, dtype=torch.int32)  # the one memset: it must precede launch 1
+    count = list_counter(x.device)
 
     n_gate = triton.cdiv(F, cfg.gate_f)
     _gate_kernel[(n_gate,)](x, w_gate, threshold, v, idx, count, u_acc, y_acc, B, D, F,
                             T_PER_ROW=threshold.numel() > 1, BLOCK_F=cfg.gate_f, BLOCK_D=cfg.gate_d,
-                            ZBLOCK=triton.next_power_of_2(triton.cdiv(B * (F + D), n_gate)), **common)
-    up_cols = cfg.up_d * cfg.up_steps
-    _up_kernel[(triton.cdiv(D, up_cols), triton.cdiv(F, cfg.up_r))](
-        x, w_up, idx, count, u_acc, B, D, F, up_cols, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d, **common)
-    down_cols = cfg.down_d * cfg.down_steps
-    _down_kernel[(triton.cdiv(D, down_cols), triton.cdiv(F, cfg.down_r))](
-        v, u_acc, idx, count, w_down_t, y_acc, B, D, F, down_cols, BLOCK_R=cfg.down_r, BLOCK_D=cfg.down_d, **common)
+                            ZBLOCK=triton.next_power_of_2(triton.cdiv(B * (F + D), n_gate)),
+                            DOT_F32=common["DOT_F32"], num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
+    up_cols, down_cols = cfg.up_d * cfg.up_steps, cfg.down_d * cfg.down_steps
+    n_up, n_down = triton.cdiv(D, up_cols), triton.cdiv(D, down_cols)  # column ranges
+    _up_kernel[(_sparse_grid(cfg, n_up * triton.cdiv(F, cfg.up_r)),)](
+        x, w_up, idx, count, u_acc, B, D, F, up_cols, n_up, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d, **common)
+    _down_kernel[(_sparse_grid(cfg, n_down * triton.cdiv(F, cfg.down_r)),)](
+        v, u_acc, idx, count, w_down_t, y_acc, B, D, F, down_cols, n_down,
+        BLOCK_R=cfg.down_r, BLOCK_D=cfg.down_d, **common)
     return y_acc if fp32_out or x.dtype == torch.float32 else y_acc.to(x.dtype)

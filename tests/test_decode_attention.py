@@ -14,7 +14,7 @@ assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-SMALL = da.Blocks(chunk=32, block_n=16, block_c=2)  # several chunks, loop steps and reduction steps
+SMALL = da.Blocks(programs=20, granule=8, block_n=16, block_c=2)  # several parts, loop steps and reduction steps
 
 
 def _inputs(B, H, Hkv, S, D, dtype, seed):
@@ -48,7 +48,7 @@ def _naive(q, k, v, pos, window):
 @pytest.mark.parametrize("window", [0, 5, 40])
 def test_triton_matches_reference(B, H, Hkv, S, D, window):
     q, k, v = _inputs(B, H, Hkv, S, D, torch.float32, seed=S + D + window)
-    for p in (0, 1, 31, 32, 33, 47, S - 1):  # first position, chunk edges, middle, last
+    for p in (0, 1, 31, 32, 33, 47, S - 1):  # first position, part edges, middle, last
         pos = torch.tensor([p], device=DEV)
         out = da.decode_attention_triton(q, k, v, pos, window, blocks=SMALL)
         ref = da.decode_attention_reference(q, k, v, pos, window)

@@ -1,5 +1,6 @@
 """CATS MLP kernels: the Triton path (run on CPU by Triton's interpreter) against the torch
 reference, and the reference against an independently written masked dense MLP."""
+import dataclasses
 import os
 
 import pytest
@@ -15,6 +16,7 @@ assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 SMALL = cm.Blocks(gate_f=16, gate_d=32, up_r=16, up_d=16, up_steps=2, down_r=16, down_d=16, down_steps=2)  # many steps, tails
+LOOPING = dataclasses.replace(SMALL, sparse_programs=3)  # up/down programs each take several work items
 
 
 def _inputs(B, d, f, dtype, seed):
@@ -51,7 +53,7 @@ def poisoned_scratch(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B", [1, 3, 8])
 @pytest.mark.parametrize("sparsity", [0, 0.5, 1])
-@pytest.mark.parametrize("d,f,blocks", [(37, 67, None), (72, 150, SMALL)])
+@pytest.mark.parametrize("d,f,blocks", [(37, 67, None), (72, 150, SMALL), (72, 150, LOOPING)])
 def test_triton_matches_reference(poisoned_scratch, dtype, B, sparsity, d, f, blocks):
     seed = int(torch.randint(2**31, ()))
     x, w_gate, w_up, w_down_t = _inputs(B, d, f, dtype, seed)
@@ -77,9 +79,22 @@ def test_inactive_rows_are_never_read(B):
     idle = ~(v.abs() > t).any(0)
     assert 0 < idle.sum() < f
     w_up[idle], w_down_t[idle] = float("nan"), float("nan")
-    for blocks in (None, SMALL):
+    for blocks in (None, SMALL, LOOPING):
         out = cm.cats_mlp_triton(x, w_gate, w_up, w_down_t, t, blocks=blocks)
         assert _rel_err(out, ref) < 1e-5
+
+
+def test_list_counter_is_left_at_zero():
+    """The row list's counter is a workspace kept across calls with no memset: every call must
+    leave it at zero, or the next call would append after a stale list."""
+    x, w_gate, w_up, w_down_t = _inputs(2, 40, 96, torch.float32, seed=5)
+    outputs = []
+    for sparsity in (0.3, 0.8, 0.3):
+        t = _threshold(x, w_gate, sparsity)
+        outputs.append(cm.cats_mlp_triton(x, w_gate, w_up, w_down_t, t, blocks=LOOPING))
+        assert cm.list_counter(x.device)[0].item() == 0
+        assert _rel_err(outputs[-1], cats_mlp_reference(x, w_gate, w_up, w_down_t, t)) < 1e-5
+    assert torch.equal(outputs[0], outputs[2]) or _rel_err(outputs[0], outputs[2]) < 1e-6
 
 
 def test_per_neuron_threshold():
