@@ -31,6 +31,8 @@ import torch
 try:
     import triton
     import triton.language as tl
+
+    from .launch import use_pdl, wait_for_previous_kernel
 except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
     triton = None
 
@@ -80,7 +82,8 @@ if triton is not None:
                       H_KV, S, window, n_splits, scale_log2,
                       D: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_N: tl.constexpr, GRANULE: tl.constexpr, USE_DOT: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+                      DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, USE_GDC: tl.constexpr):
+        wait_for_previous_kernel(USE_GDC)
         c = tl.program_id(0)
         bkv = tl.program_id(1)
         b = bkv // H_KV
@@ -146,7 +149,9 @@ if triton is not None:
     @triton.jit
     def _reduce_kernel(o_ptr, m_ptr, l_ptr, pos_ptr, out_ptr, so_b, so_h,
                        H, S, window, n_splits,
-                       D: tl.constexpr, GRANULE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+                       D: tl.constexpr, GRANULE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                       USE_GDC: tl.constexpr):
+        wait_for_previous_kernel(USE_GDC)
         bh = tl.program_id(0)
         b = bh // H
         h = bh % H
@@ -200,17 +205,21 @@ def decode_attention_triton(q, k_cache, v_cache, pos, sliding_window: int | None
     out = torch.empty((B, H, 1, D), device=dev, dtype=q.dtype)
     dot_f32 = use_dot and not q.is_cuda and q.dtype == torch.bfloat16  # interpreter only, see the kernel
     precision = "ieee" if q.dtype == torch.float32 or dot_f32 else "tf32"  # unused for 16-bit inputs
+    pdl = use_pdl(dev)
+    launch = dict(USE_GDC=pdl, **({"launch_pdl": True} if pdl else {}))
     _split_kernel[(n_splits, B * Hkv)](
         q, k_cache, v_cache, pos, o_part, m_part, l_part,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         Hkv, S, window, n_splits, math.log2(math.e) / math.sqrt(D),
         D=D, G=G, GP=gp, BLOCK_D=block_d, BLOCK_N=blocks.block_n, GRANULE=blocks.granule,
-        USE_DOT=use_dot, DOT_PRECISION=precision, DOT_F32=dot_f32, num_warps=blocks.warps, num_stages=blocks.stages)
+        USE_DOT=use_dot, DOT_PRECISION=precision, DOT_F32=dot_f32, num_warps=blocks.warps, num_stages=blocks.stages,
+        **launch)
     _reduce_kernel[(B * H,)](
         o_part, m_part, l_part, pos, out, out.stride(0), out.stride(1),
         H, S, window, n_splits,
-        D=D, GRANULE=blocks.granule, BLOCK_C=blocks.block_c, BLOCK_D=block_d, num_warps=blocks.warps_reduce)
+        D=D, GRANULE=blocks.granule, BLOCK_C=blocks.block_c, BLOCK_D=block_d, num_warps=blocks.warps_reduce,
+        **launch)
     return out
 
 

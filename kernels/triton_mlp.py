@@ -10,9 +10,9 @@ x.dtype fuses into the model's residual add):
   2. _up_kernel:   u[slot] += W_up[idx[slot], cols] x[cols]: a program takes BLOCK_R consecutive
      entries of the list and a range of columns, so every tile it loads is full of needed rows.
   3. _down_kernel: y[cols] += sum over slots of (v u)[slot] W_down^T[idx[slot], cols].
-A work item of the sparse launches is BLOCK_R list entries x a column range; the grid has one
-program per item of the "all rows active" case (programs past the list's end return at once),
-or Blocks.sparse_programs programs that loop over the items. Why the list: with per-row masked loads over fixed row blocks
+A program of the sparse launches takes BLOCK_R list entries x a column range; the grid is sized
+for "all rows active" and programs past the list's end return at once (a fixed number of
+programs looping over the items measured no faster). Why the list: with per-row masked loads over fixed row blocks
 (v1, v2) a program at s=0.9 fetched a tile 90% empty per step, and the time stopped falling
 with sparsity (latency-bound, notes/kernels.md). Order of the list varies between runs, so fp32
 sums may differ in the last bits; the atomics of split reductions do that anyway.
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from .launch import use_pdl, wait_for_previous_kernel
 
 
 @triton.jit
@@ -52,7 +54,8 @@ def _rows_times_x(w_ptr, x_ptr, rows, row_mask, B, D,
 @triton.jit
 def _gate_kernel(x_ptr, wg_ptr, t_ptr, v_ptr, idx_ptr, count_ptr, u_acc_ptr, y_acc_ptr, B, D, F,
                  T_PER_ROW: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, ZBLOCK: tl.constexpr,
-                 DOT_F32: tl.constexpr):
+                 DOT_F32: tl.constexpr, USE_GDC: tl.constexpr):
+    wait_for_previous_kernel(USE_GDC)
     pid = tl.program_id(0)
     rows = pid * BLOCK_F + tl.arange(0, BLOCK_F)
     row_ok = rows < F
@@ -84,12 +87,14 @@ def _work_items(count_ptr, F, N_COLS, BLOCK_R: tl.constexpr):
 
 @triton.jit
 def _up_kernel(x_ptr, wu_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS,
-               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, USE_GDC: tl.constexpr):
+    wait_for_previous_kernel(USE_GDC)
     n_active, n_items = _work_items(count_ptr, F, N_COLS, BLOCK_R)
     if tl.program_id(0) == 0:
         tl.store(count_ptr + 1, n_active)  # for the down launch, which resets count_ptr[0]
     toks = tl.arange(0, 16)
-    for item in tl.range(tl.program_id(0), n_items, tl.num_programs(0)):
+    item = tl.program_id(0)
+    if item < n_items:
         slots = (item // N_COLS) * BLOCK_R + tl.arange(0, BLOCK_R)
         ok = slots < n_active
         rows = tl.load(idx_ptr + slots, mask=ok, other=0)
@@ -108,13 +113,15 @@ def _up_kernel(x_ptr, wu_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_P
 
 @triton.jit
 def _down_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, y_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS,
-                 BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+                 BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, USE_GDC: tl.constexpr):
+    wait_for_previous_kernel(USE_GDC)
     n_active, n_items = _work_items(count_ptr + 1, F, N_COLS, BLOCK_R)
     if tl.program_id(0) == 0:
         tl.store(count_ptr, 0)  # the list is empty again for the next call's gate launch
     toks = tl.arange(0, 16)
     tok_ok = toks < B
-    for item in tl.range(tl.program_id(0), n_items, tl.num_programs(0)):
+    item = tl.program_id(0)
+    if item < n_items:
         slots = (item // N_COLS) * BLOCK_R + tl.arange(0, BLOCK_R)
         ok = slots < n_active
         rows = tl.load(idx_ptr + slots, mask=ok, other=0)
@@ -148,7 +155,6 @@ class Blocks:
     down_steps: int = 4
     warps: int = 4
     stages: int = 3
-    sparse_programs: int = 0  # up/down grid: 0 = one program per work item, else that many looping
 
 
 def pick_blocks(B: int) -> Blocks:
@@ -164,17 +170,15 @@ def list_counter(device) -> torch.Tensor:
     """int32 [count, n]: the active-row list's length. A workspace kept across calls (like cuBLAS's)
     instead of a zeroed scratch, which saves a memset launch per call: the gate launch counts up
     from 0, the up launch copies count to n, the down launch reads n and sets count back to 0.
-    So calls on one device must not overlap on two streams (the decode step runs on one)."""
+    So calls on one device must not overlap on two streams (the decode step runs on one).
+    Create it before any CUDA-graph capture (CATS does, when installed): torch.compile's graphs
+    warm up inside a private memory pool and refuse a tensor from it that outlives them."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if device not in _counters:
         _counters[device] = torch.zeros(2, device=device, dtype=torch.int32)
     return _counters[device]
-
-
-def _sparse_grid(cfg: Blocks, most_items: int) -> int:
-    """Programs of an up/down launch: enough for every item when all rows are active, or a fixed
-    number that loop over the items (fewer programs that find nothing to do at high sparsity)."""
-    return min(cfg.sparse_programs, most_items) if cfg.sparse_programs else most_items
 
 
 def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None = None,
@@ -189,7 +193,9 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     assert threshold.numel() in (1, F) and threshold.dtype == torch.float32
     x = x.contiguous()
     cfg = blocks or pick_blocks(B)
-    common = dict(DOT_F32=x.dtype == torch.float32 or not x.is_cuda, num_warps=cfg.warps, num_stages=cfg.stages)
+    pdl = use_pdl(x.device)
+    launch = dict(DOT_F32=x.dtype == torch.float32 or not x.is_cuda, USE_GDC=pdl, **({"launch_pdl": True} if pdl else {}))
+    common = dict(num_warps=cfg.warps, num_stages=cfg.stages, **launch)
 
     f32 = dict(device=x.device, dtype=torch.float32)
     v, u_acc, y_acc = _empty(B, F, **f32), _empty(B, F, **f32), _empty(B, D, **f32)
@@ -200,12 +206,12 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     _gate_kernel[(n_gate,)](x, w_gate, threshold, v, idx, count, u_acc, y_acc, B, D, F,
                             T_PER_ROW=threshold.numel() > 1, BLOCK_F=cfg.gate_f, BLOCK_D=cfg.gate_d,
                             ZBLOCK=triton.next_power_of_2(triton.cdiv(B * (F + D), n_gate)),
-                            DOT_F32=common["DOT_F32"], num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
+                            num_warps=cfg.gate_warps, num_stages=cfg.gate_stages, **launch)
     up_cols, down_cols = cfg.up_d * cfg.up_steps, cfg.down_d * cfg.down_steps
     n_up, n_down = triton.cdiv(D, up_cols), triton.cdiv(D, down_cols)  # column ranges
-    _up_kernel[(_sparse_grid(cfg, n_up * triton.cdiv(F, cfg.up_r)),)](
+    _up_kernel[(n_up * triton.cdiv(F, cfg.up_r),)](
         x, w_up, idx, count, u_acc, B, D, F, up_cols, n_up, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d, **common)
-    _down_kernel[(_sparse_grid(cfg, n_down * triton.cdiv(F, cfg.down_r)),)](
+    _down_kernel[(n_down * triton.cdiv(F, cfg.down_r),)](
         v, u_acc, idx, count, w_down_t, y_acc, B, D, F, down_cols, n_down,
         BLOCK_R=cfg.down_r, BLOCK_D=cfg.down_d, **common)
     return y_acc if fp32_out or x.dtype == torch.float32 else y_acc.to(x.dtype)
