@@ -24,8 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import use_pdl, wait_for_previous_kernel
-
 
 @triton.jit
 def _dot(a, b, acc, DOT_F32: tl.constexpr):
@@ -54,8 +52,7 @@ def _rows_times_x(w_ptr, x_ptr, rows, row_mask, B, D,
 @triton.jit
 def _gate_kernel(x_ptr, wg_ptr, t_ptr, v_ptr, idx_ptr, count_ptr, u_acc_ptr, y_acc_ptr, B, D, F,
                  T_PER_ROW: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, ZBLOCK: tl.constexpr,
-                 DOT_F32: tl.constexpr, USE_GDC: tl.constexpr):
-    wait_for_previous_kernel(USE_GDC)
+                 DOT_F32: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_F + tl.arange(0, BLOCK_F)
     row_ok = rows < F
@@ -87,8 +84,7 @@ def _work_items(count_ptr, F, N_COLS, BLOCK_R: tl.constexpr):
 
 @triton.jit
 def _up_kernel(x_ptr, wu_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS,
-               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, USE_GDC: tl.constexpr):
-    wait_for_previous_kernel(USE_GDC)
+               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
     n_active, n_items = _work_items(count_ptr, F, N_COLS, BLOCK_R)
     if tl.program_id(0) == 0:
         tl.store(count_ptr + 1, n_active)  # for the down launch, which resets count_ptr[0]
@@ -113,8 +109,7 @@ def _up_kernel(x_ptr, wu_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_P
 
 @triton.jit
 def _down_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, y_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS,
-                 BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, USE_GDC: tl.constexpr):
-    wait_for_previous_kernel(USE_GDC)
+                 BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
     n_active, n_items = _work_items(count_ptr + 1, F, N_COLS, BLOCK_R)
     if tl.program_id(0) == 0:
         tl.store(count_ptr, 0)  # the list is empty again for the next call's gate launch
@@ -193,9 +188,8 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     assert threshold.numel() in (1, F) and threshold.dtype == torch.float32
     x = x.contiguous()
     cfg = blocks or pick_blocks(B)
-    pdl = use_pdl(x.device)
-    launch = dict(DOT_F32=x.dtype == torch.float32 or not x.is_cuda, USE_GDC=pdl, **({"launch_pdl": True} if pdl else {}))
-    common = dict(num_warps=cfg.warps, num_stages=cfg.stages, **launch)
+    dot_f32 = x.dtype == torch.float32 or not x.is_cuda
+    common = dict(DOT_F32=dot_f32, num_warps=cfg.warps, num_stages=cfg.stages)
 
     f32 = dict(device=x.device, dtype=torch.float32)
     v, u_acc, y_acc = _empty(B, F, **f32), _empty(B, F, **f32), _empty(B, D, **f32)
@@ -206,7 +200,7 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     _gate_kernel[(n_gate,)](x, w_gate, threshold, v, idx, count, u_acc, y_acc, B, D, F,
                             T_PER_ROW=threshold.numel() > 1, BLOCK_F=cfg.gate_f, BLOCK_D=cfg.gate_d,
                             ZBLOCK=triton.next_power_of_2(triton.cdiv(B * (F + D), n_gate)),
-                            num_warps=cfg.gate_warps, num_stages=cfg.gate_stages, **launch)
+                            DOT_F32=dot_f32, num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
     up_cols, down_cols = cfg.up_d * cfg.up_steps, cfg.down_d * cfg.down_steps
     n_up, n_down = triton.cdiv(D, up_cols), triton.cdiv(D, down_cols)  # column ranges
     _up_kernel[(n_up * triton.cdiv(F, cfg.up_r),)](

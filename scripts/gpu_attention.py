@@ -95,8 +95,8 @@ def check_model():
 
 def timings():
     rows = []
-    variants = [DEFAULT_BLOCKS, Blocks(programs=128), Blocks(programs=512), Blocks(programs=512, block_n=32),
-                Blocks(programs=256, block_n=32, stages=3)]
+    variants = [DEFAULT_BLOCKS, Blocks(min_part=16), Blocks(programs=128), Blocks(programs=512),
+                Blocks(block_n=32, stages=3)]
     for Hkv in (32, 8):
         layers = [[torch.randn(1, Hkv, 2048, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
                   for _ in range(8)]
@@ -113,7 +113,7 @@ def timings():
             rows.append(row)
             print(row)
     print(f"\n{torch.cuda.get_device_name()}, bf16, B=1, 32 heads, D=128, S=2048, per call (us), CUDA graphs, median")
-    names = [f"p{b.programs}/n{b.block_n}/s{b.stages}" for b in variants]
+    names = [f"p{b.programs}/m{b.min_part}/n{b.block_n}/s{b.stages}" for b in variants]
     print(f"{'Hkv':>4} {'pos':>5} {'sdpa':>8} " + " ".join(f"{n:>13}" for n in names) + f" {'op':>7} {'op GB/s':>8} {'speedup':>8}")
     for r in rows:
         print(f"{r['Hkv']:>4} {r['pos']:>5} {r['sdpa']:8.1f} " + " ".join(f"{r[i]:13.1f}" for i in range(len(variants)))

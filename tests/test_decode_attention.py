@@ -14,7 +14,7 @@ assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-SMALL = da.Blocks(programs=20, granule=8, block_n=16, block_c=2)  # several parts, loop steps and reduction steps
+SMALL = da.Blocks(programs=20, granule=8, min_part=16, block_n=16, block_c=2)  # several parts, loop steps and reduction steps
 
 
 def _inputs(B, H, Hkv, S, D, dtype, seed):
@@ -59,7 +59,7 @@ def test_triton_matches_reference(B, H, Hkv, S, D, window):
 def test_reference_matches_naive_softmax():
     q, k, v = _inputs(2, 6, 2, 41, 16, torch.float32, seed=1)
     for p, window in [(0, 0), (20, 0), (40, 0), (40, 7), (3, 7)]:
-        ref = da.decode_attention_reference(q, k, v, torch.tensor([p]), window)
+        ref = da.decode_attention_reference(q, k, v, torch.tensor([p], device=DEV), window)
         assert _rel_err(ref, _naive(q, k, v, p, window)) < 1e-6
 
 
@@ -90,7 +90,7 @@ def test_custom_op_under_torch_compile():
     the cache written in place just before (as KVCache.update does)."""
     B, H, Hkv, S, D = 1, 4, 2, 50, 16
     q, k, v = _inputs(B, H, Hkv, S, D, torch.float32, seed=5)
-    new_k, new_v = torch.randn(B, Hkv, 1, D), torch.randn(B, Hkv, 1, D)
+    new_k, new_v = torch.randn(B, Hkv, 1, D, device=DEV), torch.randn(B, Hkv, 1, D, device=DEV)
 
     def step(q, k_cache, v_cache, pos):
         k_cache.index_copy_(2, pos, new_k)
@@ -99,7 +99,7 @@ def test_custom_op_under_torch_compile():
 
     # aot_eager traces with fake tensors (what checks the registration) without inductor's C++ build
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    pos = torch.tensor([10])
+    pos = torch.tensor([10], device=DEV)
     for _ in range(2):  # a new position must not need a new graph
         k_ref, v_ref = k.clone(), v.clone()
         out = compiled(q, k, v, pos)
@@ -107,4 +107,4 @@ def test_custom_op_under_torch_compile():
         assert torch.equal(k, k_ref)
         assert _rel_err(out, expected) < 1e-6
         pos = pos + 17
-    torch.library.opcheck(torch.ops.catsgen.decode_attention.default, (q, k, v, torch.tensor([30]), 0))
+    torch.library.opcheck(torch.ops.catsgen.decode_attention.default, (q, k, v, torch.tensor([30], device=DEV), 0))
