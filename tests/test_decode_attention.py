@@ -26,7 +26,7 @@ def _inputs(B, H, Hkv, S, D, dtype, seed):
 
 
 def _rel_err(a, b):
-    a, b = a.double(), b.double()
+    a, b = a.double().cpu(), b.double().cpu()
     return ((a - b).norm() / b.norm()).item()
 
 
