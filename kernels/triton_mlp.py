@@ -86,10 +86,10 @@ def _work_items(count_ptr, F, N_COLS, BLOCK_R: tl.constexpr):
 def _up_kernel(x_ptr, wu_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS,
                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
     n_active, n_items = _work_items(count_ptr, F, N_COLS, BLOCK_R)
-    if tl.program_id(0) == 0:
+    item = tl.program_id(0)
+    if item == 0:
         tl.store(count_ptr + 1, n_active)  # for the down launch, which resets count_ptr[0]
     toks = tl.arange(0, 16)
-    item = tl.program_id(0)
     if item < n_items:
         slots = (item // N_COLS) * BLOCK_R + tl.arange(0, BLOCK_R)
         ok = slots < n_active
@@ -111,11 +111,11 @@ def _up_kernel(x_ptr, wu_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_P
 def _down_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, y_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS,
                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
     n_active, n_items = _work_items(count_ptr + 1, F, N_COLS, BLOCK_R)
-    if tl.program_id(0) == 0:
+    item = tl.program_id(0)
+    if item == 0:
         tl.store(count_ptr, 0)  # the list is empty again for the next call's gate launch
     toks = tl.arange(0, 16)
     tok_ok = toks < B
-    item = tl.program_id(0)
     if item < n_items:
         slots = (item // N_COLS) * BLOCK_R + tl.arange(0, BLOCK_R)
         ok = slots < n_active
