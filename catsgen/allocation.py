@@ -12,13 +12,14 @@ Past the last grid point nothing was measured, so there every layer moves togeth
 
 from __future__ import annotations
 
+from math import log2 as math_log
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from catsgen.cats import CATS, LEVELS, interpolate, set_dense
-from catsgen.model import Transformer
+from catsgen.model import DenseSiLU, Transformer
 
 GRID = (0.3, 0.5, 0.7, 0.9)  # sparsities at which each layer's KL is measured; linear in between
 STEP = 0.01
@@ -85,3 +86,130 @@ def greedy_allocation(curves: list[list[float]], weights: list[int]) -> list[lis
 def describe(tokens: int) -> str:
     return (f"greedy over layers: KL to the dense next-token distribution on {tokens} calibration tokens "
             f"with one layer sparse at {', '.join(map(str, GRID))}, assumed additive")
+
+
+# --- Fisher-weighted per-neuron thresholds ("fisher") ---------------------------------------------
+#
+# Zeroing neuron i of a layer at token t removes v_i u_i W_down[i] from the residual stream; to
+# first order the loss moves by v_i u_i (g_t . W_down[i]), g_t = dNLL/d(MLP output) on the
+# calibration text. The summed square of that (a diagonal Fisher estimate) is the cost of a
+# threshold: neuron i at threshold t_i pays the costs of the calibration tokens with |v_i| <= t_i.
+# Minimising the total cost for a given number of zeroed (token, neuron) pairs, over every neuron
+# of every layer at once, is a Lagrangian: one multiplier lam per level, and each neuron zeroes
+# the k tokens (in |v| order) minimising cost(k) - lam * k. That gives per-neuron thresholds and the
+# per-layer allocation together; the decode kernel still decides from |v_i| > t_i alone.
+
+FISHER_GRID = tuple(round(0.1 * i, 1) for i in range(1, 10))  # levels with stored per-neuron thresholds
+FISHER_POINTS = 256  # each neuron's cost curve is kept at this many evenly spaced sparsities
+
+
+class _FisherRecorder(DenseSiLU):
+    """The dense MLP that keeps its output's gradient (through every later layer), v and u."""
+
+    def forward(self, x, w_gate, w_up, w_down_t):
+        v, u = F.silu(F.linear(x, w_gate)), F.linear(x, w_up)
+        self.v, self.u = v.detach(), u.detach()
+        self.out = (v * u) @ w_down_t
+        if not self.out.requires_grad:  # the first layer: nothing before it needs a gradient
+            self.out.requires_grad_()
+        self.out.retain_grad()
+        return self.out
+
+
+def fisher_curves(model: Transformer, windows: list[list[int]],
+                  progress: Callable[[int], None] = lambda done: None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (|v| sorted per neuron, cumulative cost in that order), both [FISHER_POINTS + 1, F],
+    row k at k / FISHER_POINTS of the tokens. Needs every token's [F] values per layer in memory."""
+    device = model.output.weight.device
+    recorders = [_FisherRecorder() for _ in model.mlps]
+    for mlp, r in zip(model.mlps, recorders):
+        mlp.activation = r
+    absv, cost = [[] for _ in recorders], [[] for _ in recorders]
+    try:
+        for n, window in enumerate(windows):
+            idx = torch.tensor([window], device=device)
+            with torch.enable_grad():  # gradients of the MLP outputs only (weights need none)
+                F.cross_entropy(model(idx)[0, :-1].float(), idx[0, 1:], reduction="sum").backward()
+            for layer, (mlp, r) in enumerate(zip(model.mlps, recorders)):
+                v, u, g = r.v[0, :-1].float(), r.u[0, :-1].float(), r.out.grad[0, :-1].float()
+                absv[layer].append(v.abs())
+                cost[layer].append((v * u * (g @ mlp.w_down_t.float().T)) ** 2)
+            progress(n + 1)
+    finally:
+        set_dense(model)
+    return [_curve(torch.cat(a), torch.cat(c)) for a, c in zip(absv, cost)]
+
+
+def _curve(absv: torch.Tensor, cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ordered, order = absv.sort(dim=0)
+    cumulative = torch.cat([cost.new_zeros(1, cost.shape[1]), cost.gather(0, order).cumsum(0)]).double()
+    rows = torch.linspace(0, absv.shape[0], FISHER_POINTS + 1).round().long()
+    padded = torch.cat([ordered.new_zeros(1, ordered.shape[1]), ordered])  # padded[k]: k-th smallest
+    # the threshold for k zeroed tokens: midway between the k-th and (k+1)-th smallest |v|
+    upper = torch.cat([ordered, ordered[-1:]])
+    thresholds = torch.where(rows[:, None] > 0, (padded[rows] + upper[rows]) / 2, 0.0)
+    return thresholds.float(), cumulative[rows]
+
+
+def fisher_level(curves, level: float) -> tuple[list[torch.Tensor], list[float]]:
+    """Per-neuron thresholds (one [F] tensor per layer) zeroing a fraction `level` of all
+    calibration (token, neuron) pairs at least total cost, and each layer's resulting sparsity."""
+    points = torch.arange(FISHER_POINTS + 1, dtype=torch.float64)[:, None]
+
+    def chosen(lam):  # per layer: each neuron's number of points zeroed at multiplier lam
+        return [(c - lam * points).argmin(0) for _, c in curves]
+
+    total = sum(c.shape[1] for _, c in curves) * FISHER_POINTS
+    high = math_log(max(float(c[-1].max()) for _, c in curves) + 1e-300) + 1  # lam = 2^high zeroes all
+    low = high - 200
+    for _ in range(60):  # bisection on log lam: the zeroed fraction grows with lam
+        mid = (low + high) / 2
+        if sum(int(k.sum()) for k in chosen(2.0 ** mid)) < level * total:
+            low = mid
+        else:
+            high = mid
+    ks = chosen(2.0 ** high)
+    thresholds = [t.gather(0, k[None])[0] for (t, _), k in zip(curves, ks)]
+    return thresholds, [float(k.double().mean()) / FISHER_POINTS for k in ks]
+
+
+def fisher_allocation(curves, weights: list[int]) -> dict:
+    """The file entry's tables: per-neuron thresholds at each FISHER_GRID level ([level][layer][F]),
+    and every level's per-layer sparsities ([100][layer]), linear between grid levels (as the
+    thresholds are at run time) and towards uniform 0.99 past the grid."""
+    grid_thresholds, grid_sparsity = [], []
+    for level in FISHER_GRID:
+        thresholds, sparsity = fisher_level(curves, level)
+        grid_thresholds.append([[float(f"{t:.4g}") for t in layer.tolist()] for layer in thresholds])
+        grid_sparsity.append(on_target(sparsity, weights, level))
+    points = [0.0, *FISHER_GRID, LEVELS[-1]]
+    rows = [[0.0] * len(weights), *grid_sparsity, [LEVELS[-1]] * len(weights)]
+    sparsity = [[round(interpolate_between(points, column, level), 4) for column in zip(*rows)] for level in LEVELS]
+    return {"grid": list(FISHER_GRID), "neuron_thresholds": grid_thresholds, "sparsity": sparsity}
+
+
+def on_target(sparsity: list[float], weights: list[int], level: float) -> list[float]:
+    """The layers' calibration sparsities, shifted (within [0, 0.99]) so that their byte-weighted
+    mean is exactly the level: the bytes the allocation promises, whatever rounding the solver did."""
+    sparsity = list(sparsity)
+    for _ in range(len(sparsity)):  # each pass pins at least one more layer at a bound, or is done
+        shift = level - weighted_mean(sparsity, weights)
+        free = [l for l, s in enumerate(sparsity) if (0 < s if shift < 0 else s < LEVELS[-1])]
+        if abs(shift) < 1e-12 or not free:
+            break
+        step = shift * sum(weights) / sum(weights[l] for l in free)
+        for l in free:
+            sparsity[l] = min(max(sparsity[l] + step, 0.0), LEVELS[-1])
+    return sparsity
+
+
+def interpolate_between(points: list[float], values: list[float], x: float) -> float:
+    """values at x, linear between the two neighbouring points (points ascending, x within them)."""
+    k = max(i for i, p in enumerate(points[:-1]) if p <= x + 1e-9)
+    return values[k] + (values[k + 1] - values[k]) * (x - points[k]) / (points[k + 1] - points[k])
+
+
+def describe_fisher(tokens: int) -> str:
+    return (f"fisher: per-neuron thresholds minimising the summed squared first-order loss change "
+            f"(v_i u_i g.W_down[i])^2 on {tokens} calibration tokens, one Lagrange multiplier over all "
+            f"layers per level; stored at levels {', '.join(map(str, FISHER_GRID))}, linear in between")

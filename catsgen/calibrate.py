@@ -20,6 +20,9 @@ from catsgen.text_sample import text_sources, token_stream, windows
 DEFAULT_TOKENS = 65536
 DEFAULT_SEQ_LEN = 512
 DEFAULT_ALLOCATION_TOKENS = 256  # KL curves cost 30 layers x 4 grid points forwards of these
+# Fisher statistics: one forward and backward of these, and every token's per-neuron values in
+# memory (tokens x intermediate_size x layers x 8 bytes: 1.5 GB for SmolLM2 at 4096).
+DEFAULT_FISHER_TOKENS = 4096
 
 
 def resolve_output(checkpoint: Path, out: Path | None) -> Path:
@@ -37,7 +40,8 @@ def resolve_output(checkpoint: Path, out: Path | None) -> Path:
 def calibrate(checkpoint: Path, texts: list[Path] | None, max_tokens: int = DEFAULT_TOKENS,
               seq_len: int = DEFAULT_SEQ_LEN, out: Path | None = None, device="cpu",
               dtype: torch.dtype | None = None, log: Callable[[str], None] = print,
-              allocation_tokens: int = DEFAULT_ALLOCATION_TOKENS) -> Thresholds:
+              allocation_tokens: int = DEFAULT_ALLOCATION_TOKENS,
+              fisher_tokens: int = DEFAULT_FISHER_TOKENS) -> Thresholds:
     from catsgen.checkpoint import load_model
     from catsgen.tokenizer import Tokenizer
     out = resolve_output(Path(checkpoint), out)
@@ -65,6 +69,9 @@ def calibrate(checkpoint: Path, texts: list[Path] | None, max_tokens: int = DEFA
         # The start of the same text: the allocation is part of the calibration, from the same source.
         head = list(windows(token_stream(sources, tokenizer), min(seq_len, allocation_tokens), allocation_tokens))
         table.allocations = {"greedy": find_allocation(model, table, head)}
+        if fisher_tokens > 0:
+            head = list(windows(token_stream(sources, tokenizer), min(seq_len, fisher_tokens), fisher_tokens))
+            table.allocations["fisher"] = find_fisher(model, head)
     table.save(out)
     half = table.for_sparsity(0.5)
     log(f"wrote {out}: thresholds for sparsity 0.00..0.99 in {len(half)} layers from {seen} tokens "
@@ -80,3 +87,13 @@ def find_allocation(model, table: Thresholds, head: list[list[int]]) -> dict:
     tokens = sum(len(w) for w in head)
     return {"method": allocation.describe(tokens), "tokens": tokens, "grid": list(allocation.GRID),
             "kl": curves, "sparsity": allocation.greedy_allocation(curves, allocation.layer_bytes(model))}
+
+
+def find_fisher(model, head: list[list[int]]) -> dict:
+    """The fisher allocation's file entry: per-neuron thresholds on a grid of levels."""
+    progress = Progress("fisher statistics", len(head), unit="windows")
+    curves = allocation.fisher_curves(model, head, progress.update)
+    progress.close()
+    tokens = sum(len(w) for w in head)
+    return {"method": allocation.describe_fisher(tokens), "tokens": tokens,
+            **allocation.fisher_allocation(curves, allocation.layer_bytes(model))}

@@ -26,8 +26,9 @@ FILE_FORMAT = "catsgen-cats-thresholds"
 FILE_VERSION = 1
 LEVELS = [round(i / 100, 2) for i in range(100)]  # 0.00, 0.01, ..., 0.99
 MAX_SPARSITY = LEVELS[-1]
-# How the target sparsity is spread over layers (catsgen/allocation.py finds "greedy").
-ALLOCATIONS = ("uniform", "greedy")
+# How the target sparsity is spread over layers (catsgen/allocation.py finds "greedy"), and
+# over neurons ("fisher": per-neuron thresholds); best last.
+ALLOCATIONS = ("uniform", "greedy", "fisher")
 # Decode steps (at most this many tokens) go to the Triton kernel on CUDA; prefill stays in torch.
 KERNEL_MAX_TOKENS = 8
 CALIBRATE_HINT = "make one for this checkpoint with `python calibrate.py --checkpoint DIR` (or `catsgen calibrate`)"
@@ -83,8 +84,23 @@ def set_sparsity(model: Transformer, table: "Thresholds", sparsity: float, alloc
     check_sparsity(sparsity)
     if sparsity == 0:
         set_dense(model)
+    elif table.has_neuron_thresholds(allocation):
+        set_neuron_thresholds(model, table.neuron_thresholds(sparsity, allocation))
     else:
         set_thresholds(model, table.for_sparsity(sparsity, allocation))
+
+
+def set_neuron_thresholds(model: Transformer, thresholds: list[torch.Tensor]):
+    """Install CATS with one threshold per neuron ([F] float32; the kernel takes per-row
+    thresholds), or update them in place where such a CATS is already there."""
+    device = model.output.weight.device
+    for i, (mlp, t) in enumerate(zip(model.mlps, thresholds, strict=True)):
+        t = t.to(device=device, dtype=torch.float32)
+        if not (isinstance(mlp.activation, CATS) and mlp.activation.threshold.shape == t.shape):
+            mlp.activation = CATS(i, 0.0, device)
+            mlp.activation.threshold = t.clone()  # the buffer becomes a vector
+        else:
+            mlp.activation.threshold.copy_(t)
 
 
 def check_sparsity(sparsity: float):
@@ -295,9 +311,33 @@ class Thresholds:
         return [interpolate(row, s) for row, s in
                 zip(self.per_layer, self.layer_sparsities(sparsity, allocation), strict=True)]
 
+    def has_neuron_thresholds(self, allocation: str) -> bool:
+        return "neuron_thresholds" in (self.allocations or {}).get(allocation, {})
+
+    def neuron_thresholds(self, sparsity: float, allocation: str) -> list[torch.Tensor]:
+        """Per layer, an [F] threshold vector: linear between the allocation's grid levels, from 0
+        (dense) below the first and towards the uniform 0.99 thresholds above the last."""
+        entry = self.allocations[allocation]
+        points = [0.0, *entry["grid"], MAX_SPARSITY]
+        k = max(i for i, p in enumerate(points[:-1]) if p <= sparsity + 1e-9)
+        frac = (sparsity - points[k]) / (points[k + 1] - points[k])
+        layers = []
+        for layer, row in enumerate(self.per_layer):
+            ends = [self._grid_vector(entry, row, j, layer) for j in (k, k + 1)]
+            layers.append(ends[0] + (ends[1] - ends[0]) * frac)
+        return layers
+
+    def _grid_vector(self, entry: dict, row: list[float], j: int, layer: int) -> torch.Tensor:
+        n = self.model["intermediate_size"]
+        if j == 0:
+            return torch.zeros(n)
+        if j > len(entry["grid"]):
+            return torch.full((n,), row[-1])
+        return torch.tensor(entry["neuron_thresholds"][j - 1][layer])
+
     def default_allocation(self) -> str:
-        """The best allocation this file has: greedy when calibrated with it (measured better)."""
-        return "greedy" if "greedy" in (self.allocations or {}) else "uniform"
+        """The best allocation this file has (measured: fisher, then greedy, then uniform)."""
+        return next(a for a in reversed(ALLOCATIONS) if a == "uniform" or a in (self.allocations or {}))
 
     def check_model(self, info: dict):
         for key in ("architecture", "n_layers", "intermediate_size", "hidden_size"):
@@ -339,10 +379,20 @@ class Thresholds:
         n_layers = table.model.get("n_layers")
         if (data.get("levels") != LEVELS or not _is_table(table.per_layer, n_layers, len(LEVELS))
                 or not all(isinstance(a, dict) and _is_table(a.get("sparsity"), len(LEVELS), n_layers)
+                           and _neuron_tables_ok(a, n_layers, table.model.get("intermediate_size"))
                            for a in (table.allocations or {}).values())):
             raise UserError(f"{path} is damaged: expected {len(LEVELS)} thresholds per layer for "
                             f"{n_layers} layers (and {len(LEVELS)} x {n_layers} sparsities per allocation)")
         return table
+
+
+def _neuron_tables_ok(entry: dict, n_layers: int, n_neurons: int) -> bool:
+    if "neuron_thresholds" not in entry:
+        return True
+    grid, tables = entry.get("grid"), entry["neuron_thresholds"]
+    return (isinstance(grid, list) and len(grid) > 0 and grid == sorted(grid) and 0 < grid[0]
+            and grid[-1] < MAX_SPARSITY and isinstance(tables, list) and len(tables) == len(grid)
+            and all(_is_table(t, n_layers, n_neurons) for t in tables))
 
 
 def _is_table(rows, n_rows: int, n_columns: int) -> bool:
@@ -384,7 +434,7 @@ def load_thresholds(model: Transformer, checkpoint_dir, path=None, sparsity: flo
 
 def check_allocation(allocation: str | None):
     if allocation is not None and allocation not in ALLOCATIONS:
-        raise UserError(f"--allocation {allocation!r}: choose {' or '.join(ALLOCATIONS)}")
+        raise UserError(f"--allocation {allocation!r}: choose {', '.join(ALLOCATIONS[:-1])} or {ALLOCATIONS[-1]}")
 
 
 def resolve_allocation(table: "Thresholds", allocation: str | None) -> str:

@@ -53,7 +53,7 @@ def calibrated(checkpoints, tmp_path_factory):
 def test_file_carries_the_allocation(calibrated):
     directory, path, _, table = calibrated
     loaded = cats.Thresholds.load(path)
-    assert loaded.allocations == table.allocations and loaded.default_allocation() == "greedy"
+    assert loaded.allocations == table.allocations and loaded.default_allocation() == "fisher"
     weights = allocation.layer_bytes(load_model(directory))
     for s in (0.3, 0.5, 0.555, 0.7, 0.99):  # between levels too: interpolation keeps the mean
         assert abs(allocation.weighted_mean(loaded.layer_sparsities(s, "greedy"), weights) - s) <= 0.005
@@ -110,7 +110,7 @@ def test_greedy_changes_the_layers_not_the_mean(calibrated):
 ])
 def test_bad_allocation_is_a_one_line_error(calibrated, capsys, command):
     directory, _, old, _ = calibrated
-    for value, message in (("best", "--allocation 'best': choose uniform or greedy"),
+    for value, message in (("best", "--allocation 'best': choose uniform, greedy or fisher"),
                            ("greedy", "no 'greedy' allocation")):
         code, _, err = run_main(capsys, *command, "--checkpoint", directory, "--thresholds", old,
                                 "--allocation", value)
