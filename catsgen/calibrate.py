@@ -69,9 +69,9 @@ def calibrate(checkpoint: Path, texts: list[Path] | None, max_tokens: int = DEFA
         # The start of the same text: the allocation is part of the calibration, from the same source.
         head = list(windows(token_stream(sources, tokenizer), min(seq_len, allocation_tokens), allocation_tokens))
         table.allocations = {"greedy": find_allocation(model, table, head)}
-        if fisher_tokens > 0:
-            head = list(windows(token_stream(sources, tokenizer), min(seq_len, fisher_tokens), fisher_tokens))
-            table.allocations["fisher"] = find_fisher(model, head)
+    if fisher_tokens > 0:
+        head = list(windows(token_stream(sources, tokenizer), min(seq_len, fisher_tokens), fisher_tokens))
+        table.allocations = {**(table.allocations or {}), "fisher": find_fisher(model, head)}
     table.save(out)
     half = table.for_sparsity(0.5)
     log(f"wrote {out}: thresholds for sparsity 0.00..0.99 in {len(half)} layers from {seen} tokens "

@@ -18,8 +18,9 @@ CHECKPOINT_HELP = ("Hugging Face checkpoint directory (config.json + *.safetenso
                    "into the cache directory.")
 DEVICE_HELP = "cpu or cuda. Default: cuda when available."
 DTYPE_HELP = "bfloat16, float16 or float32. Default: bfloat16 on cuda, float32 on cpu."
-ALLOCATION_HELP = ("How the sparsity is spread over layers (same bytes read per token): uniform, or greedy "
-                   "(per-layer sparsities found by calibrate). Default: greedy when the thresholds file has it.")
+ALLOCATION_HELP = ("How the sparsity is spread (same bytes read per token): uniform (one threshold per layer), "
+                   "greedy (per-layer sparsities) or fisher (per-neuron thresholds), both found by calibrate. "
+                   "Default: the best the thresholds file has (fisher, then greedy, then uniform).")
 
 
 def check_allocations(values):
@@ -183,16 +184,22 @@ def calibrate(
     out: Optional[Path] = typer.Option(None, help="Thresholds file to write. Default: cats_thresholds.json "
                                        "next to the checkpoint."),
     allocation_tokens: int = typer.Option(256, min=0, help="Tokens (from the start of the text) on which the "
-                                          "greedy per-layer allocation is searched; 0 = none (uniform only)."),
+                                          "greedy per-layer allocation is searched; 0 = none."),
+    fisher_tokens: int = typer.Option(4096, min=0, help="Tokens (from the start of the text) for the fisher "
+                                      "per-neuron thresholds: one forward and backward, holding tokens x "
+                                      "intermediate_size x layers x 8 bytes (1.5 GB for SmolLM2, 11.5 GB for a "
+                                      "7B model at 4096); 0 = none."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
 ):
     """Run the dense model over a text and write the CATS thresholds of every layer for every
-    sparsity 0.00..0.99 (one file serves every --sparsity), and the greedy per-layer allocation."""
+    sparsity 0.00..0.99 (one file serves every --sparsity), the greedy per-layer allocation and
+    the fisher per-neuron thresholds."""
     from catsgen.calibrate import calibrate as run_calibration
     dev = resolve_device(device)
     run_calibration(resolve_checkpoint(checkpoint), text, max_tokens=tokens, seq_len=seq_len, out=out,
-                    device=dev, dtype=resolve_dtype(dtype, dev), log=log, allocation_tokens=allocation_tokens)
+                    device=dev, dtype=resolve_dtype(dtype, dev), log=log, allocation_tokens=allocation_tokens,
+                    fisher_tokens=fisher_tokens)
 
 
 @app.command()

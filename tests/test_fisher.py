@@ -124,3 +124,12 @@ def test_file_without_fisher_defaults_to_greedy_and_refuses_fisher(calibrated, t
     assert cats.resolve_allocation(table, None) == "greedy"
     with pytest.raises(UserError, match="no 'fisher' allocation"):
         cats.resolve_allocation(table, "fisher")
+
+
+def test_fisher_without_greedy(checkpoints, tmp_path):
+    """--allocation-tokens 0 turns the greedy search off, not the fisher thresholds."""
+    table = calibrate(checkpoints["gqa"][0], None, max_tokens=256, seq_len=128, out=tmp_path / "t.json",
+                      log=lambda m: None, allocation_tokens=0, fisher_tokens=128)
+    loaded = cats.Thresholds.load(tmp_path / "t.json")
+    assert set(loaded.allocations) == {"fisher"} and loaded.default_allocation() == "fisher"
+    assert table.has_neuron_thresholds("fisher")
