@@ -42,8 +42,8 @@ def run_main(capsys, *args) -> tuple[int, str, str]:
 
 
 def calibrate_quietly(checkpoint: Path, out: Path, tokens: int = 512, seq_len: int = 128, texts=None,
-                      allocation_tokens: int = 0):
-    """Without the allocation search by default: most tests need thresholds only, fast."""
+                      allocation_tokens: int = 0, fisher_tokens: int = 0):
+    """Without the allocation searches by default: most tests need thresholds only, fast."""
     from catsgen.calibrate import calibrate
     return calibrate(checkpoint, texts, max_tokens=tokens, seq_len=seq_len, out=out, log=lambda m: None,
-                     allocation_tokens=allocation_tokens)
+                     allocation_tokens=allocation_tokens, fisher_tokens=fisher_tokens)

@@ -39,10 +39,10 @@ def test_greedy_allocation_spares_the_sensitive_layer():
 
 @pytest.fixture(scope="module")
 def calibrated(checkpoints, tmp_path_factory):
-    """(checkpoint dir, thresholds with a greedy allocation, old-style file without one)."""
+    """(checkpoint dir, thresholds with greedy and fisher allocations, old-style file without any)."""
     directory = checkpoints["gqa"][0]
     path = tmp_path_factory.mktemp("alloc") / "thresholds.json"
-    table = calibrate_quietly(directory, path, allocation_tokens=64)
+    table = calibrate_quietly(directory, path, allocation_tokens=64, fisher_tokens=256)
     old = path.parent / "old.json"
     data = json.loads(path.read_text())
     del data["allocations"]
