@@ -129,6 +129,9 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.max_seq_len = 0
+        # Inference only: no weight ever needs a gradient (the fisher calibration's backward
+        # wants the activations' alone, and must not allocate one per weight matrix).
+        self.requires_grad_(False)
 
     @property
     def mlps(self) -> list[MLP]:
