@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from catsgen.cats import CATS, LEVELS, interpolate, set_dense
+from catsgen.cats import CATS, LEVELS, bracket, interpolate, set_dense
 from catsgen.model import DenseSiLU, Transformer
 
 GRID = (0.3, 0.5, 0.7, 0.9)  # sparsities at which each layer's KL is measured; linear in between
@@ -205,8 +205,8 @@ def on_target(sparsity: list[float], weights: list[int], level: float) -> list[f
 
 def interpolate_between(points: list[float], values: list[float], x: float) -> float:
     """values at x, linear between the two neighbouring points (points ascending, x within them)."""
-    k = max(i for i, p in enumerate(points[:-1]) if p <= x + 1e-9)
-    return values[k] + (values[k + 1] - values[k]) * (x - points[k]) / (points[k + 1] - points[k])
+    k, frac = bracket(points, x)
+    return values[k] + (values[k + 1] - values[k]) * frac
 
 
 def describe_fisher(tokens: int) -> str:

@@ -40,10 +40,11 @@ class CATS(DenseSiLU):
     """Plugs into MLP.activation. The threshold is a 0-d float32 buffer: a new sparsity is written
     into it in place, so a compiled decode step (and its CUDA graph) is reused, not recompiled."""
 
-    def __init__(self, layer: int, threshold: float, device=None):
+    def __init__(self, layer: int, threshold: float | torch.Tensor, device=None):
         super().__init__()
         self.layer = layer
-        self.register_buffer("threshold", torch.tensor(threshold, dtype=torch.float32, device=device))
+        # 0-d (one threshold for the layer) or [F] (one per neuron: the kernels' per-row mode)
+        self.register_buffer("threshold", torch.as_tensor(threshold, dtype=torch.float32).to(device).clone())
         self.counter: SparsityCounter | None = None  # set only during a measuring forward
         if torch.device(device or "cpu").type == "cuda":
             from catsgen.kernels.triton_mlp import list_counter
@@ -69,12 +70,14 @@ def set_dense(model: Transformer):
         mlp.activation = DenseSiLU()
 
 
-def set_thresholds(model: Transformer, thresholds: list[float]):
-    """Install CATS in every layer, or update the thresholds in place where it already is."""
+def set_thresholds(model: Transformer, thresholds: list[float] | list[torch.Tensor]):
+    """Install CATS in every layer (a threshold per layer, or an [F] vector per layer: one per
+    neuron), or update the thresholds in place where a CATS of that shape already is."""
     device = model.output.weight.device
     for i, (mlp, t) in enumerate(zip(model.mlps, thresholds, strict=True)):
-        if isinstance(mlp.activation, CATS):
-            mlp.activation.threshold.fill_(t)
+        t = torch.as_tensor(t, dtype=torch.float32)
+        if isinstance(mlp.activation, CATS) and mlp.activation.threshold.shape == t.shape:
+            mlp.activation.threshold.copy_(t)
         else:
             mlp.activation = CATS(i, t, device)
 
@@ -85,22 +88,9 @@ def set_sparsity(model: Transformer, table: "Thresholds", sparsity: float, alloc
     if sparsity == 0:
         set_dense(model)
     elif table.has_neuron_thresholds(allocation):
-        set_neuron_thresholds(model, table.neuron_thresholds(sparsity, allocation))
+        set_thresholds(model, table.neuron_thresholds(sparsity, allocation))
     else:
         set_thresholds(model, table.for_sparsity(sparsity, allocation))
-
-
-def set_neuron_thresholds(model: Transformer, thresholds: list[torch.Tensor]):
-    """Install CATS with one threshold per neuron ([F] float32; the kernel takes per-row
-    thresholds), or update them in place where such a CATS is already there."""
-    device = model.output.weight.device
-    for i, (mlp, t) in enumerate(zip(model.mlps, thresholds, strict=True)):
-        t = t.to(device=device, dtype=torch.float32)
-        if not (isinstance(mlp.activation, CATS) and mlp.activation.threshold.shape == t.shape):
-            mlp.activation = CATS(i, 0.0, device)
-            mlp.activation.threshold = t.clone()  # the buffer becomes a vector
-        else:
-            mlp.activation.threshold.copy_(t)
 
 
 def check_sparsity(sparsity: float):
@@ -318,9 +308,7 @@ class Thresholds:
         """Per layer, an [F] threshold vector: linear between the allocation's grid levels, from 0
         (dense) below the first and towards the uniform 0.99 thresholds above the last."""
         entry = self.allocations[allocation]
-        points = [0.0, *entry["grid"], MAX_SPARSITY]
-        k = max(i for i, p in enumerate(points[:-1]) if p <= sparsity + 1e-9)
-        frac = (sparsity - points[k]) / (points[k + 1] - points[k])
+        k, frac = bracket([0.0, *entry["grid"], MAX_SPARSITY], sparsity)
         layers = []
         for layer, row in enumerate(self.per_layer):
             ends = [self._grid_vector(entry, row, j, layer) for j in (k, k + 1)]
@@ -406,6 +394,12 @@ def interpolate(row: list[float], sparsity: float) -> float:
     low = min(int(position + 1e-9), len(LEVELS) - 1)
     high, frac = min(low + 1, len(LEVELS) - 1), max(position - low, 0.0)
     return row[low] + (row[high] - row[low]) * frac
+
+
+def bracket(points: list[float], x: float) -> tuple[int, float]:
+    """(k, frac): x lies frac of the way from points[k] to points[k + 1] (points ascending)."""
+    k = max(i for i, p in enumerate(points[:-1]) if p <= x + 1e-9)
+    return k, (x - points[k]) / (points[k + 1] - points[k])
 
 
 def calibration_record(texts: list[dict], tokens: int, seq_len: int, dtype, device) -> dict:
