@@ -12,13 +12,13 @@ Past the last grid point nothing was measured, so there every layer moves togeth
 
 from __future__ import annotations
 
-from math import log2 as math_log
+from math import log2
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from catsgen.cats import CATS, LEVELS, bracket, interpolate, set_dense
+from catsgen.cats import CATS, LEVELS, interpolate, interpolate_between, set_dense
 from catsgen.model import DenseSiLU, Transformer
 
 GRID = (0.3, 0.5, 0.7, 0.9)  # sparsities at which each layer's KL is measured; linear in between
@@ -63,9 +63,7 @@ def greedy_allocation(curves: list[list[float]], weights: list[int]) -> list[lis
     points = [0.0, *GRID]
 
     def cost(layer: int, s: float) -> float:  # KL at s: linear between grid points
-        values = [0.0, *curves[layer]]
-        k = min(sum(p <= s + 1e-9 for p in points) - 1, len(points) - 2)
-        return values[k] + (values[k + 1] - values[k]) * (s - points[k]) / (points[k + 1] - points[k])
+        return interpolate_between(points, [0.0, *curves[layer]], s)
 
     n = len(curves)
     steps = [0] * n  # sparsity of layer l is steps[l] * STEP, kept in integers so sums stay exact
@@ -104,16 +102,18 @@ FISHER_POINTS = 256  # each neuron's cost curve is kept at this many evenly spac
 
 
 class _FisherRecorder(DenseSiLU):
-    """The dense MLP that keeps its output's gradient (through every later layer), v and u."""
+    """The dense MLP that keeps v and the gradient at h = v u, the down projection's input. That
+    gradient is g W_down^T (g: the gradient at the MLP output), which the backward computes anyway,
+    so h_i dL/dh_i = v_i u_i (g . W_down[i]) needs no product of its own."""
 
     def forward(self, x, w_gate, w_up, w_down_t):
-        v, u = F.silu(F.linear(x, w_gate)), F.linear(x, w_up)
-        self.v, self.u = v.detach(), u.detach()
-        self.out = (v * u) @ w_down_t
-        if not self.out.requires_grad:  # the first layer: nothing before it needs a gradient
-            self.out.requires_grad_()
-        self.out.retain_grad()
-        return self.out
+        v = F.silu(F.linear(x, w_gate))
+        self.v = v.detach()
+        self.h = v * F.linear(x, w_up)
+        if not self.h.requires_grad:  # the first layer: nothing before it needs a gradient
+            self.h.requires_grad_()
+        self.h.retain_grad()
+        return self.h @ w_down_t
 
 
 def fisher_curves(model: Transformer, windows: list[list[int]],
@@ -130,10 +130,9 @@ def fisher_curves(model: Transformer, windows: list[list[int]],
             idx = torch.tensor([window], device=device)
             with torch.enable_grad():  # gradients of the MLP outputs only (weights need none)
                 F.cross_entropy(model(idx)[0, :-1].float(), idx[0, 1:], reduction="sum").backward()
-            for layer, (mlp, r) in enumerate(zip(model.mlps, recorders)):
-                v, u, g = r.v[0, :-1].float(), r.u[0, :-1].float(), r.out.grad[0, :-1].float()
-                absv[layer].append(v.abs())
-                cost[layer].append((v * u * (g @ mlp.w_down_t.float().T)) ** 2)
+            for layer, r in enumerate(recorders):
+                absv[layer].append(r.v[0, :-1].float().abs())
+                cost[layer].append((r.h[0, :-1].float() * r.h.grad[0, :-1].float()) ** 2)
             progress(n + 1)
     finally:
         set_dense(model)
@@ -160,7 +159,7 @@ def fisher_level(curves, level: float) -> tuple[list[torch.Tensor], list[float]]
         return [(c - lam * points).argmin(0) for _, c in curves]
 
     total = sum(c.shape[1] for _, c in curves) * FISHER_POINTS
-    high = math_log(max(float(c[-1].max()) for _, c in curves) + 1e-300) + 1  # lam = 2^high zeroes all
+    high = log2(max(float(c[-1].max()) for _, c in curves) + 1e-300) + 1  # lam = 2^high zeroes all
     low = high - 200
     for _ in range(60):  # bisection on log lam: the zeroed fraction grows with lam
         mid = (low + high) / 2
@@ -201,12 +200,6 @@ def on_target(sparsity: list[float], weights: list[int], level: float) -> list[f
         for l in free:
             sparsity[l] = min(max(sparsity[l] + step, 0.0), LEVELS[-1])
     return sparsity
-
-
-def interpolate_between(points: list[float], values: list[float], x: float) -> float:
-    """values at x, linear between the two neighbouring points (points ascending, x within them)."""
-    k, frac = bracket(points, x)
-    return values[k] + (values[k + 1] - values[k]) * frac
 
 
 def describe_fisher(tokens: int) -> str:

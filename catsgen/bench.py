@@ -12,7 +12,6 @@ from typing import Callable
 import torch
 
 from catsgen.config import ModelConfig
-from catsgen.errors import UserError
 from catsgen.files import check_writable_parent, write_json_atomically
 from catsgen.generate import SamplingParams, generate, make_decode_step
 from catsgen.model import Transformer
@@ -49,7 +48,7 @@ def byte_ratio_limit(config: ModelConfig, sparsity: float) -> float:
     return weight_bytes_per_token(config, 2, 1.0) / weight_bytes_per_token(config, 2, 1.0 - sparsity)
 
 
-def _build_model(settings: BenchSettings, checkpoint, preset, log) -> Transformer:
+def build_model(settings: BenchSettings, checkpoint, preset, log) -> Transformer:
     from catsgen.checkpoint import load_model, random_model
     from catsgen.config import preset as preset_config
     start = time.perf_counter()
@@ -96,12 +95,11 @@ def run_bench(settings: BenchSettings, checkpoint=None, preset=None, thresholds=
     from catsgen import cats
     sparsities = sorted(set([0.0] + [float(s) for s in settings.sparsities]))
     for s in sparsities:
-        if not 0 <= s <= 0.99:
-            raise UserError(f"--sparsity {s} is outside [0, 0.99]")
+        cats.check_sparsity(s)
     if json_path is not None:
         check_writable_parent(json_path, "--json")
     torch.manual_seed(0)
-    model = _build_model(settings, checkpoint, preset, log)
+    model = build_model(settings, checkpoint, preset, log)
     config = model.config
     prompt = torch.randint(0, config.vocab_size, (settings.prompt_len,)).tolist()
     sparse = [s for s in sparsities if s > 0]

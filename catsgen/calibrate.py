@@ -65,13 +65,13 @@ def calibrate(checkpoint: Path, texts: list[Path] | None, max_tokens: int = DEFA
         log(f"the text ran out after {seen} tokens, fewer than --tokens {max_tokens}: calibrated on {seen}")
     record = calibration_record([s.record() for s in sources], seen, seq_len, model.output.weight.dtype, device)
     table = Thresholds(model_info(model.config, checkpoint), record, sample.thresholds(), out)
+    # The allocations come from the start of the same text: part of the calibration, same source.
+    head = lambda tokens: list(windows(token_stream(sources, tokenizer), min(seq_len, tokens), tokens))  # noqa: E731
+    table.allocations = {}
     if allocation_tokens > 0:
-        # The start of the same text: the allocation is part of the calibration, from the same source.
-        head = list(windows(token_stream(sources, tokenizer), min(seq_len, allocation_tokens), allocation_tokens))
-        table.allocations = {"greedy": find_allocation(model, table, head)}
+        table.allocations["greedy"] = find_allocation(model, table, head(allocation_tokens))
     if fisher_tokens > 0:
-        head = list(windows(token_stream(sources, tokenizer), min(seq_len, fisher_tokens), fisher_tokens))
-        table.allocations = {**(table.allocations or {}), "fisher": find_fisher(model, head)}
+        table.allocations["fisher"] = find_fisher(model, head(fisher_tokens))
     table.save(out)
     half = table.for_sparsity(0.5)
     log(f"wrote {out}: thresholds for sparsity 0.00..0.99 in {len(half)} layers from {seen} tokens "

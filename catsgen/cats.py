@@ -1,8 +1,9 @@
 """CATS (arXiv 2404.08763): the thresholded MLP activation, its calibration statistics, the
 thresholds file, and measuring the sparsity a run actually got.
 
-CATS_t(v) = v where |v| > t, else 0, applied to v = SiLU(W_gate x), one threshold t per layer.
-The threshold for sparsity s is the s-quantile of |v| on a calibration text (dense model).
+CATS_t(v) = v where |v| > t, else 0, applied to v = SiLU(W_gate x), one threshold t per layer
+(or, with the fisher allocation, one per neuron). The threshold for sparsity s is the s-quantile
+of |v| on a calibration text (dense model).
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ CALIBRATE_HINT = "make one for this checkpoint with `python calibrate.py --check
 # --- the activation -----------------------------------------------------------------------------
 
 class CATS(DenseSiLU):
-    """Plugs into MLP.activation. The threshold is a 0-d float32 buffer: a new sparsity is written
-    into it in place, so a compiled decode step (and its CUDA graph) is reused, not recompiled."""
+    """Plugs into MLP.activation. The threshold is a float32 buffer (0-d, or [F] per neuron): a new
+    sparsity is written into it in place, so a compiled decode step (and its CUDA graph) is
+    reused, not recompiled."""
 
     def __init__(self, layer: int, threshold: float | torch.Tensor, device=None):
         super().__init__()
         self.layer = layer
-        # 0-d (one threshold for the layer) or [F] (one per neuron: the kernels' per-row mode)
         self.register_buffer("threshold", torch.as_tensor(threshold, dtype=torch.float32).to(device).clone())
         self.counter: SparsityCounter | None = None  # set only during a measuring forward
         if torch.device(device or "cpu").type == "cuda":
@@ -308,11 +309,12 @@ class Thresholds:
         """Per layer, an [F] threshold vector: linear between the allocation's grid levels, from 0
         (dense) below the first and towards the uniform 0.99 thresholds above the last."""
         entry = self.allocations[allocation]
-        k, frac = bracket([0.0, *entry["grid"], MAX_SPARSITY], sparsity)
+        points = [0.0, *entry["grid"], MAX_SPARSITY]
+        k, _ = bracket(points, sparsity)
         layers = []
         for layer, row in enumerate(self.per_layer):
-            ends = [self._grid_vector(entry, row, j, layer) for j in (k, k + 1)]
-            layers.append(ends[0] + (ends[1] - ends[0]) * frac)
+            ends = {j: self._grid_vector(entry, row, j, layer) for j in (k, k + 1)}  # only the two used
+            layers.append(interpolate_between(points, ends, sparsity))
         return layers
 
     def _grid_vector(self, entry: dict, row: list[float], j: int, layer: int) -> torch.Tensor:
@@ -388,18 +390,21 @@ def _is_table(rows, n_rows: int, n_columns: int) -> bool:
             and all(isinstance(row, list) and len(row) == n_columns for row in rows))
 
 
-def interpolate(row: list[float], sparsity: float) -> float:
-    """row[level] at a sparsity between levels: linear between the two neighbouring 0.01 levels."""
-    position = sparsity * 100
-    low = min(int(position + 1e-9), len(LEVELS) - 1)
-    high, frac = min(low + 1, len(LEVELS) - 1), max(position - low, 0.0)
-    return row[low] + (row[high] - row[low]) * frac
-
-
 def bracket(points: list[float], x: float) -> tuple[int, float]:
     """(k, frac): x lies frac of the way from points[k] to points[k + 1] (points ascending)."""
     k = max(i for i, p in enumerate(points[:-1]) if p <= x + 1e-9)
     return k, (x - points[k]) / (points[k + 1] - points[k])
+
+
+def interpolate_between(points: list[float], values, x: float):
+    """values at x, linear between the two neighbouring points (points ascending, x within them)."""
+    k, frac = bracket(points, x)
+    return values[k] + (values[k + 1] - values[k]) * frac
+
+
+def interpolate(row: list[float], sparsity: float) -> float:
+    """row[level] at a sparsity between levels: linear between the two neighbouring 0.01 levels."""
+    return interpolate_between(LEVELS, row, sparsity)
 
 
 def calibration_record(texts: list[dict], tokens: int, seq_len: int, dtype, device) -> dict:
