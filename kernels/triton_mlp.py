@@ -142,11 +142,11 @@ class Blocks:
     gate_stages: int = 4
     up_r: int = 64
     up_d: int = 128
-    up_steps: int = 4
+    up_steps: int = 8
     down_r: int = 64
     down_d: int = 128
     down_steps: int = 2
-    warps: int = 8
+    warps: int = 4
     stages: int = 3
 
 
