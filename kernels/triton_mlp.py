@@ -12,9 +12,11 @@ x.dtype fuses into the model's residual add):
   3. _down_kernel: y[cols] += sum over slots of (v u)[slot] W_down^T[idx[slot], cols].
 A program of the sparse launches takes BLOCK_R list entries x a column range; the grid is sized
 for "all rows active" and programs past the list's end return at once (a fixed number of
-programs looping over the items measured no faster). Why the list: with per-row masked loads over fixed row blocks
-(v1, v2) a program at s=0.9 fetched a tile 90% empty per step, and the time stopped falling
-with sparsity (latency-bound, notes/kernels.md). Order of the list varies between runs, so fp32
+programs looping over the items measured no faster). Why the list: with per-row masked loads
+over fixed row blocks (v1, v2) a program at s=0.9 fetched a tile 90% empty per step, and the
+time stopped falling with sparsity (latency-bound, notes/kernels.md). Why three launches: one
+launch for the whole MLP, and one for up + down with each program over all of D, both measured
+slower (v5): a program's sparse phase holds too few bytes in flight. Order of the list varies between runs, so fp32
 sums may differ in the last bits; the atomics of split reductions do that anyway.
 Tokens are padded to 16 so each step is one tl.dot on the tensor cores (FMA units for fp32).
 """
@@ -151,7 +153,7 @@ class Blocks:
 
 
 def pick_blocks(B: int) -> Blocks:
-    """Tokens are padded to 16, so one table serves B = 1..8. Measured on H100: notes/kernels.md."""
+    """Tokens are padded to 16, so one table serves B = 1..8. Tuned on an H200: notes/kernels.md (v5)."""
     return Blocks()
 
 
