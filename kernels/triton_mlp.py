@@ -16,8 +16,9 @@ programs looping over the items measured no faster). Why the list: with per-row 
 over fixed row blocks (v1, v2) a program at s=0.9 fetched a tile 90% empty per step, and the
 time stopped falling with sparsity (latency-bound, notes/kernels.md). Why three launches: one
 launch for the whole MLP, and one for up + down with each program over all of D, both measured
-slower (v5): a program's sparse phase holds too few bytes in flight. Order of the list varies between runs, so fp32
-sums may differ in the last bits; the atomics of split reductions do that anyway.
+slower (v5): a program's sparse phase holds too few bytes in flight. Order of the list varies
+between runs, so fp32 sums may differ in the last bits; the atomics of split reductions do that
+anyway.
 Tokens are padded to 16 so each step is one tl.dot on the tensor cores (FMA units for fp32).
 """
 from dataclasses import dataclass

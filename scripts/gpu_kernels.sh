@@ -50,9 +50,9 @@ if os.environ.get("SWEEP") == "1":
     score = lambda cfg: sum(graph_time_us(lambda: cm.cats_mlp_triton(x, *ws, ts[s], blocks=cfg)) for s in (0.5, 0.7))
     best = cm.Blocks(); best_us = score(best)
     print(f"sweep base {best}: {best_us:.1f} (again {score(best):.1f})")
-    for change in [dict(gate_stages=5), dict(gate_f=32), dict(up_steps=8), dict(up_d=256, up_steps=2), dict(up_r=32),
-                   dict(down_steps=4), dict(down_d=256, down_steps=1), dict(down_r=32, down_steps=4), dict(stages=4),
-                   dict(warps=4)]:
+    for change in [dict(gate_stages=3), dict(gate_stages=5), dict(gate_f=32), dict(up_steps=4), dict(up_d=256, up_steps=4),
+                   dict(up_r=32), dict(down_steps=4), dict(down_d=256, down_steps=1), dict(down_r=32, down_steps=4),
+                   dict(stages=4), dict(warps=8)]:
         cfg = dataclasses.replace(best, **change); us = score(cfg)
         print(f"sweep {change}: {us:.1f}")
         if us < best_us: best, best_us = cfg, us
