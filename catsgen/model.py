@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from catsgen.config import ModelConfig
 from catsgen.errors import UserError
-from catsgen.kernels.decode_attention import decode_attention
+from catsgen.kernels.decode_attention import arrival_counters, decode_attention
 
 
 class KVCache(nn.Module):
@@ -22,6 +22,8 @@ class KVCache(nn.Module):
         super().__init__()
         shape = (2, batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        if self.kv.is_cuda:  # the decode kernel's workspace, made now: outside any CUDA-graph memory pool
+            arrival_counters(self.kv.device, batch_size * n_kv_heads)
 
     def update(self, input_pos, k, v):
         # index_copy_ writes in place with a tensor index: no host sync, graph-capturable.

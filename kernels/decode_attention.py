@@ -7,19 +7,18 @@ these kernels read only the positions the mask allows. pos stays on the device (
 static shapes), so the grid covers all S positions and programs with nothing to do exit
 before loading anything.
 
-Two launches:
-  1. _split_kernel, grid (n_splits, B * n_kv_heads): the allowed range [lo, pos] (lo = pos -
-     window + 1 with a sliding window, else 0) is cut on the device into n_splits equal parts
-     (rounded up to GRANULE positions); program (c, b*kv) takes part c. n_splits is fixed on the
-     host so that the grid holds about `programs` programs whatever the context: a grid sized
-     for max_seq_len (one program per fixed chunk) spent most of its time launching programs
-     that had nothing to read at short context (8 us at position 256 on an H100). It handles
-     all G = n_heads / n_kv_heads query heads of its kv head, so K and V are read once (GQA
-     without repeats), and writes an unnormalised fp32 partial output and its running max / sum
-     of exp (base 2) per query head.
-  2. _reduce_kernel, grid (B * n_heads,): combines the partials of the parts that are not empty
-     (it recomputes them from pos, so untouched partials are never read) and writes the output
-     in q.dtype.
+One launch, _split_kernel, grid (n_splits, B * n_kv_heads): the allowed range [lo, pos] (lo =
+pos - window + 1 with a sliding window, else 0) is cut on the device into n_splits equal parts
+(rounded up to GRANULE positions); program (c, b*kv) takes part c. n_splits is fixed on the host
+so that the grid holds about `programs` programs whatever the context: a grid sized for
+max_seq_len (one program per fixed chunk) spent most of its time launching programs that had
+nothing to read at short context (8 us at position 256 on an H100). A program handles all G =
+n_heads / n_kv_heads query heads of its kv head, so K and V are read once (GQA without
+repeats), and writes an unnormalised fp32 partial output and its running max / sum of exp
+(base 2) per query head. Then it arrives on its (b, kv head)'s counter; the last part to
+arrive combines the partials of all parts and writes the output in q.dtype, and sets the
+counter back to zero (a workspace kept across calls, see arrival_counters). The combination
+was a second launch until v5 (notes/kernels.md); one launch and one graph node less per layer.
 """
 from __future__ import annotations
 
@@ -62,7 +61,7 @@ class Blocks:
     granule: a part's length is a multiple of it; min_part: and at least this (at short context
     fewer, longer parts measured faster: 8.9 against 11.3 us at position 200, H100);
     block_n: positions per loop step;
-    block_c: partials combined per step of the reduction."""
+    block_c: partials x query heads combined per step by the last part to finish."""
     programs: int = 256
     granule: int = 16
     min_part: int = 64
@@ -70,7 +69,6 @@ class Blocks:
     warps: int = 4
     stages: int = 2
     block_c: int = 32
-    warps_reduce: int = 4
 
 
 DEFAULT_BLOCKS = Blocks()
@@ -78,12 +76,12 @@ DEFAULT_BLOCKS = Blocks()
 
 if triton is not None:
     @triton.jit
-    def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr,
-                      sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
+    def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, arrivals_ptr, out_ptr,
+                      sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h,
                       H_KV, S, window, n_splits, scale_log2,
-                      D: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_N: tl.constexpr, GRANULE: tl.constexpr, MIN_PART: tl.constexpr, USE_DOT: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+                      D: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_N: tl.constexpr, GRANULE: tl.constexpr, MIN_PART: tl.constexpr, BLOCK_C: tl.constexpr,
+                      USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
         c = tl.program_id(0)
         bkv = tl.program_id(1)
         b = bkv // H_KV
@@ -136,6 +134,12 @@ if triton is not None:
             tl.store(o_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
             tl.store(m_ptr + row, m, mask=g_ok)
             tl.store(l_ptr + row, l, mask=g_ok)
+            tl.debug_barrier()  # every thread's partial is stored before the arrival is announced
+            n_parts = tl.cdiv(hi - lo, part)  # the programs that write a partial: c in [0, n_parts)
+            if tl.atomic_add(arrivals_ptr + bkv, 1, sem="acq_rel") == n_parts - 1:
+                tl.store(arrivals_ptr + bkv, 0)  # for the next call (the next layer's launch)
+                _combine_parts(o_ptr, m_ptr, l_ptr, out_ptr, so_b, so_h, b, kvh, H_KV * G, n_splits, n_parts,
+                               D, G, GR, BLOCK_C, BLOCK_D)
 
     @triton.jit
     def _allowed_parts(pos_ptr, S, window, n_splits, GRANULE: tl.constexpr, MIN_PART: tl.constexpr):
@@ -147,40 +151,54 @@ if triton is not None:
         return lo, hi, part
 
     @triton.jit
-    def _reduce_kernel(o_ptr, m_ptr, l_ptr, pos_ptr, out_ptr, so_b, so_h,
-                       H, S, window, n_splits,
-                       D: tl.constexpr, GRANULE: tl.constexpr, MIN_PART: tl.constexpr, BLOCK_C: tl.constexpr,
+    def _combine_parts(o_ptr, m_ptr, l_ptr, out_ptr, so_b, so_h, b, kvh, H, n_splits, n_parts,
+                       D: tl.constexpr, G: tl.constexpr, GR: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_D: tl.constexpr):
-        bh = tl.program_id(0)
-        b = bh // H
-        h = bh % H
-        lo, hi, part = _allowed_parts(pos_ptr, S, window, n_splits, GRANULE, MIN_PART)
-        c_first = 0
-        c_end = tl.cdiv(hi - lo, part)  # the parts the split kernel wrote: [0, c_end)
+        """out for the G query heads of kv head kvh: the parts' partials rescaled to a common max
+        and summed. Loads bypass L1 (.cg): the other parts' partials were written by other SMs."""
+        g = tl.arange(0, GR)
+        g_ok = g < G
+        heads = kvh * G + g
+        base = (b * H + heads).to(tl.int64) * n_splits  # [GR]: partial index of part 0
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D
         cs0 = tl.arange(0, BLOCK_C)
-        m = tl.max(tl.full([BLOCK_C], -1.0e30, tl.float32), axis=0)
-        l = tl.sum(tl.zeros([BLOCK_C], tl.float32), axis=0)
-        acc = tl.zeros([BLOCK_D], tl.float32)
-        base = bh.to(tl.int64) * n_splits
-        for c0 in tl.range(c_first, c_end, BLOCK_C):
-            cs = c0 + cs0
-            c_ok = cs < c_end
-            mc = tl.load(m_ptr + base + cs, mask=c_ok, other=float("-inf"))
-            lc = tl.load(l_ptr + base + cs, mask=c_ok, other=0.0)
-            oc = tl.load(o_ptr + (base + cs)[:, None] * BLOCK_D + d[None, :], mask=c_ok[:, None] & d_ok[None, :],
-                         other=0.0)
-            m_new = tl.maximum(m, tl.max(mc, axis=0))
+        m = tl.full([GR], -1.0e30, tl.float32)
+        l = tl.zeros([GR], tl.float32)
+        acc = tl.zeros([GR, BLOCK_D], tl.float32)
+        for c0 in tl.range(0, n_parts, BLOCK_C):
+            idx = base[:, None] + (c0 + cs0)[None, :]  # [GR, BLOCK_C]
+            ok = g_ok[:, None] & ((c0 + cs0) < n_parts)[None, :]
+            mc = tl.load(m_ptr + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            lc = tl.load(l_ptr + idx, mask=ok, other=0.0, cache_modifier=".cg")
+            oc = tl.load(o_ptr + idx[:, :, None] * BLOCK_D + d[None, None, :], mask=ok[:, :, None] & d_ok[None, None, :],
+                         other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m, tl.max(mc, axis=1))
             alpha = tl.exp2(m - m_new)
-            w = tl.exp2(mc - m_new)
-            l = l * alpha + tl.sum(w * lc, axis=0)
-            acc = acc * alpha + tl.sum(w[:, None] * oc, axis=0)
+            w = tl.exp2(mc - m_new[:, None])
+            l = l * alpha + tl.sum(w * lc, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * oc, axis=1)
             m = m_new
-        out = acc / l
-        tl.store(out_ptr + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h + d,
-                 out.to(out_ptr.dtype.element_ty), mask=d_ok)
+        out = acc / tl.where(g_ok, l, 1.0)[:, None]
+        tl.store(out_ptr + b.to(tl.int64) * so_b + heads[:, None].to(tl.int64) * so_h + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
 
+
+_arrivals: dict[torch.device, torch.Tensor] = {}
+
+
+def arrival_counters(device, n: int) -> torch.Tensor:
+    """int32 [>= n]: per (sequence, kv head), how many parts have finished. A workspace kept
+    across calls, left at zero by the last part of each call, instead of a zeroed scratch (a
+    memset launch per call). Calls on one device must not overlap on two streams. Create it
+    before any CUDA-graph capture (KVCache does): a tensor made inside torch.compile's graph
+    warm-up comes from a private pool that must not outlive it."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _arrivals or _arrivals[device].numel() < n:
+        _arrivals[device] = torch.zeros(max(n, 256), device=device, dtype=torch.int32)
+    return _arrivals[device]
 
 def decode_attention_triton(q, k_cache, v_cache, pos, sliding_window: int | None = None,
                             blocks: Blocks = DEFAULT_BLOCKS):
@@ -204,17 +222,15 @@ def decode_attention_triton(q, k_cache, v_cache, pos, sliding_window: int | None
     out = torch.empty((B, H, 1, D), device=dev, dtype=q.dtype)
     dot_f32 = use_dot and not q.is_cuda and q.dtype == torch.bfloat16  # interpreter only, see the kernel
     precision = "ieee" if q.dtype == torch.float32 or dot_f32 else "tf32"  # unused for 16-bit inputs
+    gr = triton.next_power_of_2(G)
     _split_kernel[(n_splits, B * Hkv)](
-        q, k_cache, v_cache, pos, o_part, m_part, l_part,
+        q, k_cache, v_cache, pos, o_part, m_part, l_part, arrival_counters(dev, B * Hkv), out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         Hkv, S, window, n_splits, math.log2(math.e) / math.sqrt(D),
-        D=D, G=G, GP=gp, BLOCK_D=block_d, BLOCK_N=blocks.block_n, GRANULE=blocks.granule, MIN_PART=blocks.min_part,
-        USE_DOT=use_dot, DOT_PRECISION=precision, DOT_F32=dot_f32, num_warps=blocks.warps, num_stages=blocks.stages)
-    _reduce_kernel[(B * H,)](
-        o_part, m_part, l_part, pos, out, out.stride(0), out.stride(1),
-        H, S, window, n_splits,
-        D=D, GRANULE=blocks.granule, MIN_PART=blocks.min_part, BLOCK_C=blocks.block_c, BLOCK_D=block_d, num_warps=blocks.warps_reduce)
+        D=D, G=G, GP=gp, GR=gr, BLOCK_D=block_d, BLOCK_N=blocks.block_n, GRANULE=blocks.granule,
+        MIN_PART=blocks.min_part, BLOCK_C=max(1, blocks.block_c // gr), USE_DOT=use_dot, DOT_PRECISION=precision,
+        DOT_F32=dot_f32, num_warps=blocks.warps, num_stages=blocks.stages)
     return out
 
 

@@ -54,6 +54,7 @@ def test_triton_matches_reference(B, H, Hkv, S, D, window):
         ref = da.decode_attention_reference(q, k, v, pos, window)
         assert out.shape == (B, H, 1, D) and out.dtype == q.dtype
         assert _rel_err(out, ref) < 1e-5, (p, _rel_err(out, ref))
+        assert (da.arrival_counters(DEV, B * Hkv)[:B * Hkv] == 0).all()  # left at zero for the next call
 
 
 def test_reference_matches_naive_softmax():
