@@ -1,5 +1,6 @@
 """GPU check of the flash-decoding attention kernel (kernels/decode_attention.py):
-  1. kernel vs the torch reference at real shapes (bf16; fp16 / fp32 spot checks);
+  1. kernel vs the torch reference at real shapes (bf16; fp16 / fp32 spot checks), then many
+     calls at random positions (the last part of each head combines: a race would show here);
   2. a small model decoding with the kernel vs the same model with the old SDPA path;
   3. time: kernel (a few tilings) vs SDPA over the whole cache with a boolean mask, each call
      captured in a CUDA graph, rotating over 8 layers' caches so L2 holds none of them.
@@ -16,8 +17,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, as for bench.py
 import catsgen.model as M  # noqa: E402
 from catsgen.kernels.bench import graph_time_us as kernel_graph_time_us  # noqa: E402
-from catsgen.kernels.decode_attention import (Blocks, DEFAULT_BLOCKS, decode_attention,  # noqa: E402
-                                              decode_attention_reference, decode_attention_triton)
+from catsgen.kernels.decode_attention import (Blocks, DEFAULT_BLOCKS, arrival_counters,  # noqa: E402
+                                              decode_attention, decode_attention_reference, decode_attention_triton)
 
 
 def sdpa_whole_cache(q, k, v, pos, window):
@@ -55,7 +56,22 @@ def check_kernel():
         good = not out.isnan().any() and err < (1e-4 if dt == torch.float32 else 1e-2)
         ok &= good
         print(f"check Hkv={Hkv} pos={p} window={window} {dt}: rel_err={err:.2e} {'OK' if good else 'FAIL'}")
-    return ok
+    return ok & check_repeated_calls()
+
+
+def check_repeated_calls(calls=150):
+    """Many calls at random positions, each against the reference; the arrival counters must
+    be back at zero after them."""
+    worst = 0.0
+    for Hkv, S in ((32, 2048), (8, 2048), (8, 4096)):
+        q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(1, Hkv, S, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        for _ in range(calls):
+            pos = torch.randint(0, S, (1,), device="cuda")
+            worst = max(worst, rel_err(decode_attention_triton(q, k, v, pos), decode_attention_reference(q, k, v, pos)))
+        worst = max(worst, float("inf") if arrival_counters("cuda", Hkv)[:Hkv].any() else 0.0)
+    print(f"check {3 * calls} calls at random positions: worst rel_err={worst:.2e} {'OK' if worst < 1e-2 else 'FAIL'}")
+    return worst < 1e-2
 
 
 @torch.no_grad()
