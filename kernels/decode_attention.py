@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .workspace import int32_workspace
+
 try:
     import triton
     import triton.language as tl
@@ -184,21 +186,11 @@ if triton is not None:
                  out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
 
 
-_arrivals: dict[torch.device, torch.Tensor] = {}
-
-
 def arrival_counters(device, n: int) -> torch.Tensor:
-    """int32 [>= n]: per (sequence, kv head), how many parts have finished. A workspace kept
-    across calls, left at zero by the last part of each call, instead of a zeroed scratch (a
-    memset launch per call). Calls on one device must not overlap on two streams. Create it
-    before any CUDA-graph capture (KVCache does): a tensor made inside torch.compile's graph
-    warm-up comes from a private pool that must not outlive it."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if device not in _arrivals or _arrivals[device].numel() < n:
-        _arrivals[device] = torch.zeros(max(n, 256), device=device, dtype=torch.int32)
-    return _arrivals[device]
+    """int32 [>= n]: per (sequence, kv head), how many parts of this call have finished; a
+    workspace (see workspace.py) that the last part sets back to zero. KVCache makes it."""
+    return int32_workspace("decode_attention_arrivals", device, max(n, 256))
+
 
 def decode_attention_triton(q, k_cache, v_cache, pos, sliding_window: int | None = None,
                             blocks: Blocks = DEFAULT_BLOCKS):

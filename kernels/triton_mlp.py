@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .workspace import int32_workspace
+
 
 @triton.jit
 def _dot(a, b, acc, DOT_F32: tl.constexpr):
@@ -159,22 +161,11 @@ def pick_blocks(B: int) -> Blocks:
 
 
 _empty = torch.empty  # scratch allocation; tests swap in a NaN-filling version to catch unwritten outputs
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
 def list_counter(device) -> torch.Tensor:
-    """int32 [count, n]: the active-row list's length. A workspace kept across calls (like cuBLAS's)
-    instead of a zeroed scratch, which saves a memset launch per call: the gate launch counts up
-    from 0, the up launch copies count to n, the down launch reads n and sets count back to 0.
-    So calls on one device must not overlap on two streams (the decode step runs on one).
-    Create it before any CUDA-graph capture (CATS does, when installed): torch.compile's graphs
-    warm up inside a private memory pool and refuse a tensor from it that outlives them."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if device not in _counters:
-        _counters[device] = torch.zeros(2, device=device, dtype=torch.int32)
-    return _counters[device]
+    """int32 [count, n]: the active-row list's length, a workspace (see workspace.py): the gate
+    launch counts up from 0, the up launch copies count to n, the down launch reads n and sets
+    count back to 0. CATS makes it when installed on a GPU."""
+    return int32_workspace("cats_mlp_list", device, 2)
 
 
 def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None = None,
