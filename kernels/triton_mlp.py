@@ -161,6 +161,8 @@ def pick_blocks(B: int) -> Blocks:
 
 
 _empty = torch.empty  # scratch allocation; tests swap in a NaN-filling version to catch unwritten outputs
+
+
 def list_counter(device) -> torch.Tensor:
     """int32 [count, n]: the active-row list's length, a workspace (see workspace.py): the gate
     launch counts up from 0, the up launch copies count to n, the down launch reads n and sets
