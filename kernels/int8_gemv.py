@@ -1,0 +1,114 @@
+"""int8 weight-only GEMV for decode (batch B = 1..8), as the custom op catsgen::int8_gemv
+(Triton on CUDA, the torch reference elsewhere).
+
+y [B, N] = x [B, K] @ (q [N, K] * scale [N, None]).T: q int8 per output channel (row), scale
+float32 (catsgen/quantize.py). For the dense projections (W_qkv, W_o) and any dense matrix.
+
+Batch-1 decoding is memory-bound, so the kernel is about reading q once, wide and coalesced: a
+program owns BLOCK_N whole rows (and, with split_k > 1, one of split_k ranges of columns) and
+walks along K in [BLOCK_N, BLOCK_K] int8 tiles (BLOCK_K contiguous bytes per row); each tile is
+converted to x's dtype in registers (exact: |q| <= 127) and multiplied on the tensor cores with
+x padded to 16 tokens (the CATS MLP kernels' tile helper, tiles.py), accumulating in fp32. The
+row scales multiply the accumulator once at the end. split_k > 1 writes fp32 partials
+[split_k, B, N] summed by torch (one more launch): for shapes with few rows; with N >= 4096 and
+BLOCK_N = 16 there are already 256+ programs, so the default is 1.
+"""
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    from .tiles import rows_times_x
+except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
+    triton = None
+
+__all__ = ["int8_gemv", "int8_gemv_reference", "int8_gemv_triton", "GemvBlocks"]
+
+
+def int8_gemv_reference(x, q, scale):
+    """x [B, K] @ (q [N, K] * scale [N, None]).T in fp32, returned in x.dtype."""
+    return ((x.float() @ q.float().t()) * scale.float()).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class GemvBlocks:
+    """Rows per program (>= 16: tl.dot), bytes per row and step, column splits, warps, stages."""
+    block_n: int = 16
+    block_k: int = 512
+    split_k: int = 1
+    warps: int = 4
+    stages: int = 4
+
+
+DEFAULT_GEMV_BLOCKS = GemvBlocks()
+
+
+if triton is not None:
+    @triton.jit
+    def _int8_gemv_kernel(x_ptr, q_ptr, s_ptr, out_ptr, B, N, K, K_PER_SPLIT,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        split = tl.program_id(1)
+        row_ok = rows < N
+        k_lo = split * K_PER_SPLIT
+        acc = rows_times_x(q_ptr, x_ptr, rows, row_ok, B, K, k_lo, tl.minimum(k_lo + K_PER_SPLIT, K),
+                           BLOCK_N, BLOCK_K, DOT_F32)
+        acc = acc * tl.load(s_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        toks = tl.arange(0, 16)
+        tl.store(out_ptr + split * B * N + toks[None, :] * N + rows[:, None], acc.to(out_ptr.dtype.element_ty),
+                 mask=(toks < B)[None, :] & row_ok[:, None])
+
+
+def int8_gemv_triton(x, q, scale, blocks: GemvBlocks = DEFAULT_GEMV_BLOCKS):
+    """The Triton path (same contract as int8_gemv_reference). On CPU tensors it needs
+    TRITON_INTERPRET=1 set before triton was imported."""
+    B, K = x.shape
+    N = q.shape[0]
+    assert 1 <= B <= 16, "decode kernel: tokens are padded to 16"
+    assert q.shape == (N, K) and q.dtype == torch.int8 and q.is_contiguous()
+    assert scale.shape == (N,) and scale.dtype == torch.float32
+    x = x.contiguous()
+    split_k = max(1, min(blocks.split_k, triton.cdiv(K, blocks.block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), blocks.block_k) * blocks.block_k
+    split_k = triton.cdiv(K, k_per_split)  # no empty split
+    out = torch.empty((split_k, B, N), device=x.device, dtype=x.dtype if split_k == 1 else torch.float32)
+    _int8_gemv_kernel[(triton.cdiv(N, blocks.block_n), split_k)](
+        x, q, scale, out, B, N, K, k_per_split, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
+        DOT_F32=x.dtype == torch.float32 or not x.is_cuda, num_warps=blocks.warps, num_stages=blocks.stages)
+    return out[0] if split_k == 1 else out.sum(0).to(x.dtype)
+
+
+def _op_exists() -> bool:
+    try:
+        torch.ops.catsgen.int8_gemv
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+if not _op_exists():  # a reload of this module (tests switching to the interpreter) keeps the first one
+    @torch.library.custom_op("catsgen::int8_gemv", mutates_args=())
+    def _int8_gemv_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            return int8_gemv_triton(x, q, scale)
+        return int8_gemv_reference(x, q, scale)
+
+    @_int8_gemv_op.register_fake
+    def _(x, q, scale):
+        return x.new_empty(x.shape[0], q.shape[0])
+
+
+def int8_gemv(x, q, scale, use_triton: bool | None = None):
+    """y [B, N] = x [B, K] @ (q [N, K] * scale [N, None]).T in x.dtype (fp32 accumulation).
+
+    use_triton: None (default) runs the custom op: Triton on CUDA, the reference elsewhere.
+    True forces the Triton path (CPU tensors need TRITON_INTERPRET=1 set before triton is
+    imported); False forces the reference."""
+    if use_triton:
+        return int8_gemv_triton(x, q, scale)
+    if use_triton is False:
+        return int8_gemv_reference(x, q, scale)
+    return torch.ops.catsgen.int8_gemv(x, q, scale)
