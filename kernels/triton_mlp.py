@@ -27,41 +27,20 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import as_operand, dot, rows_times_x
 from .workspace import int32_workspace
 
 
 @triton.jit
-def _dot(a, b, acc, DOT_F32: tl.constexpr):
-    if DOT_F32:  # fp32 inputs; also under Triton's interpreter, whose bf16 tl.dot is wrong (3.9)
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _rows_times_x(w_ptr, x_ptr, rows, row_mask, B, D,
-                  BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
-    """[BLOCK_F, 16] fp32 = w[rows] @ x^T (tokens padded to 16); rows outside row_mask are not read."""
-    toks = tl.arange(0, 16)
-    acc = tl.zeros([BLOCK_F, 16], tl.float32)
-    for k in range(0, D, BLOCK_D):
-        cols = k + tl.arange(0, BLOCK_D)
-        w = tl.load(w_ptr + rows[:, None] * D + cols[None, :], mask=row_mask[:, None] & (cols < D)[None, :],
-                    other=0.0, eviction_policy="evict_first")  # weights are read once: leave L2 to x, v, h, y
-        xt = tl.load(x_ptr + toks[None, :] * D + cols[:, None], mask=(toks < B)[None, :] & (cols < D)[:, None],
-                     other=0.0)
-        acc = _dot(w, xt, acc, DOT_F32)
-    return acc
-
-
-@triton.jit
-def _gate_kernel(x_ptr, wg_ptr, t_ptr, v_ptr, idx_ptr, count_ptr, u_acc_ptr, y_acc_ptr, B, D, F,
+def _gate_kernel(x_ptr, wg_ptr, sg_ptr, t_ptr, v_ptr, idx_ptr, count_ptr, u_acc_ptr, y_acc_ptr, B, D, F,
                  T_PER_ROW: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, ZBLOCK: tl.constexpr,
-                 DOT_F32: tl.constexpr):
+                 DOT_F32: tl.constexpr, INT8: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_F + tl.arange(0, BLOCK_F)
     row_ok = rows < F
-    g = _rows_times_x(wg_ptr, x_ptr, rows, row_ok, B, D, BLOCK_F, BLOCK_D, DOT_F32)
+    g = rows_times_x(wg_ptr, x_ptr, rows, row_ok, B, D, 0, D, BLOCK_F, BLOCK_D, DOT_F32)
+    if INT8:  # per-row (= per-neuron) scales
+        g = g * tl.load(sg_ptr + rows, mask=row_ok, other=0.0)[:, None]
     v = g * tl.sigmoid(g)
     if T_PER_ROW:  # per-neuron thresholds (e.g. a weight-aware score |v_i| s_i > t, as t / s_i)
         t = tl.load(t_ptr + rows, mask=row_ok, other=0.0)[:, None]
@@ -92,30 +71,26 @@ def _list_entries(idx_ptr, count_ptr, item, F, N_COLS, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _up_kernel(x_ptr, wu_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS,
-               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+def _up_kernel(x_ptr, wu_ptr, su_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS,
+               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, INT8: tl.constexpr):
     item = tl.program_id(0)
     slots, rows, ok, n_active, n_items = _list_entries(idx_ptr, count_ptr, item, F, N_COLS, BLOCK_R)
     if item == 0:
         tl.store(count_ptr + 1, n_active)  # for the down launch, which resets count_ptr[0]
     toks = tl.arange(0, 16)
     if item < n_items:
-        acc = tl.zeros([BLOCK_R, 16], tl.float32)
         c0 = (item % N_COLS) * COLS_PER_PROG
-        for c in range(c0, c0 + COLS_PER_PROG, BLOCK_D):
-            cols = c + tl.arange(0, BLOCK_D)
-            w = tl.load(wu_ptr + rows[:, None] * D + cols[None, :], mask=ok[:, None] & (cols < D)[None, :],
-                        other=0.0, eviction_policy="evict_first")
-            xt = tl.load(x_ptr + toks[None, :] * D + cols[:, None], mask=(toks < B)[None, :] & (cols < D)[:, None],
-                         other=0.0)
-            acc = _dot(w, xt, acc, DOT_F32)
+        acc = rows_times_x(wu_ptr, x_ptr, rows, ok, B, D, c0, tl.minimum(c0 + COLS_PER_PROG, D), BLOCK_R, BLOCK_D,
+                           DOT_F32)
+        if INT8:  # the scales of the listed rows only: a skipped neuron's scale is not read either
+            acc = acc * tl.load(su_ptr + rows, mask=ok, other=0.0)[:, None]
         tl.atomic_add(u_acc_ptr + toks[None, :] * F + slots[:, None], acc, mask=(toks < B)[None, :] & ok[:, None],
                       sem="relaxed")
 
 
 @triton.jit
-def _down_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, y_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS,
-                 BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+def _down_kernel(x_ptr, v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, sd_ptr, y_acc_ptr, B, D, F, COLS_PER_PROG,
+                 N_COLS, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, INT8: tl.constexpr):
     item = tl.program_id(0)
     slots, rows, ok, n_active, n_items = _list_entries(idx_ptr, count_ptr + 1, item, F, N_COLS, BLOCK_R)
     if item == 0:
@@ -126,14 +101,16 @@ def _down_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, y_acc_ptr, B, D, 
         m = tok_ok[:, None] & ok[None, :]
         v = tl.load(v_ptr + toks[:, None] * F + rows[None, :], mask=m, other=0.0)
         u = tl.load(u_acc_ptr + toks[:, None] * F + slots[None, :], mask=m, other=0.0)
-        h = (v * u).to(wd_ptr.dtype.element_ty)  # [16, BLOCK_R]; the dot's operands share the weights' dtype
+        h = (v * u).to(x_ptr.dtype.element_ty)  # [16, BLOCK_R]; the dot's operands: x's dtype
         c0 = (item % N_COLS) * COLS_PER_PROG
         for c in range(c0, c0 + COLS_PER_PROG, BLOCK_D):
             cols = c + tl.arange(0, BLOCK_D)
             col_ok = cols < D
             w = tl.load(wd_ptr + rows[:, None] * D + cols[None, :], mask=ok[:, None] & col_ok[None, :],
                         other=0.0, eviction_policy="evict_first")
-            y = _dot(h, w, tl.zeros([16, BLOCK_D], tl.float32), DOT_F32)
+            y = dot(h, as_operand(w, h.dtype, DOT_F32), tl.zeros([16, BLOCK_D], tl.float32), DOT_F32)
+            if INT8:  # W_down's output-channel scales (per column of W_down^T), on this program's row sum
+                y = y * tl.load(sd_ptr + cols, mask=col_ok, other=0.0)[None, :]
             tl.atomic_add(y_acc_ptr + toks[:, None] * D + cols[None, :], y, mask=tok_ok[:, None] & col_ok[None, :],
                           sem="relaxed")
 
@@ -155,9 +132,14 @@ class Blocks:
     stages: int = 3
 
 
-def pick_blocks(B: int) -> Blocks:
-    """Tokens are padded to 16, so one table serves B = 1..8. Tuned on an H200: notes/kernels.md (v5)."""
-    return Blocks()
+INT8_BLOCKS = Blocks(gate_d=256, up_d=256, up_steps=4, down_d=256, down_steps=1)
+
+
+def pick_blocks(B: int, int8: bool = False) -> Blocks:
+    """Tokens are padded to 16, so one table serves B = 1..8. Tuned on an H200: notes/kernels.md (v5).
+    int8: tiles twice as wide, so each load moves the bytes of a bf16 tile, over the same columns
+    per program (same grid); not tuned yet (scripts/gpu_int8.py --sweep)."""
+    return INT8_BLOCKS if int8 else Blocks()
 
 
 _empty = torch.empty  # scratch allocation; tests swap in a NaN-filling version to catch unwritten outputs
@@ -171,19 +153,25 @@ def list_counter(device) -> torch.Tensor:
 
 
 def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None = None,
-                    fp32_out: bool = False):
+                    fp32_out: bool = False, scales=None):
     """Triton implementation of cats_mlp (see reference.py for the definition). fp32_out returns
-    the fp32 accumulator, leaving the cast to the caller (the compiled model fuses it away)."""
+    the fp32 accumulator, leaving the cast to the caller (the compiled model fuses it away).
+    scales: None, or (s_gate [F], s_up [F], s_down [D]) fp32 for int8 weights (catsgen/quantize.py)."""
     B, D = x.shape
     F = w_gate.shape[0]
     assert 1 <= B <= 16, "decode kernel: tokens are padded to 16"
     assert w_gate.shape == w_up.shape == w_down_t.shape == (F, D)
     assert w_gate.is_contiguous() and w_up.is_contiguous() and w_down_t.is_contiguous()
     assert threshold.numel() in (1, F) and threshold.dtype == torch.float32
+    int8 = scales is not None
+    if int8:
+        assert w_gate.dtype == w_up.dtype == w_down_t.dtype == torch.int8
+        assert [(s.shape, s.dtype) for s in scales] == [((F,), torch.float32)] * 2 + [((D,), torch.float32)]
+    s_gate, s_up, s_down = scales if int8 else (threshold,) * 3  # unread when not int8
     x = x.contiguous()
-    cfg = blocks or pick_blocks(B)
+    cfg = blocks or pick_blocks(B, int8)
     dot_f32 = x.dtype == torch.float32 or not x.is_cuda
-    common = dict(DOT_F32=dot_f32, num_warps=cfg.warps, num_stages=cfg.stages)
+    common = dict(DOT_F32=dot_f32, INT8=int8, num_warps=cfg.warps, num_stages=cfg.stages)
 
     f32 = dict(device=x.device, dtype=torch.float32)
     v, u_acc, y_acc = _empty(B, F, **f32), _empty(B, F, **f32), _empty(B, D, **f32)
@@ -191,15 +179,15 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     count = list_counter(x.device)
 
     n_gate = triton.cdiv(F, cfg.gate_f)
-    _gate_kernel[(n_gate,)](x, w_gate, threshold, v, idx, count, u_acc, y_acc, B, D, F,
+    _gate_kernel[(n_gate,)](x, w_gate, s_gate, threshold, v, idx, count, u_acc, y_acc, B, D, F,
                             T_PER_ROW=threshold.numel() > 1, BLOCK_F=cfg.gate_f, BLOCK_D=cfg.gate_d,
                             ZBLOCK=triton.next_power_of_2(triton.cdiv(B * (F + D), n_gate)),
-                            DOT_F32=dot_f32, num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
+                            DOT_F32=dot_f32, INT8=int8, num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
     up_cols, down_cols = cfg.up_d * cfg.up_steps, cfg.down_d * cfg.down_steps
     n_up, n_down = triton.cdiv(D, up_cols), triton.cdiv(D, down_cols)  # column ranges
     _up_kernel[(n_up * triton.cdiv(F, cfg.up_r),)](
-        x, w_up, idx, count, u_acc, B, D, F, up_cols, n_up, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d, **common)
+        x, w_up, s_up, idx, count, u_acc, B, D, F, up_cols, n_up, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d, **common)
     _down_kernel[(n_down * triton.cdiv(F, cfg.down_r),)](
-        v, u_acc, idx, count, w_down_t, y_acc, B, D, F, down_cols, n_down,
+        x, v, u_acc, idx, count, w_down_t, s_down, y_acc, B, D, F, down_cols, n_down,
         BLOCK_R=cfg.down_r, BLOCK_D=cfg.down_d, **common)
     return y_acc if fp32_out or x.dtype == torch.float32 else y_acc.to(x.dtype)

@@ -5,8 +5,12 @@ import os
 import pytest
 import torch
 
+import catsgen.kernels.triton_mlp as cm
+import test_kernels as kernel_tests  # its threshold helper and tile sizes
+from catsgen.kernels import cats_mlp, cats_mlp_reference
 from catsgen.kernels.int8_gemv import GemvBlocks, int8_gemv, int8_gemv_reference, int8_gemv_triton
 from catsgen.quantize import dequantize_int8, quantize_int8
+from test_kernels import poisoned_scratch  # noqa: F401 (a fixture)
 
 assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"  # conftest.py
 
@@ -54,3 +58,76 @@ def test_int8_gemv_custom_op_under_torch_compile():
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # fake tensors check the registration
     assert _rel_err(compiled(x), x[:, :37] + int8_gemv_reference(x * 2, q, scale)) < 1e-5
     torch.library.opcheck(torch.ops.catsgen.int8_gemv.default, (x, q, scale))
+
+
+# ---- the CATS MLP on int8 weights (kernels/triton_mlp.py with scales) ----
+
+def _int8_mlp(B, d, f, dtype, seed):
+    """x in dtype and the int8 MLP: (q_gate, q_up, q_down_t), (s_gate, s_up, s_down)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, d, generator=g).to(DEV, dtype)
+    w_gate, w_up, w_down = torch.randn(f, d, generator=g) / d**0.5, torch.randn(f, d, generator=g) / d**0.5, \
+        torch.randn(d, f, generator=g) / f**0.5
+    (qg, sg), (qu, su), (qd, sd) = quantize_int8(w_gate), quantize_int8(w_up), quantize_int8(w_down)
+    return x, [qg.to(DEV), qu.to(DEV), qd.t().contiguous().to(DEV)], [sg.to(DEV), su.to(DEV), sd.to(DEV)]
+
+
+def _threshold(x, qs, scales, sparsity):
+    """A scalar threshold that zeroes a `sparsity` fraction of |SiLU(W_gate x)| (dequantized W_gate)."""
+    return kernel_tests._threshold(x, dequantize_int8(qs[0], scales[0]), sparsity)
+
+
+@pytest.mark.parametrize("B", [1, 3, 8])
+@pytest.mark.parametrize("sparsity", [0, 0.4, 1])
+@pytest.mark.parametrize("d,f,blocks,dtype", [(37, 67, None, torch.bfloat16),  # the int8 tiles
+                                              (72, 150, kernel_tests.SMALL, torch.float32)])  # many steps, tails
+def test_int8_cats_mlp_matches_reference(poisoned_scratch, dtype, B, sparsity, d, f, blocks):
+    x, qs, scales = _int8_mlp(B, d, f, dtype, seed=B + f)
+    t = _threshold(x, qs, scales, sparsity)
+    out = cm.cats_mlp_triton(x, *qs, t, blocks=blocks, scales=scales)
+    ref = cats_mlp_reference(x, *qs, t, scales=scales)
+    assert out.shape == (B, d) and out.dtype == dtype and not out.isnan().any()
+    if sparsity == 1:
+        assert (out == 0).all()
+    else:
+        assert _rel_err(out, ref) < TOL[dtype]
+
+
+def test_int8_cats_reference_is_dequantized_float_mlp():
+    x, qs, scales = _int8_mlp(3, 24, 50, torch.float32, seed=2)
+    t = _threshold(x, qs, scales, 0.5)
+    dequantized = [dequantize_int8(q, s, transposed=i == 2) for i, (q, s) in enumerate(zip(qs, scales))]
+    assert _rel_err(cats_mlp_reference(x, *qs, t, scales=scales), cats_mlp_reference(x, *dequantized, t)) < 1e-6
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_int8_skipped_neurons_read_no_byte(B):
+    """Idle neurons (no token needs them): NaN scales of W_up and garbage rows of W_up / W_down^T
+    must not reach y; so neither their rows nor their scales are read."""
+    x, qs, scales = _int8_mlp(B, 40, 96, torch.float32, seed=B)
+    t = _threshold(x, qs, scales, 0.6)
+    ref = cats_mlp_reference(x, *qs, t, scales=scales)
+    v = torch.nn.functional.silu(x @ dequantize_int8(qs[0], scales[0]).t())
+    idle = ~(v.abs() > t).any(0)
+    assert 0 < idle.sum() < 96
+    qs[1][idle], qs[2][idle], scales[1][idle] = 127, -127, float("nan")
+    for blocks in (None, kernel_tests.SMALL):
+        assert _rel_err(cm.cats_mlp_triton(x, *qs, t, blocks=blocks, scales=scales), ref) < 1e-5
+
+
+@pytest.mark.parametrize("B", [1, 8])
+def test_int8_per_neuron_threshold(B):
+    x, qs, scales = _int8_mlp(B, 37, 67, torch.float16, seed=1)
+    t = torch.rand(67, device=DEV) * 0.3
+    out = cats_mlp(x, *qs, t, use_triton=True, scales=scales)
+    assert out.dtype == torch.float16
+    assert _rel_err(out, cats_mlp_reference(x, *qs, t, scales=scales)) < TOL[torch.float16]
+
+
+def test_int8_cats_custom_op_under_torch_compile():
+    x, qs, scales = _int8_mlp(1, 37, 67, torch.float32, seed=3)
+    t = _threshold(x, qs, scales, 0.5)
+    step = lambda x, t: x + cats_mlp(x * 2, *qs, t, scales=scales)  # noqa: E731
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    assert _rel_err(compiled(x, t), x + cats_mlp_reference(x * 2, *qs, t, scales=scales)) < 1e-5
+    torch.library.opcheck(torch.ops.catsgen.cats_mlp.default, (x, *qs, t, *scales))
