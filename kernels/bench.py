@@ -108,10 +108,11 @@ def run_kernel_bench(shapes=None, batch_sizes=(1, 4), sparsities=(0, 0.3, 0.5, 0
 
 
 def format_table(rows) -> str:
-    head = f"{'weights':>7} {'shape':>11} {'B':>2} {'s':>4} {'active':>6} {'cats_us':>8} {'dense_us':>8} {'speedup':>7} " \
-           f"{'limit':>6} {'GB/s':>6} {'rel_err':>8}"
+    head = f"{'weights':>7} {'shape':>11} {'B':>2} {'s':>4} {'active':>6} {'cats_us':>8} {'dense_us':>8} " \
+           f"{'speedup':>7} {'limit':>6} {'GB/s':>6} {'rel_err':>8}"
     lines = [head] + [
-        f"{r['weights']:>7} {r['shape']:>11} {r['B']:>2} {r['s']:>4.2f} {r['active']:>6.3f} {r['us']:>8.1f} {r['dense_us']:>8.1f} "
+        f"{r['weights']:>7} {r['shape']:>11} {r['B']:>2} {r['s']:>4.2f} {r['active']:>6.3f} {r['us']:>8.1f} "
+        f"{r['dense_us']:>8.1f} "
         f"{r['speedup']:>6.2f}x {r['limit']:>5.2f}x {r['gbps']:>6.0f} {r['err']:>8.1e}" for r in rows]
     return "\n".join(lines)
 
