@@ -74,11 +74,13 @@ def int8_gemv_triton(x, q, scale, blocks: GemvBlocks = DEFAULT_GEMV_BLOCKS):
     split_k = max(1, min(blocks.split_k, triton.cdiv(K, blocks.block_k)))
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), blocks.block_k) * blocks.block_k
     split_k = triton.cdiv(K, k_per_split)  # no empty split
-    out = torch.empty((split_k, B, N), device=x.device, dtype=x.dtype if split_k == 1 else torch.float32)
+    # split_k > 1: fp32 partials [split_k, B, N]; else y itself (not a view: the op returns it)
+    shape, dtype = ((B, N), x.dtype) if split_k == 1 else ((split_k, B, N), torch.float32)
+    out = torch.empty(shape, device=x.device, dtype=dtype)
     _int8_gemv_kernel[(triton.cdiv(N, blocks.block_n), split_k)](
         x, q, scale, out, B, N, K, k_per_split, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
         DOT_F32=x.dtype == torch.float32 or not x.is_cuda, num_warps=blocks.warps, num_stages=blocks.stages)
-    return out[0] if split_k == 1 else out.sum(0).to(x.dtype)
+    return out if split_k == 1 else out.sum(0).to(x.dtype)
 
 
 def _op_exists() -> bool:
