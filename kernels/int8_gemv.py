@@ -35,12 +35,14 @@ def int8_gemv_reference(x, q, scale):
 
 @dataclass(frozen=True)
 class GemvBlocks:
-    """Rows per program (>= 16: tl.dot), bytes per row and step, column splits, warps, stages."""
+    """Tiles of the int8 GEMV (not tuned yet: scripts/gpu_int8.py --sweep).
+    block_n: rows per program (>= 16, a tl.dot operand; N=4096 gives 256 programs, 2 per SM);
+    block_k: int8 columns per step (512 bytes a row, 8 KB a tile); split_k: column ranges per
+    row block (> 1: fp32 partials summed by torch, one launch more); Triton's num_warps, num_stages."""
     block_n: int = 16
     block_k: int = 512
     split_k: int = 1
-    warps: int = 4
-    stages: int = 4
+    warps_and_stages: tuple[int, int] = (4, 4)
 
 
 DEFAULT_GEMV_BLOCKS = GemvBlocks()
@@ -79,28 +81,21 @@ def int8_gemv_triton(x, q, scale, blocks: GemvBlocks = DEFAULT_GEMV_BLOCKS):
     out = torch.empty(shape, device=x.device, dtype=dtype)
     _int8_gemv_kernel[(triton.cdiv(N, blocks.block_n), split_k)](
         x, q, scale, out, B, N, K, k_per_split, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
-        DOT_F32=x.dtype == torch.float32 or not x.is_cuda, num_warps=blocks.warps, num_stages=blocks.stages)
+        DOT_F32=x.dtype == torch.float32 or not x.is_cuda, num_warps=blocks.warps_and_stages[0],
+        num_stages=blocks.warps_and_stages[1])
     return out if split_k == 1 else out.sum(0).to(x.dtype)
 
 
-def _op_exists() -> bool:
-    try:
-        torch.ops.catsgen.int8_gemv
-        return True
-    except (AttributeError, RuntimeError):
-        return False
+@torch.library.custom_op("catsgen::int8_gemv", mutates_args=())
+def _int8_gemv_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if x.is_cuda:
+        return int8_gemv_triton(x, q, scale)
+    return int8_gemv_reference(x, q, scale)
 
 
-if not _op_exists():  # a reload of this module (tests switching to the interpreter) keeps the first one
-    @torch.library.custom_op("catsgen::int8_gemv", mutates_args=())
-    def _int8_gemv_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
-            return int8_gemv_triton(x, q, scale)
-        return int8_gemv_reference(x, q, scale)
-
-    @_int8_gemv_op.register_fake
-    def _(x, q, scale):
-        return x.new_empty(x.shape[0], q.shape[0])
+@_int8_gemv_op.register_fake
+def _(x, q, scale):
+    return x.new_empty(x.shape[0], q.shape[0])
 
 
 def int8_gemv(x, q, scale, use_triton: bool | None = None):
