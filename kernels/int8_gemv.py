@@ -16,6 +16,7 @@ BLOCK_N = 16 there are already 256+ programs, so the default is 1.
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -25,7 +26,10 @@ try:
 except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
     triton = None
 
-__all__ = ["int8_gemv", "int8_gemv_reference", "int8_gemv_triton", "GemvBlocks"]
+__all__ = ["int8_gemv", "int8_gemv_reference", "int8_gemv_triton", "GemvBlocks", "MAX_ROWS"]
+
+
+MAX_ROWS = 16  # tokens are padded to 16 for tl.dot
 
 
 def int8_gemv_reference(x, q, scale):
@@ -69,7 +73,7 @@ def int8_gemv_triton(x, q, scale, blocks: GemvBlocks = DEFAULT_GEMV_BLOCKS):
     TRITON_INTERPRET=1 set before triton was imported."""
     B, K = x.shape
     N = q.shape[0]
-    assert 1 <= B <= 16, "decode kernel: tokens are padded to 16"
+    assert 1 <= B <= MAX_ROWS, "decode kernel: tokens are padded to 16"
     assert q.shape == (N, K) and q.dtype == torch.int8 and q.is_contiguous()
     assert scale.shape == (N,) and scale.dtype == torch.float32
     x = x.contiguous()
@@ -88,8 +92,10 @@ def int8_gemv_triton(x, q, scale, blocks: GemvBlocks = DEFAULT_GEMV_BLOCKS):
 
 @torch.library.custom_op("catsgen::int8_gemv", mutates_args=())
 def _int8_gemv_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    if x.is_cuda:
+    if x.is_cuda and x.shape[0] <= MAX_ROWS:
         return int8_gemv_triton(x, q, scale)
+    if x.is_cuda:  # prefill: many tokens, compute-bound; cuBLAS on a transient x.dtype copy of q
+        return (F.linear(x, q.to(x.dtype)) * scale).to(x.dtype)
     return int8_gemv_reference(x, q, scale)
 
 
@@ -99,13 +105,18 @@ def _(x, q, scale):
 
 
 def int8_gemv(x, q, scale, use_triton: bool | None = None):
-    """y [B, N] = x [B, K] @ (q [N, K] * scale [N, None]).T in x.dtype (fp32 accumulation).
+    """y [..., N] = x [..., K] @ (q [N, K] * scale [N, None]).T in x.dtype (fp32 accumulation).
+    The Triton kernel takes up to MAX_ROWS rows of x (decode); the op runs more (prefill) through
+    cuBLAS on CUDA.
 
     use_triton: None (default) runs the custom op: Triton on CUDA, the reference elsewhere.
     True forces the Triton path (CPU tensors need TRITON_INTERPRET=1 set before triton is
     imported); False forces the reference."""
+    rows = x.reshape(-1, x.shape[-1])
     if use_triton:
-        return int8_gemv_triton(x, q, scale)
-    if use_triton is False:
-        return int8_gemv_reference(x, q, scale)
-    return torch.ops.catsgen.int8_gemv(x, q, scale)
+        y = int8_gemv_triton(rows, q, scale)
+    elif use_triton is False:
+        y = int8_gemv_reference(rows, q, scale)
+    else:
+        y = torch.ops.catsgen.int8_gemv(rows, q, scale)
+    return y.reshape(*x.shape[:-1], q.shape[0])

@@ -51,6 +51,15 @@ def test_int8_gemv_reference_is_dequantized_linear():
     assert _rel_err(int8_gemv_reference(x.float(), q, scale), expected) < 1e-6
 
 
+def test_int8_gemv_takes_any_leading_dims():
+    """[B, T, K] inputs (prefill: many tokens) go through the op; the result keeps the leading dims."""
+    q, scale = _quantized(30, 20, seed=8)
+    x = torch.randn(2, 19, 20).to(DEV)
+    y = int8_gemv(x, q, scale)
+    assert y.shape == (2, 19, 30)
+    assert _rel_err(y, int8_gemv_reference(x.reshape(38, 20), q, scale).reshape(2, 19, 30)) < 1e-5
+
+
 def test_int8_gemv_custom_op_under_torch_compile():
     q, scale = _quantized(37, 67, seed=3)
     x = torch.randn(1, 67).to(DEV)
