@@ -13,8 +13,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from .ops import cats_mlp
-from .reference import cats_mlp_reference
+from .cats_mlp import cats_mlp, cats_mlp_reference
 
 SHAPES = ((4096, 11008), (4096, 14336))  # (d, f): Llama-2-7B, Mistral-7B
 

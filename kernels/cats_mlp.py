@@ -23,7 +23,6 @@ measurements: notes/kernels.md.
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .workspace import int32_workspace
 
@@ -40,7 +39,7 @@ def cats_mlp_reference(x, w_gate, w_up, w_down_t, threshold):
     """The definition the Triton kernels must match (same contract as cats_mlp), computed in fp32,
     returned in x.dtype."""
     xf = x.float()
-    v = F.silu(xf @ w_gate.float().t())
+    v = torch.nn.functional.silu(xf @ w_gate.float().t())
     v = torch.where(v.abs() > threshold.float(), v, 0.0)
     h = v * (xf @ w_up.float().t())
     return (h @ w_down_t.float()).to(x.dtype)
