@@ -47,9 +47,6 @@ class CATS(DenseSiLU):
         self.layer = layer
         self.register_buffer("threshold", torch.as_tensor(threshold, dtype=torch.float32).to(device).clone())
         self.counter: SparsityCounter | None = None  # set only during a measuring forward
-        if torch.device(device or "cpu").type == "cuda":
-            from catsgen.kernels.triton_mlp import list_counter
-            list_counter(device)  # the kernels' workspace, made now: outside any CUDA-graph memory pool
 
     def forward(self, x, w_gate, w_up, w_down_t):
         tokens = x.numel() // x.shape[-1]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from catsgen.config import ModelConfig
 from catsgen.errors import UserError
-from catsgen.kernels.decode_attention import arrival_counters, decode_attention
+from catsgen.kernels import decode_attention, prepare_workspaces
 
 
 class KVCache(nn.Module):
@@ -22,8 +22,6 @@ class KVCache(nn.Module):
         super().__init__()
         shape = (2, batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        if self.kv.is_cuda:  # the decode kernel's workspace, made now: outside any CUDA-graph memory pool
-            arrival_counters(self.kv.device, batch_size * n_kv_heads)
 
     def update(self, input_pos, k, v):
         # index_copy_ writes in place with a tensor index: no host sync, graph-capturable.
@@ -71,6 +69,10 @@ class MLP(nn.Module):
 
 
 class Attention(nn.Module):
+    # Decode on CUDA reads the cache through the flash-decoding kernel; False keeps SDPA over the
+    # whole cache (the baseline scripts/gpu_attention.py measures the kernel against).
+    decode_kernel = True
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
@@ -90,7 +92,7 @@ class Attention(nn.Module):
 
         if input_pos is not None and self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-            if T == 1 and q.is_cuda:  # decode: a Triton kernel reads only the allowed cache positions
+            if T == 1 and q.is_cuda and self.decode_kernel:  # decode: reads only the allowed positions
                 y = decode_attention(q, k, v, input_pos, self.sliding_window)
                 return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
@@ -145,6 +147,7 @@ class Transformer(nn.Module):
         dtype, device = self.output.weight.dtype, self.output.weight.device
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch_size, max_seq_len, c.n_kv_heads, c.head_dim, dtype, device)
+        prepare_workspaces(device, batch_size, c.n_kv_heads)  # now: before any CUDA-graph capture
         self.max_seq_len = max_seq_len
         self.setup_rope(max_seq_len)
 

@@ -1,5 +1,30 @@
-"""Decode kernels: CATS sparse MLP (Triton on CUDA, torch reference elsewhere)."""
-from .ops import cats_mlp
-from .reference import cats_mlp_reference
+"""Decode kernels (shipped as catsgen.kernels): the one door the model uses.
 
-__all__ = ["cats_mlp", "cats_mlp_reference"]
+Layout rule: one file per kernel, holding
+  - its torch reference (the definition the kernel must match; also the op's CPU path),
+  - its Triton code, defined only when triton imports (`if triton is not None:`), so CPU-only
+    machines without Triton still import this package and run the reference,
+  - its torch.library custom op `catsgen::<name>` (a plain @custom_op decorator, no
+    re-registration guard) with a register_fake, so a decode step compiles with fullgraph=True
+    and runs under CUDA graphs,
+  - its public function `<name>(..., use_triton=None)`: the op by default, True / False force
+    the Triton path / the reference,
+  - the accessor of any workspace it keeps across calls (built on workspace.int32_workspace),
+    which prepare_workspaces below creates.
+Callers import from here only; tests and GPU scripts may reach into a kernel's module for its
+tiles and Triton path (importlib.import_module: the module and its op share a name).
+"""
+from .cats_mlp import cats_mlp, cats_mlp_reference, list_counter
+from .decode_attention import arrival_counters, decode_attention, decode_attention_reference
+from .int8_gemv import int8_gemv, int8_gemv_reference
+
+__all__ = ["cats_mlp", "cats_mlp_reference", "decode_attention", "decode_attention_reference",
+           "int8_gemv", "int8_gemv_reference", "prepare_workspaces"]
+
+
+def prepare_workspaces(device, batch_size: int, n_kv_heads: int) -> None:
+    """Make the kernels' zeroed workspaces on `device` for a KV cache of batch_size sequences x
+    n_kv_heads. Call once when the caches are set up, before any CUDA-graph capture: a workspace
+    made inside torch.compile's capture would live in the graph's private memory pool."""
+    list_counter(device)
+    arrival_counters(device, batch_size * n_kv_heads)

@@ -1,24 +1,24 @@
 """Flash-decoding attention for one new token over a static KV cache, as the custom op
 catsgen::decode_attention (Triton on CUDA, the torch reference elsewhere).
 
-The decode step attends one query per head to a cache [B, n_kv_heads, S, D] whose first pos+1
-positions are filled. SDPA with a boolean mask reads the whole cache (S positions) every step;
-these kernels read only the positions the mask allows. pos stays on the device (no host sync,
-static shapes), so the grid covers all S positions and programs with nothing to do exit
-before loading anything.
+Contract: q [B, H, 1, D], k_cache / v_cache [B, Hkv, S, D] (H a multiple of Hkv: GQA), pos int64
+[1] on the device (the current token's index; its key and value are already in the cache). Key j
+is attended iff j <= pos and, with a sliding window w, pos - j < w. Returns [B, H, 1, D] in q.dtype.
+
+Only the allowed positions are read (SDPA with a boolean mask reads all S). pos stays on the
+device (no host sync, static shapes), so the grid covers any position and programs with nothing
+to do exit before loading anything.
 
 One launch, _split_kernel, grid (n_splits, B * n_kv_heads): the allowed range [lo, pos] (lo =
 pos - window + 1 with a sliding window, else 0) is cut on the device into n_splits equal parts
 (rounded up to GRANULE positions); program (c, b*kv) takes part c. n_splits is fixed on the host
-so that the grid holds about `programs` programs whatever the context: a grid sized for
-max_seq_len (one program per fixed chunk) spent most of its time launching programs that had
-nothing to read at short context (8 us at position 256 on an H100). A program handles all G =
-n_heads / n_kv_heads query heads of its kv head, so K and V are read once (GQA without
+so that the grid holds about `programs` programs whatever the context. A program handles all
+G = n_heads / n_kv_heads query heads of its kv head, so K and V are read once (GQA without
 repeats), and writes an unnormalised fp32 partial output and its running max / sum of exp
 (base 2) per query head. Then it arrives on its (b, kv head)'s counter; the last part to
-arrive combines the partials of all parts and writes the output in q.dtype, and sets the
-counter back to zero (a workspace kept across calls, see arrival_counters). The combination
-was a second launch until v5 (notes/kernels.md); one launch and one graph node less per layer.
+arrive combines the partials of all parts, writes the output in q.dtype, and sets the counter
+back to zero (a workspace kept across calls, see arrival_counters). Why this design, with
+measurements: notes/kernels.md.
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ try:
 except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
     triton = None
 
-__all__ = ["decode_attention", "decode_attention_reference", "decode_attention_triton", "Blocks"]
+__all__ = ["decode_attention", "decode_attention_reference", "decode_attention_triton", "Blocks",
+           "arrival_counters"]
 
 
 def decode_attention_reference(q, k_cache, v_cache, pos, sliding_window: int | None = None):
@@ -61,7 +62,7 @@ def decode_attention_reference(q, k_cache, v_cache, pos, sliding_window: int | N
 class Blocks:
     """programs: about how many split programs to launch (n_splits = programs / (B * n_kv_heads));
     granule: a part's length is a multiple of it; min_part: and at least this (at short context
-    fewer, longer parts measured faster: 8.9 against 11.3 us at position 200, H100);
+    fewer, longer parts are faster);
     block_n: positions per loop step;
     block_c: partials x query heads combined per step by the last part to finish."""
     programs: int = 256
@@ -188,7 +189,8 @@ if triton is not None:
 
 def arrival_counters(device, n: int) -> torch.Tensor:
     """int32 [>= n]: per (sequence, kv head), how many parts of this call have finished; a
-    workspace (see workspace.py) that the last part sets back to zero. KVCache makes it."""
+    workspace (see workspace.py) that the last part sets back to zero. prepare_workspaces makes
+    it, before any CUDA-graph capture."""
     return int32_workspace("decode_attention_arrivals", device, max(n, 256))
 
 
@@ -226,25 +228,17 @@ def decode_attention_triton(q, k_cache, v_cache, pos, sliding_window: int | None
     return out
 
 
-def _op_exists() -> bool:
-    try:
-        torch.ops.catsgen.decode_attention
-        return True
-    except (AttributeError, RuntimeError):
-        return False
+@torch.library.custom_op("catsgen::decode_attention", mutates_args=())
+def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         pos: torch.Tensor, sliding_window: int) -> torch.Tensor:
+    if q.is_cuda:
+        return decode_attention_triton(q, k_cache, v_cache, pos, sliding_window)
+    return decode_attention_reference(q, k_cache, v_cache, pos, sliding_window)
 
 
-if not _op_exists():  # a reload of this module (tests switching to the interpreter) keeps the first one
-    @torch.library.custom_op("catsgen::decode_attention", mutates_args=())
-    def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                             pos: torch.Tensor, sliding_window: int) -> torch.Tensor:
-        if q.is_cuda:
-            return decode_attention_triton(q, k_cache, v_cache, pos, sliding_window)
-        return decode_attention_reference(q, k_cache, v_cache, pos, sliding_window)
-
-    @_decode_attention_op.register_fake
-    def _(q, k_cache, v_cache, pos, sliding_window):
-        return q.new_empty(q.shape[0], q.shape[1], 1, q.shape[3])
+@_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, pos, sliding_window):
+    return q.new_empty(q.shape[0], q.shape[1], 1, q.shape[3])
 
 
 def decode_attention(q, k_cache, v_cache, pos, sliding_window: int | None = None,

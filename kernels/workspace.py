@@ -2,7 +2,7 @@
 leave at zero for the next, instead of a zeroed scratch per call (a memset launch saved).
 
 So calls on one device must not overlap on two streams (the decode step runs on one). Create a
-workspace before any CUDA-graph capture (CATS and KVCache do, when made on a GPU): torch.compile's
+workspace before any CUDA-graph capture (prepare_workspaces, called when the caches are set up): torch.compile's
 graphs warm up inside a private memory pool and refuse a tensor from it that outlives them."""
 import torch
 

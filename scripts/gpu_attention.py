@@ -1,13 +1,15 @@
 """GPU check of the flash-decoding attention kernel (kernels/decode_attention.py):
   1. kernel vs the torch reference at real shapes (bf16; fp16 / fp32 spot checks), then many
      calls at random positions (the last part of each head combines: a race would show here);
-  2. a small model decoding with the kernel vs the same model with the old SDPA path;
+  2. a small model decoding with the kernel vs the same model with the old SDPA path
+     (Attention.decode_kernel = False);
   3. time: kernel (a few tilings) vs SDPA over the whole cache with a boolean mask, each call
      captured in a CUDA graph, rotating over 8 layers' caches so L2 holds none of them.
 `--bench-baseline BENCH_ARGS...` instead runs bench.py with the decode step on the old SDPA
-path (the baseline, on the same card).
+path (Attention.decode_kernel = False: the baseline, on the same card).
     python3 scripts/gpu_attention.py
 """
+import importlib
 import sys
 from pathlib import Path
 
@@ -16,13 +18,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, as for bench.py
 import catsgen.model as M  # noqa: E402
+from catsgen.kernels import decode_attention, decode_attention_reference  # noqa: E402
 from catsgen.kernels.bench import graph_time_us as kernel_graph_time_us  # noqa: E402
-from catsgen.kernels.decode_attention import (Blocks, DEFAULT_BLOCKS, arrival_counters,  # noqa: E402
-                                              decode_attention, decode_attention_reference, decode_attention_triton)
+
+# The kernel's module, for its tilings and Triton path (the op of the same name is imported above).
+da = importlib.import_module("catsgen.kernels.decode_attention")
+Blocks, DEFAULT_BLOCKS, arrival_counters, decode_attention_triton = (
+    da.Blocks, da.DEFAULT_BLOCKS, da.arrival_counters, da.decode_attention_triton)
 
 
 def sdpa_whole_cache(q, k, v, pos, window):
-    """What Attention.forward did for decode before the kernel: SDPA over all S positions."""
+    """What Attention.forward does for decode without the kernel: SDPA over all S positions."""
     mask = M.attention_mask(pos, torch.arange(k.shape[2], device=q.device), window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
@@ -89,8 +95,9 @@ def check_model():
         prompt = torch.randint(0, 256, (1, 20), device="cuda")
         tokens = torch.randint(0, 256, (1, 40), device="cuda")
 
-        def run(attention_fn, compiled=False):
-            M.decode_attention = attention_fn
+        def run(use_kernel, compiled=False):
+            for layer in model.layers:
+                layer.attention.decode_kernel = use_kernel
             torch._dynamo.reset()
             fwd = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
             model(prompt, torch.arange(20, device="cuda"))
@@ -99,13 +106,12 @@ def check_model():
                 logits.append(fwd(tokens[:, i - 20:i - 19], torch.tensor([i], device="cuda")).float())
             return torch.cat(logits)
 
-        base = run(sdpa_whole_cache)
+        base = run(use_kernel=False)
         for name, compiled in [("eager", False), ("compiled", True)]:
-            err = rel_err(run(decode_attention, compiled), base)
+            err = rel_err(run(True, compiled), base)
             good = err < (1e-4 if dtype == torch.float32 else 2e-2)
             ok &= good
             print(f"model window={window} {dtype} {name}: logits rel_err={err:.2e} {'OK' if good else 'FAIL'}")
-        M.decode_attention = decode_attention
     return ok
 
 
@@ -139,7 +145,7 @@ def timings():
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--bench-baseline"]:
         from catsgen.cli import main
-        M.decode_attention = sdpa_whole_cache
+        M.Attention.decode_kernel = False
         print("BASELINE: decode attention = SDPA over the whole cache (the path before the kernel)", flush=True)
         main(argv=sys.argv[2:], prog_name="bench.py", command="bench")
     print("torch", torch.__version__, "triton", __import__("triton").__version__, torch.cuda.get_device_name())

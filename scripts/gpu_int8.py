@@ -28,6 +28,7 @@ from catsgen.quantize import quantize_int8  # noqa: E402
 
 cm = importlib.import_module("catsgen.kernels.cats_mlp")  # the modules, not the ops of the same name
 gm = importlib.import_module("catsgen.kernels.int8_gemv")
+DEV = "cuda"  # a CPU smoke run of the checks (tiny shapes, interpreter) sets it to "cpu"
 D, FF = 4096, 11008
 GEMV_SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}
 L2_BYTES = 200 * 2**20  # weights rotated per timed call: 4x the H200's L2
@@ -48,7 +49,7 @@ def check(name, err, tol, extra_ok=True):
 
 def quantized(n, k, dtype=torch.bfloat16):
     """A random float weight [n, k] in dtype and its int8 (q, scale)."""
-    w = (torch.randn(n, k, device="cuda") / k**0.5).to(dtype)
+    w = (torch.randn(n, k, device=DEV) / k**0.5).to(dtype)
     return (w, *quantize_int8(w))
 
 
@@ -61,7 +62,7 @@ def int8_mlp(d=D, f=FF):
 def threshold(x, q_gate, s_gate, s):
     v = F.silu((x.float() @ q_gate.float().t()) * s_gate).abs()
     t = -1.0 if s == 0 else float("inf") if s == 1 else torch.quantile(v.flatten(), s).item()
-    return torch.tensor(t, device="cuda"), (v > t).any(0).float().mean().item()
+    return torch.tensor(t, device=DEV), (v > t).any(0).float().mean().item()
 
 
 def check_kernels():
@@ -69,11 +70,11 @@ def check_kernels():
         _, q, scale = quantized(n, k)
         for B, dt in ((1, torch.bfloat16), (4, torch.bfloat16), (8, torch.bfloat16), (3, torch.float16),
                       (2, torch.float32)):
-            x = torch.randn(B, k, device="cuda", dtype=dt)
+            x = torch.randn(B, k, device=DEV, dtype=dt)
             y = int8_gemv(x, q, scale)
             check(f"int8_gemv {name} {n}x{k} B={B} {dt}", rel_err(y, int8_gemv_reference(x, q, scale)),
                   1e-4 if dt == torch.float32 else 1e-2, y.dtype == dt and not y.isnan().any())
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
         y = gm.int8_gemv_triton(x, q, scale, gm.GemvBlocks(split_k=2))
         check(f"int8_gemv {name} split_k=2", rel_err(y, int8_gemv_reference(x, q, scale)), 1e-2)
 
@@ -84,19 +85,19 @@ def check_kernels():
         for B, s, dt in ((1, 0.5, torch.bfloat16), (1, 0, torch.bfloat16), (4, 0.7, torch.bfloat16),
                          (8, 0.9, torch.bfloat16), (1, 1.0, torch.bfloat16), (3, 0.5, torch.float16),
                          (1, 0.5, torch.float32)):
-            x = torch.randn(B, D, device="cuda", dtype=dt)
+            x = torch.randn(B, D, device=DEV, dtype=dt)
             t, _ = threshold(x, qs[0], scales[0], s)
             y = cats_mlp(x, *qs, t, scales=scales)
             ok = y.dtype == dt and not y.isnan().any() and (s < 1 or bool((y == 0).all()))
             err = 0.0 if s == 1 else rel_err(y, cats_mlp_reference(x, *qs, t, scales=scales))
             check(f"int8 cats_mlp B={B} s={s} {dt}", err, 1e-4 if dt == torch.float32 else 1e-2, ok)
-        x = torch.randn(2, D, device="cuda", dtype=torch.bfloat16)
-        t = torch.rand(FF, device="cuda") * 0.1  # per-neuron thresholds
+        x = torch.randn(2, D, device=DEV, dtype=torch.bfloat16)
+        t = torch.rand(FF, device=DEV) * 0.1  # per-neuron thresholds
         check("int8 cats_mlp per-neuron t", rel_err(cats_mlp(x, *qs, t, scales=scales),
                                                    cats_mlp_reference(x, *qs, t, scales=scales)), 1e-2)
         worst = max(rel_err(cats_mlp(x, *qs, t, scales=scales), cats_mlp_reference(x, *qs, t, scales=scales))
-                    for t in (torch.rand((), device="cuda") * 0.2 for _ in range(50)))
-        check("int8 cats_mlp 50 calls, random t", worst, 1e-2, cm.list_counter("cuda")[0].item() == 0)
+                    for t in (torch.rand((), device=DEV) * 0.2 for _ in range(50)))
+        check("int8 cats_mlp 50 calls, random t", worst, 1e-2, cm.list_counter(DEV)[0].item() == 0)
     finally:
         cm._empty = real_empty
 
@@ -105,11 +106,11 @@ def check_compiled():
     """Both ops inside one compiled step with CUDA graphs, as the model will use them."""
     _, qs, scales, _ = int8_mlp()
     _, qo, so = quantized(D, D)
-    x = torch.randn(1, D, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, D, device=DEV, dtype=torch.bfloat16)
     step = torch.compile(lambda x, t: x + cats_mlp(int8_gemv(x, qo, so), *qs, t, scales=scales),
                          fullgraph=True, mode="reduce-overhead")
     for tv in (0.05, 0.1):
-        t = torch.tensor(tv, device="cuda")
+        t = torch.tensor(tv, device=DEV)
         for _ in range(3):
             out = step(x, t)
         ref = x.float() + cats_mlp_reference(int8_gemv_reference(x, qo, so), *qs, t, scales=scales).float()
@@ -131,7 +132,7 @@ def gemv_call(n, k, B, int8_blocks=None):
     """A maker of calls on fresh weights: the int8 GEMV with int8_blocks, or bf16 cuBLAS (None)."""
     def make():
         w, q, scale = quantized(n, k)
-        x = torch.randn(B, k, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(B, k, device=DEV, dtype=torch.bfloat16)
         return (lambda: gm.int8_gemv_triton(x, q, scale, int8_blocks)) if int8_blocks else (lambda: F.linear(x, w))
     return make
 
@@ -174,7 +175,7 @@ def time_mlp(sweep):
     f, d = FF, D
     dense_bytes = 3 * f * d + 8 * f + 4 * d
     for B in (1, 4):
-        xs = [torch.randn(B, d, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        xs = [torch.randn(B, d, device=DEV, dtype=torch.bfloat16) for _ in range(copies)]
 
         def timed(fn):
             def all_copies():
@@ -196,7 +197,7 @@ def time_mlp(sweep):
 def sweep_mlp():
     """Coordinate descent over the int8 tiles at B=1, scored by the s=0.5 plus s=0.7 times."""
     _, qs, scales, _ = int8_mlp()
-    x = torch.randn(1, D, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, D, device=DEV, dtype=torch.bfloat16)
     ts = [threshold(x, qs[0], scales[0], s)[0] for s in (0.5, 0.7)]
 
     def score(cfg):

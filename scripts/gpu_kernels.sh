@@ -12,8 +12,8 @@ cd /tmp  # run outside the repo, so that its catsgen/ (which has no kernels/) ca
 (cd "$OLDPWD" && python3 -m pytest tests/test_kernels.py -q -x -k "dtype1 or inactive or per_neuron or compile" 2>&1 | tail -3) || true
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
 python3 - <<'PY' 2>&1 | tee "$OUT/kernels.log"
-import dataclasses, os, torch, triton
-import catsgen.kernels.triton_mlp as cm
+import dataclasses, importlib, os, torch, triton
+cm = importlib.import_module("catsgen.kernels.cats_mlp")  # the kernel's module (tiles, scratch), not the op
 from catsgen.kernels import cats_mlp, cats_mlp_reference
 from catsgen.kernels.bench import run_kernel_bench, format_table, graph_time_us
 print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())

@@ -1,13 +1,15 @@
 """CATS MLP kernels: the Triton path (run on CPU by Triton's interpreter) against the torch
 reference, and the reference against an independently written masked dense MLP."""
+import importlib
 import os
 
 import pytest
 import torch
 
+from catsgen.kernels import cats_mlp, cats_mlp_reference
 
-import catsgen.kernels.triton_mlp as cm  # noqa: E402
-from catsgen.kernels import cats_mlp, cats_mlp_reference  # noqa: E402
+# White-box: the kernel's module (tiles, scratch allocator, workspace), not the op of the same name.
+cm = importlib.import_module("catsgen.kernels.cats_mlp")
 
 # conftest.py chooses Triton's interpreter on machines without CUDA, before triton is imported.
 assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
@@ -131,3 +133,20 @@ def test_custom_op_under_torch_compile():
         assert _rel_err(out, x + cats_mlp_reference(x * 2, w_gate, w_up, w_down_t, t)) < 1e-5
         t = t * 0.5
     torch.library.opcheck(torch.ops.catsgen.cats_mlp.default, (x, w_gate, w_up, w_down_t, t))
+
+
+def test_setup_caches_prepares_the_workspaces(monkeypatch):
+    """The kernels' workspaces are made, zeroed, when the model sets up its caches (so before any
+    CUDA-graph capture), and a second set-up keeps the same tensors (a captured graph holds them)."""
+    from catsgen.config import preset
+    from catsgen.model import Transformer
+    registry = importlib.import_module("catsgen.kernels.workspace")
+    monkeypatch.setattr(registry, "_workspaces", {})
+    model = Transformer(preset("tiny"))
+    model.setup_caches(batch_size=3, max_seq_len=16)
+    made = dict(registry._workspaces)
+    assert sorted(name for name, _ in made) == ["cats_mlp_list", "decode_attention_arrivals"]
+    assert all(t.dtype == torch.int32 and not t.any() for t in made.values())
+    assert made["decode_attention_arrivals", torch.device("cpu")].numel() >= 3 * preset("tiny").n_kv_heads
+    model.setup_caches(batch_size=3, max_seq_len=16)
+    assert all(registry._workspaces[key] is t for key, t in made.items())
