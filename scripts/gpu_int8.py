@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, as for bench.py
-from catsgen.kernels import cats_mlp, cats_mlp_reference, int8_gemv, int8_gemv_reference  # noqa: E402
+from catsgen.kernels import (cats_mlp, cats_mlp_reference, int8_gemv, int8_gemv_reference,  # noqa: E402
+                             prepare_workspaces)
 from catsgen.kernels.bench import dense_mlp_wdown, graph_time_us, int8_dense_mlp  # noqa: E402
 from catsgen.quantize import quantize_int8  # noqa: E402
 
@@ -53,9 +54,9 @@ def quantized(n, k, dtype=torch.bfloat16):
     return (w, *quantize_int8(w))
 
 
-def int8_mlp(d=D, f=FF):
-    """(float weights gate, up, down [d, f]), (q_gate, q_up, q_down_t), scales, q_down [d, f]."""
-    (wg, qg, sg), (wu, qu, su), (wd, qd, sd) = quantized(f, d), quantized(f, d), quantized(d, f)
+def int8_mlp():
+    """(float weights gate, up, down [D, FF]), (q_gate, q_up, q_down_t), scales, q_down [D, FF]."""
+    (wg, qg, sg), (wu, qu, su), (wd, qd, sd) = quantized(FF, D), quantized(FF, D), quantized(D, FF)
     return (wg, wu, wd), (qg, qu, qd.t().contiguous()), (sg, su, sd), qd
 
 
@@ -104,6 +105,7 @@ def check_kernels():
 
 def check_compiled():
     """Both ops inside one compiled step with CUDA graphs, as the model will use them."""
+    prepare_workspaces(DEV, 1, 32)  # before any capture, as setup_caches does
     _, qs, scales, _ = int8_mlp()
     _, qo, so = quantized(D, D)
     x = torch.randn(1, D, device=DEV, dtype=torch.bfloat16)
