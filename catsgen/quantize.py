@@ -18,6 +18,8 @@ multiply the fp32 accumulator by it, so fp32 needs no conversion either.
 import torch
 from torch import nn
 
+from catsgen.kernels import int8_gemv
+
 QMAX = 127  # symmetric: -128 is never used, so -q is always representable
 
 
@@ -77,6 +79,14 @@ class Int8Weight(nn.Module):
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         """The float weight in the stored layout ([out, in], or [in, out] when transposed)."""
         return dequantize_int8(self.q, self.scale, dtype, self.transposed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T for the linear weight W [out, in] this holds, in x.dtype (any leading dims):
+        the int8 GEMV op (Triton on CUDA); for a transposed weight, torch (its fast path is the
+        CATS MLP kernel, which reads W_down^T directly)."""
+        if not self.transposed:
+            return int8_gemv(x, self.q, self.scale)
+        return ((x.float() @ self.q.float()) * self.scale).to(x.dtype)
 
     def nbytes(self) -> int:
         """Bytes a dense read of this weight costs: the int8 entries and the fp32 scales."""

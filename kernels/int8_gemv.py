@@ -1,5 +1,5 @@
-"""int8 weight-only GEMV for decode (batch B = 1..8), as the custom op catsgen::int8_gemv
-(Triton on CUDA, the torch reference elsewhere).
+"""int8 weight-only GEMV for decode (B = 1..16 rows of x), as the custom op catsgen::int8_gemv
+(Triton on CUDA, the torch reference elsewhere; more rows, as in prefill, through cuBLAS).
 
 y [B, N] = x [B, K] @ (q [N, K] * scale [N, None]).T: q int8 per output channel (row), scale
 float32 (catsgen/quantize.py). For the dense projections (W_qkv, W_o) and any dense matrix.

@@ -71,7 +71,7 @@ def test_int8_gemv_custom_op_under_torch_compile():
     torch.library.opcheck(torch.ops.catsgen.int8_gemv.default, (x, q, scale))
 
 
-# ---- the CATS MLP on int8 weights (kernels/triton_mlp.py with scales) ----
+# ---- the CATS MLP on int8 weights (kernels/cats_mlp.py with scales) ----
 
 def _int8_mlp(B, d, f, dtype, seed):
     """x in dtype and the int8 MLP: (q_gate, q_up, q_down_t), (s_gate, s_up, s_down)."""

@@ -65,3 +65,15 @@ def test_module_moves_and_casts_like_a_weight():
     assert m.q.dtype == torch.int8 and m.scale.dtype == torch.float32
     assert set(dict(m.named_buffers())) == {"q", "scale"} and not list(m.parameters())
     assert (m.dequantize() - w.float()).abs().max() <= m.scale.max() / 2 * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_module_applies_the_linear_it_holds(transpose):
+    """Int8Weight(x) = x @ W^T with W dequantized, whichever layout it stores, any leading dims."""
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(12, 20, generator=g), torch.randn(2, 3, 20, generator=g)
+    m = Int8Weight.from_float(w, transpose=transpose)
+    y = m(x.to(torch.bfloat16))
+    assert y.shape == (2, 3, 12) and y.dtype == torch.bfloat16
+    expected = x @ dequantize_int8(*quantize_int8(w)).t()
+    assert torch.allclose(y.float(), expected, rtol=2e-2, atol=2e-2)
