@@ -42,11 +42,14 @@ class GemvBlocks:
     """Tiles of the int8 GEMV (not tuned yet: scripts/gpu_int8.py --sweep).
     block_n: rows per program (>= 16, a tl.dot operand; N=4096 gives 256 programs, 2 per SM);
     block_k: int8 columns per step (512 bytes a row, 8 KB a tile); split_k: column ranges per
-    row block (> 1: fp32 partials summed by torch, one launch more); Triton's num_warps, num_stages."""
+    row block (> 1: fp32 partials summed by torch, one launch more); Triton's num_warps, num_stages;
+    fma_at_b1: with B = 1, multiply-add on the FMA units instead of a tl.dot with x padded to 16
+    tokens (which of the two is faster is for the GPU sweep to say)."""
     block_n: int = 16
     block_k: int = 512
     split_k: int = 1
     warps_and_stages: tuple[int, int] = (4, 4)
+    fma_at_b1: bool = False
 
 
 DEFAULT_GEMV_BLOCKS = GemvBlocks()
@@ -55,15 +58,26 @@ DEFAULT_GEMV_BLOCKS = GemvBlocks()
 if triton is not None:
     @triton.jit
     def _int8_gemv_kernel(x_ptr, q_ptr, s_ptr, out_ptr, B, N, K, K_PER_SPLIT,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
+                          FMA: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         split = tl.program_id(1)
         row_ok = rows < N
         k_lo = split * K_PER_SPLIT
-        acc = rows_times_x(q_ptr, x_ptr, rows, row_ok, B, K, k_lo, tl.minimum(k_lo + K_PER_SPLIT, K),
-                           BLOCK_N, BLOCK_K, DOT_F32)
-        acc = acc * tl.load(s_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
         toks = tl.arange(0, 16)
+        if FMA:  # B = 1: one token, no tl.dot
+            acc1 = tl.zeros([BLOCK_N], tl.float32)
+            for k in range(k_lo, k_hi, BLOCK_K):
+                cols = k + tl.arange(0, BLOCK_K)
+                w = tl.load(q_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < k_hi)[None, :],
+                            other=0, eviction_policy="evict_first")
+                xv = tl.load(x_ptr + cols, mask=cols < k_hi, other=0.0).to(tl.float32)
+                acc1 += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+            acc = tl.where(toks[None, :] == 0, acc1[:, None], 0.0)  # [BLOCK_N, 16], token 0 only
+        else:
+            acc = rows_times_x(q_ptr, x_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N, BLOCK_K, DOT_F32)
+        acc = acc * tl.load(s_ptr + rows, mask=row_ok, other=0.0)[:, None]
         tl.store(out_ptr + split * B * N + toks[None, :] * N + rows[:, None], acc.to(out_ptr.dtype.element_ty),
                  mask=(toks < B)[None, :] & row_ok[:, None])
 
@@ -85,7 +99,8 @@ def int8_gemv_triton(x, q, scale, blocks: GemvBlocks = DEFAULT_GEMV_BLOCKS):
     out = torch.empty(shape, device=x.device, dtype=dtype)
     _int8_gemv_kernel[(triton.cdiv(N, blocks.block_n), split_k)](
         x, q, scale, out, B, N, K, k_per_split, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
-        DOT_F32=x.dtype == torch.float32 or not x.is_cuda, num_warps=blocks.warps_and_stages[0],
+        DOT_F32=x.dtype == torch.float32 or not x.is_cuda, FMA=blocks.fma_at_b1 and B == 1,
+        num_warps=blocks.warps_and_stages[0],
         num_stages=blocks.warps_and_stages[1])
     return out if split_k == 1 else out.sum(0).to(x.dtype)
 

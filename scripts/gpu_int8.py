@@ -158,10 +158,14 @@ def sweep_gemv(n, k):
     tries = [base] + [dataclasses.replace(base, **c) for c in (
         dict(block_k=256), dict(block_k=1024), dict(block_n=32), dict(block_n=32, block_k=256),
         dict(warps_and_stages=(4, 3)), dict(warps_and_stages=(4, 6)), dict(warps_and_stages=(8, 4)),
-        dict(warps_and_stages=(2, 4)), dict(split_k=2), dict(block_n=64, split_k=4))]
+        dict(warps_and_stages=(2, 4)), dict(split_k=2),
+        dict(fma_at_b1=True), dict(fma_at_b1=True, block_n=32, block_k=256),
+        dict(fma_at_b1=True, block_n=64, block_k=128), dict(block_n=64, split_k=4))]
     times = {b: rotated_time_us(gemv_call(n, k, 1, b), n * k) for b in tries}
     best = min(times, key=times.get)
-    print(f"sweep gemv {n}x{k} B=1: base {times[base]:.1f} us, best {times[best]:.1f} us {best}")
+    for b, us in sorted(times.items(), key=lambda item: item[1]):
+        print(f"sweep gemv {n}x{k} B=1: {us:6.1f} us {b}")
+    print(f"sweep gemv {n}x{k} B=1: base {times[base]:.1f} us, BEST {times[best]:.1f} us {best}")
     return best
 
 

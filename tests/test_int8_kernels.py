@@ -35,7 +35,8 @@ def _quantized(n, k, seed, zero_rows=()):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B", [1, 3, 8])
-@pytest.mark.parametrize("n,k,blocks", [(37, 67, gm.GemvBlocks()), (50, 45, SMALL_GEMV)])
+@pytest.mark.parametrize("n,k,blocks", [(37, 67, gm.GemvBlocks()), (50, 45, SMALL_GEMV),
+                                        (37, 67, gm.GemvBlocks(block_k=32, split_k=2, fma_at_b1=True))])
 def test_int8_gemv_matches_reference(dtype, B, n, k, blocks):
     q, scale = _quantized(n, k, seed=B, zero_rows=(3,))
     x = torch.randn(B, k, generator=torch.Generator().manual_seed(n)).to(DEV, dtype)
