@@ -133,7 +133,7 @@ if triton is not None:
                 cols = c + tl.arange(0, BLOCK_D)
                 col_ok = cols < D
                 w = tl.load(wd_ptr + rows[:, None] * D + cols[None, :], mask=ok[:, None] & col_ok[None, :],
-                            other=0.0, eviction_policy="evict_first")
+                            other=0, eviction_policy="evict_first")  # 0 of any dtype (int8 too)
                 y = dot(h, as_operand(w, h.dtype, DOT_F32), tl.zeros([16, BLOCK_D], tl.float32), DOT_F32)
                 if INT8:  # W_down's output-channel scales (per column of W_down^T), on this program's row sum
                     y = y * tl.load(sd_ptr + cols, mask=col_ok, other=0.0)[None, :]
