@@ -143,3 +143,15 @@ def test_int8_cats_custom_op_under_torch_compile():
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     assert _rel_err(compiled(x, t), x + cats_mlp_reference(x * 2, *qs, t, scales=scales)) < 1e-5
     torch.library.opcheck(torch.ops.catsgen.cats_mlp.default, (x, *qs, t, *scales))
+
+
+def test_int8_dense_mlp_baseline_is_the_dequantized_mlp():
+    """The benchmark's int8 dense MLP (three int8 GEMVs, W_down as [d, f]) and the int8 CATS MLP at
+    t = -1 both compute the dense MLP on the dequantized weights."""
+    from catsgen.kernels.bench import dense_mlp_wdown, int8_dense_mlp
+    x, (qg, qu, qd_t), (sg, su, sd) = _int8_mlp(3, 24, 40, torch.float32, seed=4)
+    qd = qd_t.t().contiguous()
+    expected = dense_mlp_wdown(x, dequantize_int8(qg, sg), dequantize_int8(qu, su), dequantize_int8(qd, sd))
+    assert _rel_err(int8_dense_mlp(x, qg, qu, qd, sg, su, sd), expected) < 1e-5
+    t = torch.tensor(-1.0, device=DEV)
+    assert _rel_err(cats_mlp(x, qg, qu, qd_t, t, scales=(sg, su, sd)), expected) < 1e-5
