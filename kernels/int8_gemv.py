@@ -26,7 +26,7 @@ try:
 except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
     triton = None
 
-__all__ = ["int8_gemv", "int8_gemv_reference", "int8_gemv_triton", "GemvBlocks", "MAX_ROWS"]
+__all__ = ["int8_gemv", "int8_gemv_reference", "int8_gemv_triton", "GemvBlocks", "pick_gemv_blocks", "MAX_ROWS"]
 
 
 MAX_ROWS = 16  # tokens are padded to 16 for tl.dot
@@ -53,6 +53,11 @@ class GemvBlocks:
 
 
 DEFAULT_GEMV_BLOCKS = GemvBlocks()
+TUNED_GEMV_BLOCKS: dict[tuple[int, int], GemvBlocks] = {}  # (N, K) -> tiles; scripts/gpu_int8.py --sweep fills it
+
+
+def pick_gemv_blocks(N: int, K: int) -> GemvBlocks:
+    return TUNED_GEMV_BLOCKS.get((N, K), DEFAULT_GEMV_BLOCKS)
 
 
 if triton is not None:
@@ -82,7 +87,7 @@ if triton is not None:
                  mask=(toks < B)[None, :] & row_ok[:, None])
 
 
-def int8_gemv_triton(x, q, scale, blocks: GemvBlocks = DEFAULT_GEMV_BLOCKS):
+def int8_gemv_triton(x, q, scale, blocks: GemvBlocks | None = None):
     """The Triton path (same contract as int8_gemv_reference). On CPU tensors it needs
     TRITON_INTERPRET=1 set before triton was imported."""
     B, K = x.shape
@@ -91,6 +96,7 @@ def int8_gemv_triton(x, q, scale, blocks: GemvBlocks = DEFAULT_GEMV_BLOCKS):
     assert q.shape == (N, K) and q.dtype == torch.int8 and q.is_contiguous()
     assert scale.shape == (N,) and scale.dtype == torch.float32
     x = x.contiguous()
+    blocks = blocks or pick_gemv_blocks(N, K)
     split_k = max(1, min(blocks.split_k, triton.cdiv(K, blocks.block_k)))
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), blocks.block_k) * blocks.block_k
     split_k = triton.cdiv(K, k_per_split)  # no empty split

@@ -142,9 +142,9 @@ def gemv_call(n, k, B, int8_blocks=None):
 def time_gemv(sweep):
     print(f"\n{'gemv':>8} {'shape':>11} {'B':>2} {'int8_us':>8} {'GB/s':>6} {'bf16_us':>8} {'GB/s':>6} {'speedup':>7}")
     for name, (n, k) in GEMV_SHAPES.items():
-        best = gm.DEFAULT_GEMV_BLOCKS
-        if sweep:
-            best = sweep_gemv(n, k)
+        best = gm.pick_gemv_blocks(n, k)
+        if sweep:  # the best tiles serve the rest of the run (the int8 dense MLP too)
+            best = gm.TUNED_GEMV_BLOCKS[n, k] = sweep_gemv(n, k)
         for B in (1, 4):
             i8 = rotated_time_us(gemv_call(n, k, B, best), n * k)
             bf = rotated_time_us(gemv_call(n, k, B), 2 * n * k)
@@ -173,7 +173,8 @@ def time_mlp(sweep):
     int8_blocks = cm.pick_blocks(1, int8=True)
     if sweep:
         int8_blocks = sweep_mlp()
-    print(f"\nint8 CATS MLP {D}x{FF}, blocks {int8_blocks}")
+    print(f"\nint8 CATS MLP {D}x{FF}, blocks {int8_blocks}; int8 dense MLP: the int8 GEMV with "
+          f"{gm.pick_gemv_blocks(FF, D)} (gate, up), {gm.pick_gemv_blocks(D, FF)} (down)")
     print(f"{'B':>2} {'s':>4} {'active':>6} {'cats_us':>8} {'GB/s':>6} {'limit':>6} {'i8dense':>8} {'vs_i8':>6} "
           f"{'bf16':>8} {'vs_bf16':>7}")
     copies = 2  # 2 x 135 MB of int8 MLP weights
