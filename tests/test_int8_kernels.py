@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
-import test_kernels as kernel_tests  # its threshold helper and tile sizes
 from catsgen.kernels import cats_mlp, cats_mlp_reference, int8_gemv, int8_gemv_reference
 from catsgen.quantize import dequantize_int8, quantize_int8
-from test_kernels import poisoned_scratch  # noqa: F401 (a fixture)
+from helpers_kernels import SMALL, poisoned_scratch, rel_err  # noqa: F401 (poisoned_scratch: a fixture)
+from helpers_kernels import threshold as float_threshold
 
 assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"  # conftest.py
 # White-box: the kernels' modules (tiles, Triton paths, scratch allocator), not the ops of the same names.
@@ -19,10 +19,6 @@ gm = importlib.import_module("catsgen.kernels.int8_gemv")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 SMALL_GEMV = gm.GemvBlocks(block_n=16, block_k=16, split_k=3)  # several steps and splits, ragged tails
-
-
-def _rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
 def _quantized(n, k, seed, zero_rows=()):
@@ -43,7 +39,7 @@ def test_int8_gemv_matches_reference(dtype, B, n, k, blocks):
     out = gm.int8_gemv_triton(x, q, scale, blocks)
     ref = int8_gemv_reference(x, q, scale)
     assert out.shape == (B, n) and out.dtype == dtype
-    assert _rel_err(out, ref) < TOL[dtype]
+    assert rel_err(out, ref) < TOL[dtype]
     assert (out[:, 3] == 0).all()  # a zero row (scale 0) gives exact zeros
 
 
@@ -51,7 +47,7 @@ def test_int8_gemv_reference_is_dequantized_linear():
     q, scale = _quantized(30, 20, seed=7)
     x = torch.randn(2, 20, dtype=torch.float64).to(DEV)
     expected = x @ dequantize_int8(q, scale, torch.float64).t()
-    assert _rel_err(int8_gemv_reference(x.float(), q, scale), expected) < 1e-6
+    assert rel_err(int8_gemv_reference(x.float(), q, scale), expected) < 1e-6
 
 
 def test_int8_gemv_takes_any_leading_dims():
@@ -60,7 +56,7 @@ def test_int8_gemv_takes_any_leading_dims():
     x = torch.randn(2, 19, 20).to(DEV)
     y = int8_gemv(x, q, scale)
     assert y.shape == (2, 19, 30)
-    assert _rel_err(y, int8_gemv_reference(x.reshape(38, 20), q, scale).reshape(2, 19, 30)) < 1e-5
+    assert rel_err(y, int8_gemv_reference(x.reshape(38, 20), q, scale).reshape(2, 19, 30)) < 1e-5
 
 
 def test_int8_gemv_custom_op_under_torch_compile():
@@ -68,7 +64,7 @@ def test_int8_gemv_custom_op_under_torch_compile():
     x = torch.randn(1, 67).to(DEV)
     step = lambda x: x[:, :37] + int8_gemv(x * 2, q, scale)  # noqa: E731
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # fake tensors check the registration
-    assert _rel_err(compiled(x), x[:, :37] + int8_gemv_reference(x * 2, q, scale)) < 1e-5
+    assert rel_err(compiled(x), x[:, :37] + int8_gemv_reference(x * 2, q, scale)) < 1e-5
     torch.library.opcheck(torch.ops.catsgen.int8_gemv.default, (x, q, scale))
 
 
@@ -84,32 +80,32 @@ def _int8_mlp(B, d, f, dtype, seed):
     return x, [qg.to(DEV), qu.to(DEV), qd.t().contiguous().to(DEV)], [sg.to(DEV), su.to(DEV), sd.to(DEV)]
 
 
-def _threshold(x, qs, scales, sparsity):
+def int8_threshold(x, qs, scales, sparsity):
     """A scalar threshold that zeroes a `sparsity` fraction of |SiLU(W_gate x)| (dequantized W_gate)."""
-    return kernel_tests._threshold(x, dequantize_int8(qs[0], scales[0]), sparsity)
+    return float_threshold(x, dequantize_int8(qs[0], scales[0]), sparsity)
 
 
 @pytest.mark.parametrize("B", [1, 3, 8])
 @pytest.mark.parametrize("sparsity", [0, 0.4, 1])
 @pytest.mark.parametrize("d,f,blocks,dtype", [(37, 67, None, torch.bfloat16),  # the int8 tiles
-                                              (72, 150, kernel_tests.SMALL, torch.float32)])  # many steps, tails
+                                              (72, 150, SMALL, torch.float32)])  # many steps, tails
 def test_int8_cats_mlp_matches_reference(poisoned_scratch, dtype, B, sparsity, d, f, blocks):
     x, qs, scales = _int8_mlp(B, d, f, dtype, seed=B + f)
-    t = _threshold(x, qs, scales, sparsity)
+    t = int8_threshold(x, qs, scales, sparsity)
     out = cm.cats_mlp_triton(x, *qs, t, blocks=blocks, scales=scales)
     ref = cats_mlp_reference(x, *qs, t, scales=scales)
     assert out.shape == (B, d) and out.dtype == dtype and not out.isnan().any()
     if sparsity == 1:
         assert (out == 0).all()
     else:
-        assert _rel_err(out, ref) < TOL[dtype]
+        assert rel_err(out, ref) < TOL[dtype]
 
 
 def test_int8_cats_reference_is_dequantized_float_mlp():
     x, qs, scales = _int8_mlp(3, 24, 50, torch.float32, seed=2)
-    t = _threshold(x, qs, scales, 0.5)
+    t = int8_threshold(x, qs, scales, 0.5)
     dequantized = [dequantize_int8(q, s, transposed=i == 2) for i, (q, s) in enumerate(zip(qs, scales))]
-    assert _rel_err(cats_mlp_reference(x, *qs, t, scales=scales), cats_mlp_reference(x, *dequantized, t)) < 1e-6
+    assert rel_err(cats_mlp_reference(x, *qs, t, scales=scales), cats_mlp_reference(x, *dequantized, t)) < 1e-6
 
 
 @pytest.mark.parametrize("B", [1, 3])
@@ -117,14 +113,14 @@ def test_int8_skipped_neurons_read_no_byte(B):
     """Idle neurons (no token needs them): NaN scales of W_up and garbage rows of W_up / W_down^T
     must not reach y; so neither their rows nor their scales are read."""
     x, qs, scales = _int8_mlp(B, 40, 96, torch.float32, seed=B)
-    t = _threshold(x, qs, scales, 0.6)
+    t = int8_threshold(x, qs, scales, 0.6)
     ref = cats_mlp_reference(x, *qs, t, scales=scales)
     v = torch.nn.functional.silu(x @ dequantize_int8(qs[0], scales[0]).t())
     idle = ~(v.abs() > t).any(0)
     assert 0 < idle.sum() < 96
     qs[1][idle], qs[2][idle], scales[1][idle] = 127, -127, float("nan")
-    for blocks in (None, kernel_tests.SMALL):
-        assert _rel_err(cm.cats_mlp_triton(x, *qs, t, blocks=blocks, scales=scales), ref) < 1e-5
+    for blocks in (None, SMALL):
+        assert rel_err(cm.cats_mlp_triton(x, *qs, t, blocks=blocks, scales=scales), ref) < 1e-5
 
 
 @pytest.mark.parametrize("B", [1, 8])
@@ -133,15 +129,15 @@ def test_int8_per_neuron_threshold(B):
     t = torch.rand(67, device=DEV) * 0.3
     out = cats_mlp(x, *qs, t, use_triton=True, scales=scales)
     assert out.dtype == torch.float16
-    assert _rel_err(out, cats_mlp_reference(x, *qs, t, scales=scales)) < TOL[torch.float16]
+    assert rel_err(out, cats_mlp_reference(x, *qs, t, scales=scales)) < TOL[torch.float16]
 
 
 def test_int8_cats_custom_op_under_torch_compile():
     x, qs, scales = _int8_mlp(1, 37, 67, torch.float32, seed=3)
-    t = _threshold(x, qs, scales, 0.5)
+    t = int8_threshold(x, qs, scales, 0.5)
     step = lambda x, t: x + cats_mlp(x * 2, *qs, t, scales=scales)  # noqa: E731
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    assert _rel_err(compiled(x, t), x + cats_mlp_reference(x * 2, *qs, t, scales=scales)) < 1e-5
+    assert rel_err(compiled(x, t), x + cats_mlp_reference(x * 2, *qs, t, scales=scales)) < 1e-5
     torch.library.opcheck(torch.ops.catsgen.cats_mlp.default, (x, *qs, t, *scales))
 
 
@@ -152,6 +148,6 @@ def test_int8_dense_mlp_baseline_is_the_dequantized_mlp():
     x, (qg, qu, qd_t), (sg, su, sd) = _int8_mlp(3, 24, 40, torch.float32, seed=4)
     qd = qd_t.t().contiguous()
     expected = dense_mlp_wdown(x, dequantize_int8(qg, sg), dequantize_int8(qu, su), dequantize_int8(qd, sd))
-    assert _rel_err(int8_dense_mlp(x, qg, qu, qd, sg, su, sd), expected) < 1e-5
+    assert rel_err(int8_dense_mlp(x, qg, qu, qd, sg, su, sd), expected) < 1e-5
     t = torch.tensor(-1.0, device=DEV)
-    assert _rel_err(cats_mlp(x, qg, qu, qd_t, t, scales=(sg, su, sd)), expected) < 1e-5
+    assert rel_err(cats_mlp(x, qg, qu, qd_t, t, scales=(sg, su, sd)), expected) < 1e-5
