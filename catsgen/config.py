@@ -101,16 +101,22 @@ class ModelConfig:
         return config
 
 
+def read_text(path: Path) -> str:
+    """A UTF-8 text file; unreadable or non-UTF-8 content is a one-line error naming it."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise UserError(f"{path} cannot be read: {e.strerror}") from None
+
+
 def read_json_object(path: Path) -> dict:
     """A JSON file that must hold an object: any other content is a one-line error naming it."""
     try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        raw = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None
-    except OSError as e:
-        raise UserError(f"{path} cannot be read: {e.strerror}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path} must hold a JSON object, not {type(raw).__name__}")
     return raw
