@@ -106,7 +106,7 @@ def read_text(path: Path) -> str:
     try:
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        raise UserError(f"{path} is not UTF-8 text (at byte offset {e.start}: {e.reason})") from None
     except OSError as e:
         raise UserError(f"{path} cannot be read: {e.strerror}") from None
 
@@ -118,7 +118,7 @@ def read_json_object(path: Path) -> dict:
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
-        raise UserError(f"{path} must hold a JSON object, not {type(raw).__name__}")
+        raise UserError(f"{path} must hold a JSON object, not {json.dumps(raw)[:40]}")
     return raw
 
 
