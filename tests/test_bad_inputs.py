@@ -4,7 +4,6 @@ naming the file and the key or tensor, found when the data is read, never a trac
 Most cases call the loaders in this process (fast); a few run generate.py end to end."""
 
 import json
-import re
 import shutil
 
 import pytest
@@ -74,19 +73,14 @@ def test_null_means_unset(base_config):
     assert (config.head_dim, config.n_kv_heads, config.rope_scaling) == (16, 4, None)
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"[]", "must hold a JSON object, not []"),
-    (b"null", "must hold a JSON object, not null"),
-    (b'{"hidden_size": 64,', "is not valid JSON"),
-    (b'{"model_type": "llama\xff"}', "is not UTF-8 text (at byte offset 21"),
-])
-def test_config_file_content(checkpoint, content, message):
-    (checkpoint / "config.json").write_bytes(content)
-    with pytest.raises(UserError, match=re.escape("config.json " + message)):
-        ModelConfig.from_checkpoint(checkpoint)
+# --- safetensors and the JSON files beside them ---------------------------------------------------
 
+@pytest.fixture
+def sharded(checkpoints, tmp_path):
+    directory = tmp_path / "sharded"
+    shutil.copytree(checkpoints["sharded"][0], directory)
+    return directory
 
-# --- safetensors -------------------------------------------------------------------------------
 
 Q = "model.layers.1.self_attn.q_proj.weight"
 
@@ -142,27 +136,36 @@ def test_safetensors_cut_in_its_header(checkpoint, keep_bytes):
         load_model(checkpoint)
 
 
-@pytest.fixture
-def sharded(checkpoints, tmp_path):
-    directory = tmp_path / "sharded"
-    shutil.copytree(checkpoints["sharded"][0], directory)
-    return directory
+INDEX = "model.safetensors.index.json"
 
 
-@pytest.mark.parametrize("content, message", [
-    (b'{"weight_map": ["model-00001-of-00007.safetensors"]}', "weight_map must be an object of tensor name"),
-    (b'{"weight_map": {"model.norm.weight": 7}}', "weight_map must be an object of tensor name"),
-    (b'{"weight_map": {"model.norm.weight": "../../../etc/passwd"}}', "shard '../../../etc/passwd' is outside"),
-    (b'{"weight_map": {"model.norm.weight": "/etc/passwd"}}', "shard '/etc/passwd' is outside"),
-    (b'{"weight_map": {', "is not valid JSON"),
-    (b'{"weight_map": {"\xff": "a"}}', "is not UTF-8 text"),
-    (b"[]", "must hold a JSON object"),
+@pytest.mark.parametrize("file, content, message", [
+    ("config.json", b"[]", "config.json must hold a JSON object, not []"),
+    ("config.json", b"null", "config.json must hold a JSON object, not null"),
+    ("config.json", b'{"hidden_size": 64,', "config.json is not valid JSON"),
+    ("config.json", b'{"model_type": "llama\xff"}', "config.json is not UTF-8 text (at byte offset 21"),
+    (INDEX, b'{"weight_map": ["model-00001-of-00007.safetensors"]}', ": weight_map must be an object of tensor name"),
+    (INDEX, b'{"weight_map": {"model.norm.weight": 7}}', ": weight_map must be an object of tensor name"),
+    (INDEX, b'{"weight_map": {"model.norm.weight": "../../../etc/passwd"}}', ": shard '../../../etc/passwd' is outside"),
+    (INDEX, b'{"weight_map": {"model.norm.weight": "/etc/passwd"}}', ": shard '/etc/passwd' is outside"),
+    (INDEX, b'{"weight_map": {', " is not valid JSON"),
+    (INDEX, b'{"weight_map": {"\xff": "a"}}', " is not UTF-8 text"),
+    (INDEX, b"[]", " must hold a JSON object"),
 ])
-def test_shard_index(sharded, content, message):
-    (sharded / "model.safetensors.index.json").write_bytes(content)
-    with pytest.raises(UserError, match="model.safetensors.index.json") as error:
+def test_json_file_content(sharded, file, content, message):
+    (sharded / file).write_bytes(content)
+    with pytest.raises(UserError) as error:
         load_model(sharded)
-    assert message in str(error.value)
+    assert str(error.value).startswith(f"{sharded / file}") and message in str(error.value)
+
+
+def test_index_names_the_wrong_shard(sharded):
+    index = json.loads((sharded / INDEX).read_text())
+    holder = index["weight_map"]["model.norm.weight"]
+    index["weight_map"]["model.norm.weight"] = next(f for f in index["weight_map"].values() if f != holder)
+    (sharded / INDEX).write_text(json.dumps(index))
+    with pytest.raises(UserError, match="tensor model.norm.weight cannot be read"):
+        load_model(sharded)
 
 
 def test_truncated_shard(sharded):
