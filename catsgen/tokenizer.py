@@ -69,6 +69,9 @@ class Tokenizer:
         self.tokenizer_config = _read_json(d / "tokenizer_config.json")
         self.chat_template = _check_tokenizer_config(self.tokenizer_config, d / "tokenizer_config.json")
         self.template_file = d / "tokenizer_config.json"
+        if self.chat_template is None and (d / "chat_template.jinja").is_file():  # newer transformers save it apart
+            self.template_file = d / "chat_template.jinja"
+            self.chat_template = read_text(self.template_file)
         generation = _read_json(d / "generation_config.json")
         _check_generation_ids(generation, d / "generation_config.json", model_config.vocab_size)
         config = {"bos_token_id": model_config.bos_token_id, "eos_token_id": list(model_config.eos_token_ids)}
@@ -133,7 +136,8 @@ class Tokenizer:
 
     def apply_chat_template(self, prompt: str) -> str:
         if not self.chat_template:
-            raise UserError("--chat: this checkpoint's tokenizer_config.json has no chat_template")
+            raise UserError("--chat: this checkpoint has no chat_template (in tokenizer_config.json "
+                            "or chat_template.jinja)")
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 

@@ -249,6 +249,15 @@ def test_chat_template_list_form(checkpoint):
     assert tokenizer.apply_chat_template("hi") == "<u>hi</s>"
 
 
+def test_chat_template_file(checkpoint):
+    """transformers >= 4.43 saves the template as chat_template.jinja beside tokenizer_config.json."""
+    (checkpoint / "chat_template.jinja").write_text("<u>{{ messages[0]['content'] }}")
+    assert Tokenizer(checkpoint).apply_chat_template("hi") == "<u>hi"
+    (checkpoint / "chat_template.jinja").write_bytes(b"<u>\xff")
+    with pytest.raises(UserError, match="chat_template.jinja is not UTF-8 text"):
+        Tokenizer(checkpoint)
+
+
 # --- end to end: exit code 2, one line, no traceback ----------------------------------------------
 
 def damage_config(directory):
