@@ -158,12 +158,14 @@ def load_model(checkpoint_dir: str | Path, device="cpu", dtype: torch.dtype | No
         model = Transformer(config)
 
     def place(tensor, source):
-        tensor = tensor.to(device=device, dtype=dtype)
+        converted = tensor.to(device=device, dtype=dtype)
         # Corrupt weights, or float32 values beyond float16's range, would only show as garbage text.
-        if not torch.isfinite(tensor).all():
-            raise UserError(f"{files[source]}: tensor {source} has non-finite values (NaN or inf) "
-                            f"in {str(dtype).removeprefix('torch.')}")
-        return tensor
+        if not torch.isfinite(converted).all():
+            name = str(dtype).removeprefix("torch.")
+            cause = ("NaN or inf" if not torch.isfinite(tensor).all()
+                     else f"beyond {name}'s range: load it as bfloat16 or float32")
+            raise UserError(f"{files[source]}: tensor {source} has non-finite values in {name} ({cause})")
+        return converted
 
     state = {}
     for hf_name in sorted(files):

@@ -102,10 +102,10 @@ def fill(name, value):
     (relabel("model.norm.weight", torch.uint8), torch.float32, "tensor model.norm.weight has dtype U8"),
     (lambda t: t.update({"model.norm.weight": t["model.norm.weight"].bool()}), torch.float32, "has dtype BOOL"),
     (fill("model.layers.0.mlp.up_proj.weight", NAN), torch.float32,
-     "tensor model.layers.0.mlp.up_proj.weight has non-finite values (NaN or inf) in float32"),
+     "tensor model.layers.0.mlp.up_proj.weight has non-finite values in float32 (NaN or inf)"),
     # float32 values past float16's range would decode as inf: garbage text, no error, without the check.
     (fill("model.layers.0.mlp.down_proj.weight", 1e6), torch.float16,
-     "tensor model.layers.0.mlp.down_proj.weight has non-finite values (NaN or inf) in float16"),
+     "tensor model.layers.0.mlp.down_proj.weight has non-finite values in float16 (beyond float16's range"),
 ])
 def test_tensor_checked_before_use(checkpoint, edit, load_dtype, message):
     edit_tensors(checkpoint, edit)
@@ -116,7 +116,8 @@ def test_tensor_checked_before_use(checkpoint, edit, load_dtype, message):
 
 def test_float64_weights_load(checkpoint, checkpoints):
     edit_tensors(checkpoint, lambda t: t.update({k: v.double() for k, v in t.items()}))
-    ours, reference = load_model(checkpoint, dtype=torch.float32), load_model(checkpoints["gqa"][0], dtype=torch.float32)
+    ours = load_model(checkpoint, dtype=torch.float32)
+    reference = load_model(checkpoints["gqa"][0], dtype=torch.float32)
     assert torch.equal(ours.layers[1].attention.wqkv.weight, reference.layers[1].attention.wqkv.weight)
 
 
@@ -146,7 +147,7 @@ INDEX = "model.safetensors.index.json"
     ("config.json", b'{"model_type": "llama\xff"}', "config.json is not UTF-8 text (at byte offset 21"),
     (INDEX, b'{"weight_map": ["model-00001-of-00007.safetensors"]}', ": weight_map must be an object of tensor name"),
     (INDEX, b'{"weight_map": {"model.norm.weight": 7}}', ": weight_map must be an object of tensor name"),
-    (INDEX, b'{"weight_map": {"model.norm.weight": "../../../etc/passwd"}}', ": shard '../../../etc/passwd' is outside"),
+    (INDEX, b'{"weight_map": {"model.norm.weight": "../../etc/passwd"}}', ": shard '../../etc/passwd' is outside"),
     (INDEX, b'{"weight_map": {"model.norm.weight": "/etc/passwd"}}', ": shard '/etc/passwd' is outside"),
     (INDEX, b'{"weight_map": {', " is not valid JSON"),
     (INDEX, b'{"weight_map": {"\xff": "a"}}', " is not UTF-8 text"),
@@ -244,8 +245,9 @@ def test_chat_template_failure(checkpoint, template, message):
 
 def test_chat_template_list_form(checkpoint):
     """transformers' several-templates form: the one named default is used."""
+    default = "<u>{{ messages[0]['content'] }}{{ eos_token }}"
     tokenizer = with_template(checkpoint, [{"name": "tool_use", "template": "tools"},
-                                           {"name": "default", "template": "<u>{{ messages[0]['content'] }}{{ eos_token }}"}])
+                                           {"name": "default", "template": default}])
     assert tokenizer.apply_chat_template("hi") == "<u>hi</s>"
 
 
