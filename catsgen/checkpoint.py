@@ -6,18 +6,19 @@ W_down is stored transposed ([f, d]) so a neuron CATS skips is one contiguous ro
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from catsgen.config import ModelConfig
+from catsgen.config import ModelConfig, read_json_object
 from catsgen.errors import UserError
 from catsgen.model import Transformer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# safetensors header dtype -> name: the weight dtypes a checkpoint may hold (any other is a relabelling).
+FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # HF name inside a layer -> our name inside a layer.
@@ -46,11 +47,7 @@ def checkpoint_files(checkpoint_dir: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file, from the shard index or the single model.safetensors."""
     index = checkpoint_dir / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise UserError(f"{index} is not a valid safetensors index ({e})") from None
-        return {name: checkpoint_dir / file for name, file in weight_map.items()}
+        return {name: checkpoint_dir / file for name, file in _read_weight_map(index).items()}
     single = checkpoint_dir / "model.safetensors"
     if single.is_file():
         return {name: single for name in _tensor_names(single)}
@@ -58,6 +55,17 @@ def checkpoint_files(checkpoint_dir: Path) -> dict[str, Path]:
         raise UserError(f"{checkpoint_dir} holds only pickle weights (.bin/.pth); catsgen reads "
                         "safetensors only (re-save with save_pretrained(safe_serialization=True))")
     raise UserError(f"{checkpoint_dir} has no model.safetensors or model.safetensors.index.json")
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(name, str) and isinstance(file, str) for name, file in weight_map.items()):
+        raise UserError(f"{index}: weight_map must be an object of tensor name -> shard file name")
+    for file in set(weight_map.values()):
+        if Path(file).is_absolute() or ".." in Path(file).parts:  # shards live beside the index
+            raise UserError(f"{index}: shard {file!r} is outside the checkpoint directory")
+    return weight_map
 
 
 def _tensor_names(file: Path) -> list[str]:
@@ -84,13 +92,20 @@ def _target_name(hf_name: str) -> str | None:
     return None
 
 
-def expected_hf_names(config: ModelConfig) -> set[str]:
-    names = {"model.embed_tokens.weight", "model.norm.weight"}
+def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> the shape config.json implies for it."""
+    d, f, vocab = config.dim, config.intermediate_size, config.vocab_size
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
     if not config.tie_word_embeddings:
-        names.add("lm_head.weight")
+        shapes["lm_head.weight"] = (vocab, d)
+    layer = {"self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d),
+             "self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, q),
+             "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d), "mlp.down_proj.weight": (d, f),
+             "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,)}
     for i in range(config.n_layers):
-        names.update(f"model.layers.{i}.{n}" for n in (*_LAYER_NAMES, *_QKV))
-    return names
+        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in layer.items()})
+    return shapes
 
 
 class _TensorReader:
@@ -100,14 +115,31 @@ class _TensorReader:
         self.files = files
         self.handles = {}
 
-    def get(self, name: str) -> torch.Tensor:
+    def _handle(self, name: str):
         file = self.files[name]
         if file not in self.handles:
             self.handles[file] = _open(file)
+        return self.handles[file]
+
+    def get(self, name: str) -> torch.Tensor:
         try:
-            return self.handles[file].get_tensor(name)
+            return self._handle(name).get_tensor(name)
         except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"{file}: tensor {name} cannot be read ({e})") from None
+            raise UserError(f"{self.files[name]}: tensor {name} cannot be read ({e})") from None
+
+    def check_header(self, name: str, expected_shape: tuple[int, ...]):
+        """Shape and dtype from the file's header, before any tensor is read, cast or fused."""
+        try:
+            header = self._handle(name).get_slice(name)
+            shape, dtype = tuple(header.get_shape()), header.get_dtype()
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{self.files[name]}: tensor {name} cannot be read ({e})") from None
+        if dtype not in FLOAT_DTYPES:
+            raise UserError(f"{self.files[name]}: tensor {name} has dtype {dtype}; weights must be "
+                            f"one of {', '.join(FLOAT_DTYPES.values())}")
+        if shape != expected_shape:
+            raise UserError(f"{self.files[name]}: tensor {name} has shape {shape}, "
+                            f"expected {expected_shape} from config.json")
 
 
 def load_model(checkpoint_dir: str | Path, device="cpu", dtype: torch.dtype | None = None,
@@ -118,17 +150,22 @@ def load_model(checkpoint_dir: str | Path, device="cpu", dtype: torch.dtype | No
     config = config or ModelConfig.from_checkpoint(checkpoint_dir)
     dtype = dtype or DTYPES.get(config.torch_dtype, torch.bfloat16)
     files = checkpoint_files(checkpoint_dir)
-    _check_names(config, files, checkpoint_dir)
+    shapes = _check_names(config, files, checkpoint_dir)
+    reader = _TensorReader(files)
+    for name, shape in shapes.items():
+        reader.check_header(name, shape)
     with torch.device("meta"):
         model = Transformer(config)
-    expected_shapes = {k: v.shape for k, v in model.state_dict().items()}
-    reader = _TensorReader(files)
 
-    def place(name, tensor, source):
-        if tuple(tensor.shape) != tuple(expected_shapes[name]):
-            raise UserError(f"{files[source]}: tensor {source} has shape {tuple(tensor.shape)}, "
-                            f"expected {tuple(expected_shapes[name])} from config.json")
-        return tensor.to(device=device, dtype=dtype)
+    def place(tensor, source):
+        converted = tensor.to(device=device, dtype=dtype)
+        # Corrupt weights, or float32 values beyond float16's range, would only show as garbage text.
+        if not torch.isfinite(converted).all():
+            name = str(dtype).removeprefix("torch.")
+            cause = ("NaN or inf" if not torch.isfinite(tensor).all()
+                     else f"beyond {name}'s range: load it as bfloat16 or float32")
+            raise UserError(f"{files[source]}: tensor {source} has non-finite values in {name} ({cause})")
+        return converted
 
     state = {}
     for hf_name in sorted(files):
@@ -140,11 +177,10 @@ def load_model(checkpoint_dir: str | Path, device="cpu", dtype: torch.dtype | No
         tensor = reader.get(hf_name)
         if target.endswith("w_down_t"):
             tensor = tensor.t()
-        state[target] = place(target, tensor.contiguous(), hf_name)
+        state[target] = place(tensor.contiguous(), hf_name)
     for i in range(config.n_layers):
         names = [f"model.layers.{i}.{n}" for n in _QKV]
-        fused = torch.cat([reader.get(n).to(dtype) for n in names])
-        state[f"layers.{i}.attention.wqkv.weight"] = place(f"layers.{i}.attention.wqkv.weight", fused, names[0])
+        state[f"layers.{i}.attention.wqkv.weight"] = torch.cat([place(reader.get(n), n) for n in names])
     if config.tie_word_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, assign=True)
@@ -153,19 +189,26 @@ def load_model(checkpoint_dir: str | Path, device="cpu", dtype: torch.dtype | No
     return model.eval()
 
 
-def _check_names(config: ModelConfig, files: dict[str, Path], checkpoint_dir: Path):
-    expected = expected_hf_names(config)
+def _check_names(config: ModelConfig, files: dict[str, Path], checkpoint_dir: Path) -> dict[str, tuple]:
+    """The expected shapes, once every expected tensor is known to be present and nothing else is."""
+    layers = {int(m.group(1)) for name in files if (m := _LAYER.fullmatch(name))}
+    held = max(layers) + 1 if layers else 0
+    if held != config.n_layers:  # checked first: a huge num_hidden_layers would not even list its names
+        raise UserError(f"{checkpoint_dir / 'config.json'}: num_hidden_layers is {config.n_layers} "
+                        f"but the checkpoint holds tensors for {held} layers")
+    expected = expected_hf_shapes(config)
     present = {n for n in files if not _IGNORED.fullmatch(n)}
     if config.tie_word_embeddings:
         present.discard("lm_head.weight")  # some tied checkpoints still save it: same tensor
-    missing = sorted(expected - present)
+    missing = sorted(expected.keys() - present)
     if missing:
         raise UserError(f"{checkpoint_dir}: tensor {missing[0]} is missing"
                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    unexpected = sorted(present - expected)
+    unexpected = sorted(present - expected.keys())
     if unexpected:
         raise UserError(f"{files[unexpected[0]]}: unexpected tensor {unexpected[0]}"
                         + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    return expected
 
 
 def random_model(config: ModelConfig, device="cpu", dtype=torch.bfloat16, seed: int = 0) -> Transformer:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 from catsgen.errors import UserError
 
@@ -36,9 +38,6 @@ class ModelConfig:
     def __post_init__(self):
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
-        if self.n_heads % self.n_kv_heads:
-            raise UserError(f"num_attention_heads ({self.n_heads}) is not a multiple of "
-                            f"num_key_value_heads ({self.n_kv_heads})")
 
     @property
     def qkv_dim(self) -> int:
@@ -54,16 +53,13 @@ class ModelConfig:
         config_file = path / "config.json"
         if not config_file.is_file():
             raise UserError(f"{path} has no config.json: is it a Hugging Face checkpoint directory?")
-        try:
-            raw = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{config_file} is not valid JSON: {e}") from None
-        return cls.from_hf_dict(raw, source=str(config_file))
+        return cls.from_hf_dict(read_json_object(config_file), source=str(config_file))
 
     @classmethod
     def from_hf_dict(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
-        architectures = raw.get("architectures") or [_architecture_from_model_type(raw, source)]
-        arch = architectures[0]
+        """Every key the engine reads is checked (type, range, relations) here, once."""
+        raw = _checked_keys(raw, CONFIG_KEYS, source)
+        arch = (raw.get("architectures") or [_architecture_from_model_type(raw, source)])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UserError(f"{source}: architectures={arch!r} is not supported "
                             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
@@ -72,39 +68,134 @@ class ModelConfig:
                 raise UserError(f"{source}: {flag}=true is not supported")
         if raw.get("hidden_act", "silu") != "silu":
             raise UserError(f"{source}: hidden_act={raw['hidden_act']!r} is not supported (CATS needs silu)")
-
-        def need(key):
-            if key not in raw or raw[key] is None:
+        for key in REQUIRED_KEYS:
+            if key not in raw:
                 raise UserError(f"{source}: required key {key!r} is missing")
-            return raw[key]
-
-        n_heads = int(need("num_attention_heads"))
         # transformers >= 5 writes "rope_parameters" (theta included) instead of rope_scaling.
-        rope_params = raw.get("rope_parameters") or {}
+        rope_params = _checked_keys(raw.get("rope_parameters") or {}, ROPE_KEYS, f"{source}: rope_parameters")
         rope_scaling = _parse_rope_scaling(raw.get("rope_scaling") or rope_params, source)
-        rope_theta = raw.get("rope_theta", rope_params.get("rope_theta", 10000.0))
         sliding = raw.get("sliding_window") if arch == "MistralForCausalLM" else None
-        if sliding is not None and raw.get("use_sliding_window") is False:
+        if raw.get("use_sliding_window") is False:
             sliding = None
-        return cls(
-            dim=int(need("hidden_size")),
-            n_layers=int(need("num_hidden_layers")),
+        n_heads = raw["num_attention_heads"]
+        config = cls(
+            dim=raw["hidden_size"],
+            n_layers=raw["num_hidden_layers"],
             n_heads=n_heads,
-            n_kv_heads=int(raw.get("num_key_value_heads") or n_heads),
-            intermediate_size=int(need("intermediate_size")),
-            vocab_size=int(need("vocab_size")),
-            head_dim=int(raw.get("head_dim") or 0),
+            n_kv_heads=raw.get("num_key_value_heads", n_heads),
+            intermediate_size=raw["intermediate_size"],
+            vocab_size=raw["vocab_size"],
+            head_dim=raw.get("head_dim", 0),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
+            rope_theta=float(raw.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
             rope_scaling=rope_scaling,
-            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
-            sliding_window=int(sliding) if sliding is not None else None,
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            max_position_embeddings=raw.get("max_position_embeddings", 4096),
+            sliding_window=sliding,
+            tie_word_embeddings=raw.get("tie_word_embeddings", False),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=_as_id_tuple(raw.get("eos_token_id")),
-            torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
+            torch_dtype=raw.get("torch_dtype") or raw.get("dtype") or "bfloat16",
             architecture=arch,
         )
+        _check_relations(config, "head_dim" in raw, source)
+        return config
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file; unreadable or non-UTF-8 content is a one-line error naming it."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (at byte offset {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise UserError(f"{path} cannot be read: {e.strerror}") from None
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object: any other content is a one-line error naming it."""
+    try:
+        raw = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must hold a JSON object, not {json.dumps(raw)[:40]}")
+    return raw
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int in Python
+
+
+def _is_number(value) -> bool:
+    # json reads NaN and Infinity, so finiteness is checked too.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class Rule(NamedTuple):
+    what: str
+    holds: Callable[[object], bool]
+
+
+INT_LIMIT = 2**31  # sizes are int32 indices in the kernels; larger values are typos
+POSITIVE_INT = Rule("a positive integer", lambda v: _is_int(v) and 0 < v < INT_LIMIT)
+TOKEN_ID = Rule("a token id (an integer >= 0)", lambda v: _is_int(v) and 0 <= v < INT_LIMIT)
+TOKEN_IDS = Rule("a token id or a list of token ids",
+                 lambda v: TOKEN_ID.holds(v) or (isinstance(v, list) and all(map(TOKEN_ID.holds, v))))
+POSITIVE_NUMBER = Rule("a positive finite number", lambda v: _is_number(v) and v > 0)
+BOOL = Rule("true or false", lambda v: isinstance(v, bool))
+STRING = Rule("a string", lambda v: isinstance(v, str))
+OBJECT = Rule("a JSON object", lambda v: isinstance(v, dict))
+STRINGS = Rule("a non-empty list of strings",
+               lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(s, str) for s in v))
+
+# Every config.json key the engine reads, with what it must hold. null counts as absent
+# (transformers writes null for options left unset, e.g. head_dim or sliding_window).
+CONFIG_KEYS = {
+    "architectures": STRINGS, "model_type": STRING, "hidden_act": STRING,
+    "torch_dtype": STRING, "dtype": STRING,
+    "attention_bias": BOOL, "mlp_bias": BOOL, "tie_word_embeddings": BOOL, "use_sliding_window": BOOL,
+    **dict.fromkeys(("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "intermediate_size", "vocab_size", "head_dim", "max_position_embeddings",
+                     "sliding_window"), POSITIVE_INT),
+    "rms_norm_eps": POSITIVE_NUMBER, "rope_theta": POSITIVE_NUMBER,
+    "rope_scaling": OBJECT, "rope_parameters": OBJECT,
+    "bos_token_id": TOKEN_ID, "eos_token_id": TOKEN_IDS,
+}
+REQUIRED_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+ROPE_KEYS = {"rope_type": STRING, "type": STRING, "rope_theta": POSITIVE_NUMBER, "factor": POSITIVE_NUMBER,
+             "low_freq_factor": POSITIVE_NUMBER, "high_freq_factor": POSITIVE_NUMBER,
+             "original_max_position_embeddings": POSITIVE_INT}
+
+
+def _checked_keys(raw: dict, rules: dict[str, Rule], source: str) -> dict:
+    """raw without its null values, after checking each known key against its rule."""
+    present = {key: value for key, value in raw.items() if value is not None}
+    for key, rule in rules.items():
+        if key in present and not rule.holds(present[key]):
+            raise UserError(f"{source}: {key} must be {rule.what}, not {json.dumps(present[key])[:40]}")
+    return present
+
+
+# Relations between the keys, checked on the parsed config: (holds, message naming the keys).
+RELATIONS = (
+    (lambda c, explicit_head_dim: explicit_head_dim or c.dim % c.n_heads == 0,
+     "hidden_size ({c.dim}) is not a multiple of num_attention_heads ({c.n_heads}) and no head_dim is given"),
+    (lambda c, _: c.n_heads % c.n_kv_heads == 0,
+     "num_attention_heads ({c.n_heads}) is not a multiple of num_key_value_heads ({c.n_kv_heads})"),
+    (lambda c, _: c.head_dim % 2 == 0,
+     "the head dimension ({c.head_dim}) is odd: rotary embeddings need an even one"),
+    (lambda c, _: all(i < c.vocab_size for i in (*c.eos_token_ids, c.bos_token_id or 0)),
+     "bos_token_id / eos_token_id ({c.bos_token_id} / {c.eos_token_ids}) must be below vocab_size ({c.vocab_size})"),
+    (lambda c, _: c.rope_scaling is None or c.rope_scaling["rope_type"] != "llama3"
+     or c.rope_scaling.get("low_freq_factor", 1.0) < c.rope_scaling.get("high_freq_factor", 4.0),
+     "rope_scaling: low_freq_factor must be below high_freq_factor ({c.rope_scaling})"),
+)
+
+
+def _check_relations(config: "ModelConfig", explicit_head_dim: bool, source: str):
+    for holds, message in RELATIONS:
+        if not holds(config, explicit_head_dim):
+            raise UserError(f"{source}: " + message.format(c=config))
 
 
 def _architecture_from_model_type(raw: dict, source: str) -> str:
@@ -118,12 +209,11 @@ def _architecture_from_model_type(raw: dict, source: str) -> str:
 def _as_id_tuple(value) -> tuple[int, ...]:
     if value is None:
         return ()
-    if isinstance(value, (list, tuple)):
-        return tuple(int(v) for v in value)
-    return (int(value),)
+    return tuple(value) if isinstance(value, list) else (value,)
 
 
-def _parse_rope_scaling(scaling: dict | None, source: str) -> dict | None:
+def _parse_rope_scaling(scaling: dict, source: str) -> dict | None:
+    scaling = _checked_keys(scaling, ROPE_KEYS, f"{source}: rope_scaling")
     if not scaling:
         return None
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))

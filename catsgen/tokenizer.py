@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from catsgen.config import ModelConfig, read_json_object, read_text
 from catsgen.errors import UserError
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _token_text(value) -> str | None:
@@ -24,25 +19,79 @@ def _token_text(value) -> str | None:
     return value
 
 
+def _check_tokenizer_config(config: dict, path: Path):
+    """The keys of tokenizer_config.json this module reads."""
+    for key in ("bos_token", "eos_token"):
+        if config.get(key) is not None and not isinstance(_token_text(config[key]), str):
+            raise UserError(f"{path}: {key} must be a string or an object with a string 'content'")
+    if not isinstance(config.get("add_bos_token", True), bool):
+        raise UserError(f"{path}: add_bos_token must be true or false")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # several named templates: [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise UserError(f"{path}: chat_template must be a string (or a list with a 'default' template)")
+    return template
+
+
+def _check_generation_ids(generation: dict, path: Path, vocab_size: int):
+    for key in ("bos_token_id", "eos_token_id"):
+        value = generation.get(key)
+        ids = value if isinstance(value, list) else [value]
+        if value is not None and not all(isinstance(i, int) and not isinstance(i, bool)
+                                         and 0 <= i < vocab_size for i in ids):
+            raise UserError(f"{path}: {key} must be a token id or a list of token ids below "
+                            f"config.json's vocab_size ({vocab_size}), not {value!r}")
+
+
+def _load_tokenizers_json(path: Path):
+    from tokenizers import Tokenizer as HFTokenizer
+    text = read_text(path)
+    try:
+        return HFTokenizer.from_str(text)
+    except Exception as e:  # the Rust library raises plain Exception for every malformed field
+        raise UserError(f"{path} is not a valid tokenizer.json ({e})") from None
+
+
+def _load_sentencepiece(path: Path):
+    import sentencepiece
+    try:
+        return sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:
+        raise UserError(f"{path} is not a valid sentencepiece model ({str(e).splitlines()[0]})") from None
+
+
 class Tokenizer:
     def __init__(self, checkpoint_dir: str | Path):
         d = Path(checkpoint_dir)
+        model_config = ModelConfig.from_checkpoint(d)
         self.tokenizer_config = _read_json(d / "tokenizer_config.json")
+        self.chat_template = _check_tokenizer_config(self.tokenizer_config, d / "tokenizer_config.json")
+        self.template_file = d / "tokenizer_config.json"
+        if self.chat_template is None and (d / "chat_template.jinja").is_file():  # newer transformers save it apart
+            self.template_file = d / "chat_template.jinja"
+            self.chat_template = read_text(self.template_file)
         generation = _read_json(d / "generation_config.json")
-        config = _read_json(d / "config.json")
+        _check_generation_ids(generation, d / "generation_config.json", model_config.vocab_size)
+        config = {"bos_token_id": model_config.bos_token_id, "eos_token_id": list(model_config.eos_token_ids)}
         if (d / "tokenizer.json").is_file():
-            from tokenizers import Tokenizer as HFTokenizer
-            self._hf = HFTokenizer.from_file(str(d / "tokenizer.json"))
-            self._sp = None
+            file, self._hf, self._sp = d / "tokenizer.json", _load_tokenizers_json(d / "tokenizer.json"), None
         elif (d / "tokenizer.model").is_file():
-            import sentencepiece
-            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
-            self._hf = None
+            file, self._hf, self._sp = d / "tokenizer.model", None, _load_sentencepiece(d / "tokenizer.model")
         else:
             raise UserError(f"{d} has no tokenizer.json or tokenizer.model")
+        # An id past the embedding table would be an IndexError in the middle of a run.
+        if self.max_id() >= model_config.vocab_size:
+            raise UserError(f"{file} has token id {self.max_id()}, but config.json's vocab_size is "
+                            f"{model_config.vocab_size}: tokenizer and model do not match")
         self.bos_id = self._special_id("bos_token", generation, config)
         self.eos_ids = self._eos_ids(generation, config)
-        self.chat_template = self.tokenizer_config.get("chat_template")
+
+    def max_id(self) -> int:
+        if self._hf is not None:
+            return max(self._hf.get_vocab(with_added_tokens=True).values(), default=-1)
+        return self._sp.get_piece_size() - 1
 
     def _special_id(self, key, generation, config):
         text = _token_text(self.tokenizer_config.get(key))
@@ -87,13 +136,24 @@ class Tokenizer:
 
     def apply_chat_template(self, prompt: str) -> str:
         if not self.chat_template:
-            raise UserError("--chat: this checkpoint's tokenizer_config.json has no chat_template")
-        import jinja2
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        template = env.from_string(self.chat_template)
+            raise UserError("--chat: this checkpoint has no chat_template (in tokenizer_config.json "
+                            "or chat_template.jinja)")
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):  # what transformers gives templates to refuse a conversation
+            raise TemplateError(message)
+
+        # Sandboxed, as in transformers: the template is code from the checkpoint's author.
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
         special = {k: _token_text(self.tokenizer_config.get(k)) or "" for k in ("bos_token", "eos_token")}
-        return template.render(messages=[{"role": "user", "content": prompt}],
-                               add_generation_prompt=True, **special)
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=[{"role": "user", "content": prompt}], add_generation_prompt=True, **special)
+        except Exception as e:  # any error a template can raise (syntax, undefined, its own exceptions)
+            raise UserError(f"--chat: the chat_template in {self.template_file} failed: "
+                            f"{type(e).__name__}: {' '.join(str(e).split())}") from None
 
 
 class StreamDecoder:

@@ -1,6 +1,8 @@
 """Shared fixtures: small random HF checkpoints written by transformers' save_pretrained."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +82,40 @@ def run_cli(*args, env=None, timeout=600):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, env=full_env, timeout=timeout)
+
+
+@pytest.fixture
+def checkpoint(checkpoints, tmp_path):
+    """A private copy of the gqa checkpoint, to damage."""
+    directory = tmp_path / "ck"
+    shutil.copytree(checkpoints["gqa"][0], directory)
+    return directory
+
+
+def edit_config(directory, **changes):
+    """Change config.json's keys; None removes a key."""
+    config = json.loads((directory / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def edit_tensors(directory, edit, file="model.safetensors"):
+    """Apply edit(dict of tensors) to a safetensors file and save it back."""
+    from safetensors.torch import load_file, save_file
+    path = directory / file
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def assert_one_line_error(code, err, *fragments):
+    """The CLI's answer to bad input: exit code 2, one `error: ...` line naming what is wrong."""
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

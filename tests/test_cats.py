@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from catsgen import cats
 from catsgen.checkpoint import load_model
 from catsgen.model import DenseSiLU
+from conftest import assert_one_line_error
 from helpers_cats import calibrate_quietly, run_main
 
 D, FF = 48, 80
@@ -197,14 +198,6 @@ def test_union_sparsity_of_identical_sequences_equals_single(tiny):
 
 
 # --- CLI errors: one line on stderr, exit code 2 --------------------------------------------------
-
-def assert_one_line_error(code, err, *fragments):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
 
 GEN = ("generate", "--prompt", "The quick brown fox", "--max-new-tokens", 3, "--device", "cpu")
 

@@ -1,40 +1,14 @@
 """Bad checkpoints and configs: clear errors naming the key, file or tensor."""
 
-import json
 import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from catsgen.checkpoint import load_model
 from catsgen.config import ModelConfig, preset
 from catsgen.errors import UserError
-from conftest import run_cli
-
-
-@pytest.fixture
-def checkpoint(checkpoints, tmp_path):
-    directory = tmp_path / "ck"
-    shutil.copytree(checkpoints["gqa"][0], directory)
-    return directory
-
-
-def edit_config(directory, **changes):
-    config = json.loads((directory / "config.json").read_text())
-    for key, value in changes.items():
-        if value is None:
-            config.pop(key, None)
-        else:
-            config[key] = value
-    (directory / "config.json").write_text(json.dumps(config))
-
-
-def edit_tensors(directory, edit):
-    path = directory / "model.safetensors"
-    tensors = load_file(str(path))
-    edit(tensors)
-    save_file(tensors, str(path), metadata={"format": "pt"})
+from conftest import edit_config, edit_tensors, run_cli
 
 
 def test_unsupported_architecture(checkpoint):
