@@ -84,11 +84,12 @@ def _target_name(hf_name: str) -> str | None:
     return None
 
 
-def expected_hf_names(config: ModelConfig) -> set[str]:
+def expected_hf_names(n_layers: int, tied: bool) -> set[str]:
+    """Every tensor an HF Llama checkpoint holds (also what a GGUF must convert into)."""
     names = {"model.embed_tokens.weight", "model.norm.weight"}
-    if not config.tie_word_embeddings:
+    if not tied:
         names.add("lm_head.weight")
-    for i in range(config.n_layers):
+    for i in range(n_layers):
         names.update(f"model.layers.{i}.{n}" for n in (*_LAYER_NAMES, *_QKV))
     return names
 
@@ -154,7 +155,7 @@ def load_model(checkpoint_dir: str | Path, device="cpu", dtype: torch.dtype | No
 
 
 def _check_names(config: ModelConfig, files: dict[str, Path], checkpoint_dir: Path):
-    expected = expected_hf_names(config)
+    expected = expected_hf_names(config.n_layers, config.tie_word_embeddings)
     present = {n for n in files if not _IGNORED.fullmatch(n)}
     if config.tie_word_embeddings:
         present.discard("lm_head.weight")  # some tied checkpoints still save it: same tensor

@@ -1,4 +1,4 @@
-"""GGUF -> HF conversion (catsgen/convert.py) and the default model (catsgen/default_model.py).
+"""GGUF -> HF conversion (catsgen/gguf/) and the default model (catsgen/default_model.py).
 
 References nobody here wrote: the gguf package's dequantization, llama.cpp's q/k permutation,
 transformers' own GGUF loading (tokenizer and model) and sentencepiece itself.
@@ -18,7 +18,8 @@ from helpers_gguf import (TINY, _hf_order, byte_level_vocab, dequantized, gguf_n
                           llamacpp_permute, smollm2_converted, smollm2_gguf, smollm2_reader,  # noqa: F401
                           transformers_gguf_model, write_tiny_gguf)
 
-from catsgen.convert import convert_gguf, unpermute_rope_rows  # noqa: E402
+from catsgen.gguf import convert_gguf  # noqa: E402
+from catsgen.gguf.reader import unpermute_rope_rows  # noqa: E402
 from catsgen.errors import UserError  # noqa: E402
 
 MIXED_TEXT = (
@@ -364,7 +365,8 @@ def test_missing_package_names_install_command(monkeypatch):
 
 def test_default_checkpoint_converts_once(monkeypatch, tmp_path):
     """The conversion logic is tested above; here the packaged file is swapped for a tiny one."""
-    from catsgen import convert, default_model
+    from catsgen import default_model
+    from catsgen import gguf as convert
 
     tiny = tmp_path / "tiny.gguf"
     write_tiny_gguf(tiny)
