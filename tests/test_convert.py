@@ -21,10 +21,11 @@ from helpers_gguf import (TINY, _hf_order, byte_level_vocab, dequantized, gguf_n
                           llamacpp_permute, smollm2_converted, smollm2_gguf, smollm2_reader,  # noqa: F401
                           transformers_gguf_model, write_tiny_gguf)
 
-from catsgen.gguf import convert_gguf  # noqa: E402
 from conftest import run_cli  # noqa: E402
-from catsgen.gguf.reader import unpermute_rope_rows  # noqa: E402
+
 from catsgen.errors import UserError  # noqa: E402
+from catsgen.gguf import convert_gguf  # noqa: E402
+from catsgen.gguf.reader import unpermute_rope_rows  # noqa: E402
 
 MIXED_TEXT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -357,12 +358,15 @@ def test_sigterm_during_convert_leaves_nothing(tmp_path):
     out = tmp_path / "models" / "out"
     proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, "convert", "--gguf", str(path), "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline and not list(out.parent.glob(".out.*.tmp")):
-        time.sleep(0.02)
-    assert list(out.parent.glob(".out.*.tmp")), "the conversion's temporary directory never appeared"
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline and not list(out.parent.glob(".out.*.tmp")):
+            time.sleep(0.02)
+        assert list(out.parent.glob(".out.*.tmp")), "the conversion's temporary directory never appeared"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # a no-op once it has ended
     assert proc.returncode != 0 and "Traceback" not in stderr, stderr
     assert list(out.parent.iterdir()) == []
 
