@@ -92,8 +92,18 @@ def _target_name(hf_name: str) -> str | None:
     return None
 
 
+def expected_hf_names(n_layers: int, tied: bool) -> set[str]:
+    """Every tensor an HF Llama checkpoint holds (also what a GGUF must convert into)."""
+    names = {"model.embed_tokens.weight", "model.norm.weight"}
+    if not tied:
+        names.add("lm_head.weight")
+    for i in range(n_layers):
+        names.update(f"model.layers.{i}.{n}" for n in (*_LAYER_NAMES, *_QKV))
+    return names
+
+
 def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> the shape config.json implies for it."""
+    """HF tensor name -> the shape config.json implies for it (the names: expected_hf_names)."""
     d, f, vocab = config.dim, config.intermediate_size, config.vocab_size
     q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
     shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}

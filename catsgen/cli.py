@@ -114,7 +114,7 @@ def convert(
 ):
     """Convert a GGUF model into a Hugging Face directory the engine loads like any other."""
     from catsgen.checkpoint import parse_dtype
-    from catsgen.convert import convert_gguf
+    from catsgen.gguf import convert_gguf
     if parse_dtype(dtype) == parse_dtype("float16"):
         raise UserError("--dtype: choose float32 or bfloat16")
     convert_gguf(gguf, out, dtype=parse_dtype(dtype), progress=log)

@@ -41,7 +41,7 @@ def cache_dir() -> Path:
 
 def _is_current(checkpoint: Path) -> bool:
     """A complete conversion made by this converter version (the directory appears atomically)."""
-    from catsgen.convert import CONVERTER_VERSION
+    from catsgen.gguf import CONVERTER_VERSION
 
     try:
         config = json.loads((checkpoint / "config.json").read_text())
@@ -55,7 +55,7 @@ def default_checkpoint(log: Callable[[str], None] = print_to_stderr) -> Path:
 
     Weights are float32 (135M parameters: about 0.5 GB); the model loader casts them to the run's dtype.
     """
-    from catsgen.convert import convert_gguf
+    from catsgen.gguf import convert_gguf
 
     checkpoint = cache_dir() / MODEL_NAME
     if _is_current(checkpoint):

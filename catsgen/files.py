@@ -1,11 +1,16 @@
-"""Output files: checked before the work, written atomically after it."""
+"""Output files and directories: checked before the work, written atomically after it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
+from typing import Callable
 
 from catsgen.errors import UserError
 
@@ -30,3 +35,52 @@ def write_json_atomically(path: Path, data: dict, indent: int = 1):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_directory_atomically(out_dir: Path, write: Callable[[Path], None], overwrite: bool) -> None:
+    """write(tmp) fills a temp dir next to out_dir, which is then renamed: out_dir is either complete
+    or untouched. overwrite replaces a non-empty out_dir (otherwise that is a UserError)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(f"{out_dir}: already exists and is not empty; remove it or choose another output directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with sigterm_as_interrupt():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+        old = None
+        try:
+            write(tmp)
+            for f in tmp.iterdir():  # mkdtemp and save_file make private files; a cache may be shared
+                os.chmod(f, 0o644)
+            os.chmod(tmp, 0o755)
+            if out_dir.is_dir():
+                old = out_dir.with_name(tmp.name + ".old")
+                os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and not out_dir.exists():
+                os.rename(old, out_dir)
+            raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Inside the block SIGTERM (kill, a job scheduler's stop) raises KeyboardInterrupt as Ctrl-C
+    does, so cleanup code runs instead of the process vanishing with its temporary files. Only the
+    main thread may set a signal handler; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

@@ -183,10 +183,10 @@ def apply_rotary(x, cos, sin):
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
-def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = config.rope_scaling
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """RoPE's head_dim/2 inverse frequencies, as transformers computes them (the GGUF converter
+    also uses them to recognise Llama-3.1 scaling stored as a tensor)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if scaling is None:
         return inv_freq
     if scaling["rope_type"] == "linear":
@@ -218,7 +218,7 @@ def rope_tables(config: ModelConfig, max_seq_len: int, device=None):
     if scaling and scaling["rope_type"] == "dynamic" and max_seq_len > config.max_position_embeddings:
         raise UserError(f"dynamic NTK rope scaling past max_position_embeddings "
                         f"({config.max_position_embeddings}) is not supported: lower --max-seq-len")
-    inv_freq = rope_inverse_frequencies(config)
+    inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
     freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(device), emb.sin().to(device)

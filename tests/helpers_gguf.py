@@ -26,7 +26,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_converted(smollm2_gguf, tmp_path_factory) -> Path:
     """The real GGUF converted once (float32) for the whole session."""
-    from catsgen.convert import convert_gguf
+    from catsgen.gguf import convert_gguf
 
     return convert_gguf(smollm2_gguf, tmp_path_factory.mktemp("convert") / "smollm2")
 

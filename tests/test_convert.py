@@ -1,11 +1,14 @@
-"""GGUF -> HF conversion (catsgen/convert.py) and the default model (catsgen/default_model.py).
+"""GGUF -> HF conversion (catsgen/gguf/) and the default model (catsgen/default_model.py).
 
 References nobody here wrote: the gguf package's dequantization, llama.cpp's q/k permutation,
 transformers' own GGUF loading (tokenizer and model) and sentencepiece itself.
 """
 
 import json
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +21,11 @@ from helpers_gguf import (TINY, _hf_order, byte_level_vocab, dequantized, gguf_n
                           llamacpp_permute, smollm2_converted, smollm2_gguf, smollm2_reader,  # noqa: F401
                           transformers_gguf_model, write_tiny_gguf)
 
-from catsgen.convert import convert_gguf, unpermute_rope_rows  # noqa: E402
+from conftest import run_cli  # noqa: E402
+
 from catsgen.errors import UserError  # noqa: E402
+from catsgen.gguf import convert_gguf  # noqa: E402
+from catsgen.gguf.reader import unpermute_rope_rows  # noqa: E402
 
 MIXED_TEXT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -265,6 +271,14 @@ def test_missing_file(tmp_path):
     _assert_user_error(tmp_path / "nope.gguf", tmp_path / "out", "no such file")
 
 
+def test_directory_given_as_gguf(tmp_path):
+    (tmp_path / "models").mkdir()
+    _assert_user_error(tmp_path / "models", tmp_path / "out", "is a directory")
+    result = run_cli("-m", "catsgen.cli", "convert", "--gguf", tmp_path / "models", "--out", tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip() == f"error: {tmp_path / 'models'}: is a directory, not a GGUF file"
+
+
 def test_not_a_gguf_file(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"this is not a GGUF file at all, just some bytes" * 10)
@@ -326,6 +340,45 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     assert list(out.parent.iterdir()) == []
 
 
+# The CLI with every dequantization slowed down, so that a signal surely arrives mid-conversion.
+SLOW_CLI = """
+import time
+import gguf.quants
+dequantize = gguf.quants.dequantize
+gguf.quants.dequantize = lambda *args: (time.sleep(0.2), dequantize(*args))[1]
+from catsgen.cli import main
+main()
+"""
+
+
+def test_sigterm_during_convert_leaves_nothing(tmp_path):
+    """kill (SIGTERM) in the middle of `catsgen convert` cleans up as Ctrl-C does."""
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    out = tmp_path / "models" / "out"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, "convert", "--gguf", str(path), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline and not list(out.parent.glob(".out.*.tmp")):
+            time.sleep(0.02)
+        assert list(out.parent.glob(".out.*.tmp")), "the conversion's temporary directory never appeared"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # a no-op once it has ended
+    assert proc.returncode != 0 and "Traceback" not in stderr, stderr
+    assert list(out.parent.iterdir()) == []
+
+
+def test_sigterm_handler_is_put_back(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    before = signal.getsignal(signal.SIGTERM)
+    convert_gguf(path, tmp_path / "out")
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_existing_output_dir(tmp_path):
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path)
@@ -364,7 +417,8 @@ def test_missing_package_names_install_command(monkeypatch):
 
 def test_default_checkpoint_converts_once(monkeypatch, tmp_path):
     """The conversion logic is tested above; here the packaged file is swapped for a tiny one."""
-    from catsgen import convert, default_model
+    from catsgen import default_model
+    from catsgen import gguf as convert
 
     tiny = tmp_path / "tiny.gguf"
     write_tiny_gguf(tiny)
