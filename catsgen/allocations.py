@@ -165,8 +165,8 @@ def fisher_level(curves, level: float) -> tuple[list[torch.Tensor], list[float]]
         else:
             high = mid
     ks = chosen(2.0 ** high)
-    thresholds = [t.gather(0, k[None])[0] for (t, _), k in zip(curves, ks)]
-    return thresholds, [float(k.double().mean()) / FISHER_POINTS for k in ks]
+    vectors = [t.gather(0, k[None])[0] for (t, _), k in zip(curves, ks)]
+    return vectors, [float(k.double().mean()) / FISHER_POINTS for k in ks]
 
 
 def fisher_allocation(curves, weights: list[int]) -> dict:
@@ -175,8 +175,8 @@ def fisher_allocation(curves, weights: list[int]) -> dict:
     thresholds are at run time) and towards uniform 0.99 past the grid."""
     grid_thresholds, grid_sparsity = [], []
     for level in FISHER_GRID:
-        thresholds, sparsity = fisher_level(curves, level)
-        grid_thresholds.append([[float(f"{t:.4g}") for t in layer.tolist()] for layer in thresholds])
+        vectors, sparsity = fisher_level(curves, level)
+        grid_thresholds.append([[float(f"{t:.4g}") for t in layer.tolist()] for layer in vectors])
         grid_sparsity.append(on_target(sparsity, weights, level))
     points = [0.0, *FISHER_GRID, LEVELS[-1]]
     rows = [[0.0] * len(weights), *grid_sparsity, [LEVELS[-1]] * len(weights)]
