@@ -2,33 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from catsgen import cats
 from catsgen.config import ModelConfig
+from catsgen.errors import UserError
 from catsgen.files import check_writable_parent, write_json_atomically
 from catsgen.generate import SamplingParams, generate, make_decode_step
 from catsgen.model import Transformer
+from catsgen.settings import BenchSettings
+from catsgen.thresholds import ThresholdsTable, check_sparsity, load_thresholds, resolve_allocation
 
-
-@dataclass
-class BenchSettings:
-    sparsities: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.7])
-    dtype: torch.dtype = torch.bfloat16
-    batch_size: int = 1
-    prompt_len: int = 128
-    new_tokens: int = 256
-    max_seq_len: int = 2048
-    repeats: int = 5
-    device: str = "cuda"
-    compile: bool = True
-    warmup_tokens: int = 8
+logger = logging.getLogger(__name__)
 
 
 def weight_bytes_per_token(config: ModelConfig, element_bytes: int, mlp_active_fraction: float = 1.0) -> int:
@@ -48,19 +40,30 @@ def byte_ratio_limit(config: ModelConfig, sparsity: float) -> float:
     return weight_bytes_per_token(config, 2, 1.0) / weight_bytes_per_token(config, 2, 1.0 - sparsity)
 
 
-def build_model(settings: BenchSettings, checkpoint, preset, log) -> Transformer:
+def build_model(settings: BenchSettings, checkpoint, preset) -> Transformer:
     from catsgen.checkpoint import load_model, random_model
     from catsgen.config import preset as preset_config
     start = time.perf_counter()
     if preset is not None:
-        log(f"building {preset} with random weights on {settings.device} ...")
-        model = random_model(preset_config(preset), settings.device, settings.dtype)
+        logger.info(f"building {preset} with random weights on {settings.device} ...")
+        model = random_model(preset_config(preset), settings.device, settings.torch_dtype() or torch.bfloat16)
     else:
-        log(f"loading {checkpoint} ...")
-        model = load_model(checkpoint, settings.device, settings.dtype)
+        logger.info(f"loading {checkpoint} ...")
+        model = load_model(checkpoint, settings.device, settings.torch_dtype())
     model.setup_caches(settings.batch_size, settings.max_seq_len)
-    log(f"model ready in {time.perf_counter() - start:.1f} s")
+    logger.info(f"model ready in {time.perf_counter() - start:.1f} s")
     return model
+
+
+def bench_thresholds(model: Transformer, checkpoint_dir, thresholds_path, random_weights: bool) -> ThresholdsTable:
+    """The benchmark's thresholds: the checkpoint's file, or for random weights (no file can exist)
+    a calibration on random token ids, done in memory."""
+    from catsgen.calibrate import calibrate_in_memory
+    if not random_weights:
+        return load_thresholds(model, checkpoint_dir, thresholds_path)
+    if thresholds_path is not None:
+        raise UserError("--thresholds belongs to --checkpoint: random weights are calibrated on random tokens")
+    return calibrate_in_memory(model)
 
 
 def _time_decode(model, prompt, settings: BenchSettings, step, new_tokens) -> tuple[float, float]:
@@ -70,11 +73,11 @@ def _time_decode(model, prompt, settings: BenchSettings, step, new_tokens) -> tu
     return result.prefill_s, result.decode_s / max(result.decode_steps, 1)
 
 
-def bench_one_sparsity(model, prompt, settings: BenchSettings, step, sparsity, log) -> dict:
+def bench_one_sparsity(model, prompt, settings: BenchSettings, step, sparsity) -> dict:
     start = time.perf_counter()
     _time_decode(model, prompt, settings, step, settings.warmup_tokens)  # generate syncs at its end
     warmup_s = time.perf_counter() - start
-    log(f"  s={sparsity:.2f}: compile + warm-up {warmup_s:.1f} s")
+    logger.info(f"  s={sparsity:.2f}: compile + warm-up {warmup_s:.1f} s")
     prefill, per_token = [], []
     for _ in range(settings.repeats):
         p, t = _time_decode(model, prompt, settings, step, settings.new_tokens)
@@ -88,25 +91,22 @@ def bench_one_sparsity(model, prompt, settings: BenchSettings, step, sparsity, l
             "tokens_per_s": 1e3 / statistics.median(ms) * settings.batch_size}
 
 
-def run_bench(settings: BenchSettings, checkpoint=None, preset=None, thresholds=None,
-              json_path: Path | None = None, log: Callable[[str], None] = print,
-              allocation: str | None = None) -> dict:
-    """allocation: None = the thresholds file's best; presets (random weights) have uniform only."""
-    from catsgen import cats
+def run_bench(settings: BenchSettings, checkpoint=None, preset=None, json_path: Path | None = None) -> dict:
+    """The `bench` command on resolved settings (device, dtype and compile filled in)."""
     sparsities = sorted(set([0.0] + [float(s) for s in settings.sparsities]))
     for s in sparsities:
-        cats.check_sparsity(s)
+        check_sparsity(s)
     if json_path is not None:
         check_writable_parent(json_path, "--json")
     torch.manual_seed(0)
-    model = build_model(settings, checkpoint, preset, log)
+    model = build_model(settings, checkpoint, preset)
     config = model.config
     prompt = torch.randint(0, config.vocab_size, (settings.prompt_len,)).tolist()
     sparse = [s for s in sparsities if s > 0]
-    table = cats.bench_thresholds(model, checkpoint, thresholds, preset is not None, log) if sparse else None
-    allocation = cats.resolve_allocation(table, allocation) if table is not None else None
+    table = bench_thresholds(model, checkpoint, settings.thresholds_path, preset is not None) if sparse else None
+    allocation = resolve_allocation(table, settings.allocation) if table is not None else None
     step = make_decode_step(settings.compile, settings.device)
-    element_bytes = torch.empty((), dtype=settings.dtype).element_size()
+    element_bytes = model.output.weight.element_size()
     rows = []
     for s in sparsities:
         measured = 0.0
@@ -115,7 +115,7 @@ def run_bench(settings: BenchSettings, checkpoint=None, preset=None, thresholds=
             measured = cats.measure_union_sparsity(model, prompt, settings.batch_size)
         elif table is not None:
             cats.set_dense(model)
-        row = bench_one_sparsity(model, prompt, settings, step, s, log)
+        row = bench_one_sparsity(model, prompt, settings, step, s)
         bytes_read = weight_bytes_per_token(config, element_bytes, 1.0 - measured)
         row.update(measured_sparsity=measured, weight_bytes_per_token=bytes_read,
                    achieved_gb_per_s=bytes_read / (row["decode_ms_per_token_median"] * 1e-3) / 1e9,
@@ -129,7 +129,7 @@ def run_bench(settings: BenchSettings, checkpoint=None, preset=None, thresholds=
     print(format_table(report))
     if json_path is not None:
         write_json_atomically(json_path, report, indent=2)
-        log(f"wrote {json_path}")
+        logger.info(f"wrote {json_path}")
     return report
 
 
@@ -148,7 +148,7 @@ def environment(device) -> dict:
 
 def _settings_dict(settings: BenchSettings) -> dict:
     d = asdict(settings)
-    d["dtype"] = str(settings.dtype).removeprefix("torch.")
+    d["thresholds_path"] = str(settings.thresholds_path) if settings.thresholds_path else None
     return d
 
 

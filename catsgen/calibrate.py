@@ -1,29 +1,106 @@
-"""The calibration driver: the dense model over a text in windows, recording every layer's
-|SiLU(W_gate x)| sample, then the thresholds file (one write, atomic, at the very end)."""
+"""Calibration: the dense model over a text in windows, recording a sample of every layer's
+|SiLU(W_gate x)|, whose quantiles are the thresholds; the allocations (catsgen/allocations.py)
+searched on the start of the same text; then the thresholds file (one atomic write, at the end).
+"""
 
 from __future__ import annotations
 
+import datetime
+import logging
 import os
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from catsgen import allocation
-from catsgen.cats import (ActivationSample, Thresholds, calibration_record, default_thresholds_path,
-                          model_info, recording)
+from catsgen import allocations
 from catsgen.errors import UserError
 from catsgen.files import check_writable_parent
+from catsgen.model import DenseSiLU, Transformer, swapped_activations
 from catsgen.progress import Progress
+from catsgen.settings import CalibrateSettings
 from catsgen.text_sample import text_sources, token_stream, windows
+from catsgen.thresholds import LEVELS, ThresholdsTable, default_thresholds_path, model_info
 
-DEFAULT_TOKENS = 65536
-DEFAULT_SEQ_LEN = 512
-DEFAULT_ALLOCATION_TOKENS = 256  # KL curves cost 30 layers x 4 grid points forwards of these
-# Fisher statistics: one forward and backward of these, and every token's per-neuron values in
-# memory (tokens x intermediate_size x layers x 8 bytes: 1.5 GB for SmolLM2 at 4096).
-DEFAULT_FISHER_TOKENS = 4096
+logger = logging.getLogger(__name__)
 
+
+# --- the statistic --------------------------------------------------------------------------------
+
+class ActivationSample:
+    """A uniform random subsample of |SiLU(W_gate x)| per layer: each value is kept with
+    probability SIZE / (values expected in the run), so about SIZE values per layer are kept
+    however many tokens pass (bounded memory). Thresholds are exact quantiles of the sample, so
+    the fraction of all calibration values below the threshold for s has a binomial error of
+    standard deviation sqrt(s(1-s)/SIZE) <= 0.0005, whatever the shape of the distribution
+    (|SiLU| piles up at its minimum, 0.2785, which a histogram would have to resolve)."""
+
+    SIZE = 1 << 20
+
+    def __init__(self, n_layers: int, expected_per_layer: int, device=None, seed: int = 0):
+        self.rate = min(1.0, self.SIZE / max(expected_per_layer, 1))
+        self.parts: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def add(self, layer: int, v: torch.Tensor):
+        values = v.float().abs().flatten()
+        if self.rate < 1:
+            keep = torch.rand(values.numel(), generator=self.generator, device=values.device) < self.rate
+            values = values[keep]
+        self.parts[layer].append(values)
+
+    def thresholds(self) -> list[list[float]]:
+        """[layer][level]: t with a fraction `level` of the sample at or below it, midway between
+        the two neighbouring sample values (0 for level 0)."""
+        return [self._layer_thresholds(torch.cat(parts).double().sort().values) for parts in self.parts]
+
+    @staticmethod
+    def _layer_thresholds(ordered: torch.Tensor) -> list[float]:
+        n = ordered.numel()
+        k = torch.tensor([round(level * n) for level in LEVELS], device=ordered.device)
+        below, above = ordered[(k - 1).clamp(min=0)], ordered[k.clamp(max=n - 1)]
+        return torch.where(k > 0, (below + above) / 2, 0.0).tolist()
+
+    @classmethod
+    def describe(cls) -> str:
+        return (f"exact quantiles of a uniform random subsample of |SiLU(W_gate x)|, "
+                f"about {cls.SIZE} values per layer")
+
+
+class SampleRecorder(DenseSiLU):
+    """The dense MLP that also records |v| into the sample."""
+
+    def __init__(self, layer: int, sample: ActivationSample):
+        super().__init__()
+        self.layer, self.sample = layer, sample
+
+    def activate(self, v):
+        self.sample.add(self.layer, v)
+        return v
+
+
+def recording(model: Transformer, sample: ActivationSample):
+    """Run the model dense, recording every layer's |v| (a context manager); the previous
+    activations come back after."""
+    return swapped_activations(model, lambda i, _: SampleRecorder(i, sample))
+
+
+def engine_version() -> str:
+    try:
+        return version("catsgen")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def calibration_record(texts: list[dict], tokens: int, seq_len: int, dtype, device) -> dict:
+    return {"texts": texts, "tokens": tokens, "seq_len": seq_len,
+            "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+            "engine_version": engine_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "statistic": ActivationSample.describe()}
+
+
+# --- the calibration run --------------------------------------------------------------------------
 
 def resolve_output(checkpoint: Path, out: Path | None) -> Path:
     """Checked before any work, so that an unwritable place fails in a second, not after the run."""
@@ -37,63 +114,74 @@ def resolve_output(checkpoint: Path, out: Path | None) -> Path:
 
 
 @torch.no_grad()
-def calibrate(checkpoint: Path, texts: list[Path] | None, max_tokens: int = DEFAULT_TOKENS,
-              seq_len: int = DEFAULT_SEQ_LEN, out: Path | None = None, device="cpu",
-              dtype: torch.dtype | None = None, log: Callable[[str], None] = print,
-              allocation_tokens: int = DEFAULT_ALLOCATION_TOKENS,
-              fisher_tokens: int = DEFAULT_FISHER_TOKENS) -> Thresholds:
+def calibrate(checkpoint: Path, settings: CalibrateSettings = CalibrateSettings()) -> ThresholdsTable:
+    """The `calibrate` command on resolved settings (device and dtype filled in)."""
     from catsgen.checkpoint import load_model
     from catsgen.tokenizer import Tokenizer
-    out = resolve_output(Path(checkpoint), out)
-    sources = text_sources(texts)
-    if not texts:
-        log(f"no --text given: calibrating on the built-in sample, {sources[0].name}")
+    device = settings.device or "cpu"
+    out = resolve_output(Path(checkpoint), settings.out)
+    sources = text_sources(settings.texts)
+    if not settings.texts:
+        logger.info(f"no --text given: calibrating on the built-in sample, {sources[0].name}")
     tokenizer = Tokenizer(checkpoint)
-    model = load_model(checkpoint, device=device, dtype=dtype)
+    model = load_model(checkpoint, device=device, dtype=settings.torch_dtype())
+    max_tokens, seq_len = settings.tokens, settings.seq_len
     sample = ActivationSample(model.config.n_layers, max_tokens * model.config.intermediate_size, device)
-    progress = Progress("calibrating", max_tokens)
     seen = 0
-    with recording(model, sample):
+    with recording(model, sample), Progress("calibrating", max_tokens) as progress:
         for window in windows(token_stream(sources, tokenizer), seq_len, max_tokens):
             model(torch.tensor([window], dtype=torch.long, device=device))
             seen += len(window)
             progress.update(seen)
-    progress.close()
     if seen == 0:
         raise UserError("the calibration text has no tokens")
     if seen < max_tokens:
-        log(f"the text ran out after {seen} tokens, fewer than --tokens {max_tokens}: calibrated on {seen}")
+        logger.info(f"the text ran out after {seen} tokens, fewer than --tokens {max_tokens}: calibrated on {seen}")
     record = calibration_record([s.record() for s in sources], seen, seq_len, model.output.weight.dtype, device)
-    table = Thresholds(model_info(model.config, checkpoint), record, sample.thresholds(), out)
+    table = ThresholdsTable(model_info(model.config, checkpoint), record, sample.thresholds(), out)
     # The allocations come from the start of the same text: part of the calibration, same source.
     head = lambda tokens: list(windows(token_stream(sources, tokenizer), min(seq_len, tokens), tokens))  # noqa: E731
     table.allocations = {}
-    if allocation_tokens > 0:
-        table.allocations["greedy"] = find_allocation(model, table, head(allocation_tokens))
-    if fisher_tokens > 0:
-        table.allocations["fisher"] = find_fisher(model, head(fisher_tokens))
+    if settings.allocation_tokens > 0:
+        table.allocations["greedy"] = find_greedy(model, table, head(settings.allocation_tokens))
+    if settings.fisher_tokens > 0:
+        table.allocations["fisher"] = find_fisher(model, head(settings.fisher_tokens))
     table.save(out)
     half = table.for_sparsity(0.5)
-    log(f"wrote {out}: thresholds for sparsity 0.00..0.99 in {len(half)} layers from {seen} tokens "
-        f"(at 0.50: {min(half):.4g} .. {max(half):.4g})")
+    logger.info(f"wrote {out}: thresholds for sparsity 0.00..0.99 in {len(half)} layers from {seen} tokens "
+                f"(at 0.50: {min(half):.4g} .. {max(half):.4g})")
     return table
 
 
-def find_allocation(model, table: Thresholds, head: list[list[int]]) -> dict:
+def find_greedy(model, table: ThresholdsTable, head: list[list[int]]) -> dict:
     """The greedy allocation's file entry: how it was found and [level][layer] sparsities."""
-    progress = Progress("allocating", model.config.n_layers, unit="layers")
-    curves = allocation.layer_kl_curves(model, table.per_layer, head, progress.update)
-    progress.close()
+    with Progress("allocating", model.config.n_layers, unit="layers") as progress:
+        curves = allocations.layer_kl_curves(model, table.per_layer, head, progress.update)
     tokens = sum(len(w) for w in head)
-    return {"method": allocation.describe(tokens), "tokens": tokens, "grid": list(allocation.GRID),
-            "kl": curves, "sparsity": allocation.greedy_allocation(curves, allocation.layer_bytes(model))}
+    return {"method": allocations.describe(tokens), "tokens": tokens, "grid": list(allocations.GRID),
+            "kl": curves, "sparsity": allocations.greedy_allocation(curves, allocations.layer_bytes(model))}
 
 
 def find_fisher(model, head: list[list[int]]) -> dict:
     """The fisher allocation's file entry: per-neuron thresholds on a grid of levels."""
-    progress = Progress("fisher statistics", len(head), unit="windows")
-    curves = allocation.fisher_curves(model, head, progress.update)
-    progress.close()
+    with Progress("fisher statistics", len(head), unit="windows") as progress:
+        curves = allocations.fisher_curves(model, head, progress.update)
     tokens = sum(len(w) for w in head)
-    return {"method": allocation.describe_fisher(tokens), "tokens": tokens,
-            **allocation.fisher_allocation(curves, allocation.layer_bytes(model))}
+    return {"method": allocations.describe_fisher(tokens), "tokens": tokens,
+            **allocations.fisher_allocation(curves, allocations.layer_bytes(model))}
+
+
+@torch.no_grad()
+def calibrate_in_memory(model: Transformer, tokens: int = 512) -> ThresholdsTable:
+    """Thresholds for random weights (no file can exist for them): a calibration on random
+    token ids, in memory, for the benchmark."""
+    logger.info(f"random weights: calibrating thresholds on {tokens} random token ids")
+    device = model.output.weight.device
+    generator = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator).to(device)
+    sample = ActivationSample(model.config.n_layers, tokens * model.config.intermediate_size, device)
+    with recording(model, sample):
+        model(idx)
+    record = calibration_record([{"name": "random token ids", "bytes": 0}], tokens, tokens,
+                                model.output.weight.dtype, device)
+    return ThresholdsTable(model_info(model.config, None), record, sample.thresholds())

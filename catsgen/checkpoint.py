@@ -6,6 +6,7 @@ W_down is stored transposed ([f, d]) so a neuron CATS skips is one contiguous ro
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -233,3 +234,19 @@ def random_model(config: ModelConfig, device="cpu", dtype=torch.bfloat16, seed: 
             else:
                 p.normal_(0.0, 0.02, generator=generator)
     return model.eval()
+
+
+def checkpoint_fingerprint(checkpoint_dir, samples: int = 64, sample_bytes: int = 64) -> str:
+    """sha256 over each safetensors file's header (names, dtypes, shapes, offsets) and a few bytes
+    sampled at evenly spaced offsets of its data. Reads a few KB, not the weights, and depends on
+    the files only: not on the dtype or device the model is loaded with."""
+    digest = hashlib.sha256()
+    for file in sorted(set(checkpoint_files(Path(checkpoint_dir)).values())):
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            digest.update(file.name.encode() + f.read(header_len))
+            data_start, data_len = 8 + header_len, file.stat().st_size - 8 - header_len
+            for i in range(samples):
+                f.seek(data_start + data_len * i // samples)
+                digest.update(f.read(sample_bytes))
+    return digest.hexdigest()[:16]

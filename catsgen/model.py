@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -66,6 +68,21 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.activation(x, self.w_gate, self.w_up, self.w_down_t)
+
+
+@contextmanager
+def swapped_activations(model: "Transformer", make: Callable[[int, nn.Module], nn.Module]):
+    """Inside, layer i's MLP activation is make(i, its current activation); the previous ones
+    always come back after (also on an exception). Calibration, measuring and allocation
+    searches swap through here; installing CATS for a run is cats.set_sparsity."""
+    previous = [mlp.activation for mlp in model.mlps]
+    try:
+        for i, (mlp, activation) in enumerate(zip(model.mlps, previous)):
+            mlp.activation = make(i, activation)
+        yield model
+    finally:
+        for mlp, activation in zip(model.mlps, previous):
+            mlp.activation = activation
 
 
 class Attention(nn.Module):

@@ -2,27 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from catsgen.cats import (SparsityCounter, check_allocation, check_sparsity, counting, load_thresholds,
-                          resolve_allocation, set_sparsity)
+from catsgen.cats import SparsityCounter, counting, set_sparsity
 from catsgen.errors import UserError
 from catsgen.model import Transformer
 from catsgen.progress import Progress
+from catsgen.settings import PerplexitySettings
 from catsgen.text_sample import text_sources, token_stream, windows
+from catsgen.thresholds import check_sparsity, load_thresholds, resolve_allocation
+
+logger = logging.getLogger(__name__)
 
 CONVENTION = ("the text is tokenized without special tokens and cut into non-overlapping windows of "
               "--seq-len tokens (the last may be shorter); each window is an independent sequence whose "
               "first token is context only and whose other tokens are each scored given the tokens before "
               "it in the window; perplexity = exp(total negative log-likelihood / tokens scored). Numbers "
               "from other conventions (strided sliding windows, a BOS per window, ...) are not comparable.")
-DEFAULT_MAX_TOKENS = 16384
-DEFAULT_SEQ_LEN = 512
 
 
 @torch.no_grad()
@@ -52,45 +53,40 @@ def sparsity_levels(sparsities: list[float]) -> list[float]:
     return [0.0] + [s for s in dict.fromkeys(sparsities) if s != 0]
 
 
-def run_perplexity(checkpoint: Path, texts: list[Path] | None, sparsities: list[float],
-                   thresholds: Path | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
-                   seq_len: int = DEFAULT_SEQ_LEN, device="cpu", dtype: torch.dtype | None = None,
-                   log: Callable[[str], None] = print, allocations: list[str | None] = (None,)) -> dict:
-    """Dense, then every (allocation, sparsity) pair; allocation None = the file's best."""
+def run_perplexity(checkpoint: Path, settings: PerplexitySettings = PerplexitySettings()) -> dict:
+    """The `perplexity` command on resolved settings: dense, then every (allocation, sparsity)
+    pair; allocation None = the file's best."""
     from catsgen.checkpoint import load_model
     from catsgen.tokenizer import Tokenizer
-    levels = sparsity_levels(sparsities)
-    for a in allocations:
-        check_allocation(a)
-    sources = text_sources(texts)
+    levels = sparsity_levels(settings.sparsities)
+    device, max_tokens = settings.device or "cpu", settings.max_tokens
+    sources = text_sources(settings.texts)
     tokenizer = Tokenizer(checkpoint)
-    model = load_model(checkpoint, device=device, dtype=dtype)
-    table = load_thresholds(model, checkpoint, thresholds, levels[1]) if len(levels) > 1 else None
-    if not texts:
-        log(f"no --text given: scoring the built-in sample, {sources[0].name}")
-    token_windows = list(windows(token_stream(sources, tokenizer), seq_len, max_tokens))
+    model = load_model(checkpoint, device=device, dtype=settings.torch_dtype())
+    table = load_thresholds(model, checkpoint, settings.thresholds_path, levels[1]) if len(levels) > 1 else None
+    if not settings.texts:
+        logger.info(f"no --text given: scoring the built-in sample, {sources[0].name}")
+    token_windows = list(windows(token_stream(sources, tokenizer), settings.seq_len, max_tokens))
     total = sum(len(w) for w in token_windows)
     if total - len(token_windows) < 1:
         raise UserError("the text is too short to score: it needs at least 2 tokens")
     if total < max_tokens:
-        log(f"the text has {total} tokens, fewer than --max-tokens {max_tokens}: scoring all of them")
+        logger.info(f"the text has {total} tokens, fewer than --max-tokens {max_tokens}: scoring all of them")
     runs = [("dense", 0.0)]
     if table is not None:
-        chosen = dict.fromkeys(resolve_allocation(table, a) for a in allocations)
+        chosen = dict.fromkeys(resolve_allocation(table, a) for a in settings.allocations)
         runs += [(a, s) for a in chosen for s in levels[1:]]
     rows = []
     for allocation, s in runs:
         set_sparsity(model, table, s, allocation)
-        progress = Progress(f"sparsity {s:.2f} {allocation}", total)
         counter = SparsityCounter(model.config.n_layers, s)
-        with counting(model, counter):
+        with counting(model, counter), Progress(f"sparsity {s:.2f} {allocation}", total) as progress:
             ppl, scored = perplexity(model, token_windows, progress)
-        progress.close()
         # The dense pass masks nothing: its actual sparsity is 0 by definition.
         rows.append({"sparsity": s, "allocation": allocation, "perplexity": ppl,
                      "actual_sparsity": counter.overall() if s > 0 else 0.0, "tokens": scored})
     return {"checkpoint": str(checkpoint), "texts": [s.record() for s in sources],
-            "tokens": total, "seq_len": seq_len, "windows": len(token_windows),
+            "tokens": total, "seq_len": settings.seq_len, "windows": len(token_windows),
             "dtype": str(model.output.weight.dtype).removeprefix("torch."), "device": str(device),
             "thresholds": str(table.path) if table else None, "convention": CONVENTION, "rows": rows}
 

@@ -1,40 +1,45 @@
-"""A progress bar on stderr: on a terminal one line redrawn in place; in logs a line every 10%."""
+"""Progress bars on stderr (rich.progress): on a terminal one bar redrawn in place with the rate
+and the time left; when stderr is not a terminal (logs, pipes, tests), only the final state once."""
 
 from __future__ import annotations
 
-import sys
-import time
+import rich.progress
+from rich.console import Console
+from rich.text import Text
+
+
+class _RateColumn(rich.progress.ProgressColumn):
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.0f} {self.unit}/s" if task.speed else f"? {self.unit}/s")
 
 
 class Progress:
-    def __init__(self, label: str, total: int, unit: str = "tokens", stream=None):
-        self.label, self.total, self.unit = label, total, unit
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.start = self.last_draw = time.perf_counter()
-        self.done, self.last_tenth = 0, 0
+    """`with Progress("calibrating", total) as p: ... p.update(done)`."""
+
+    def __init__(self, label: str, total: int, unit: str = "tokens"):
+        self.total, self.done = total, 0
+        console = Console(stderr=True)  # resolves sys.stderr when it writes
+        self._bar = rich.progress.Progress(
+            rich.progress.TextColumn("{task.description}"), rich.progress.BarColumn(),
+            rich.progress.MofNCompleteColumn(), rich.progress.TextColumn(unit), _RateColumn(unit),
+            rich.progress.TimeElapsedColumn(), rich.progress.TextColumn("eta"), rich.progress.TimeRemainingColumn(),
+            console=console, auto_refresh=console.is_terminal)
+        self._task = self._bar.add_task(label, total=total)
+        self._bar.start()
 
     def update(self, done: int):
         self.done = done
-        now = time.perf_counter()
-        if self.tty and now - self.last_draw >= 0.1:
-            self.last_draw = now
-            self.stream.write("\r" + self._line(now))
-            self.stream.flush()
-        elif not self.tty and done * 10 // max(self.total, 1) > self.last_tenth:
-            self.last_tenth = done * 10 // max(self.total, 1)
-            print(self._line(now), file=self.stream, flush=True)
+        self._bar.update(self._task, completed=done)
 
     def close(self):
-        if self.tty or self.last_tenth < 10:  # in logs the 100% line may already be out
-            line = self._line(time.perf_counter())
-            print(("\r" + line) if self.tty else line, file=self.stream, flush=True)
+        self._bar.stop()
 
-    def _line(self, now: float) -> str:
-        elapsed = max(now - self.start, 1e-9)
-        fraction = min(self.done / max(self.total, 1), 1.0)
-        bar = "#" * int(30 * fraction) + "." * (30 - int(30 * fraction))
-        rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 and self.done < self.total else 0.0
-        return (f"{self.label} [{bar}] {self.done}/{self.total} {self.unit} "
-                f"{rate:.0f} {self.unit}/s, {elapsed:.0f} s elapsed, eta {eta:.0f} s")
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

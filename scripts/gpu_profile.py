@@ -10,7 +10,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from catsgen import cats
-from catsgen.bench import BenchSettings, build_model
+from catsgen.bench import BenchSettings, bench_thresholds, build_model
 from catsgen.generate import SamplingParams, make_decode_step
 
 
@@ -49,8 +49,8 @@ def main():
     p.add_argument("--pos", type=int, default=256, help="cache position of the profiled steps")
     a = p.parse_args()
     torch.manual_seed(0)
-    model = build_model(BenchSettings(), None, a.preset, print)
-    table = cats.bench_thresholds(model, None, None, True, print)
+    model = build_model(BenchSettings(device="cuda", dtype="bfloat16"), None, a.preset)
+    table = bench_thresholds(model, None, None, True)
     step = make_decode_step(True, "cuda")
     for s in a.sparsity:
         if s > 0:

@@ -77,6 +77,22 @@ def checkpoints(tmp_path_factory):
     return {name: make_checkpoint(root / name, name) for name in CONFIGS}
 
 
+@pytest.fixture(scope="session")
+def calibrated(checkpoints, tmp_path_factory):
+    """The gqa checkpoint calibrated once per session: (checkpoint dir, thresholds path with the
+    greedy and fisher allocations, the same file without allocations (as made before they
+    existed, or with none searched), the table)."""
+    from helpers_cats import calibrate_quietly
+    directory = checkpoints["gqa"][0]
+    path = tmp_path_factory.mktemp("calibrated") / "thresholds.json"
+    table = calibrate_quietly(directory, path, allocation_tokens=64, fisher_tokens=256)
+    old = path.parent / "old.json"
+    data = json.loads(path.read_text())
+    del data["allocations"]
+    old.write_text(json.dumps(data))
+    return directory, path, old, table
+
+
 def run_cli(*args, env=None, timeout=600):
     """Run an entry script (generate.py, calibrate.py, bench.py) or `-m catsgen.cli` in a fresh process."""
     full_env = {**os.environ, **(env or {})}

@@ -45,5 +45,6 @@ def calibrate_quietly(checkpoint: Path, out: Path, tokens: int = 512, seq_len: i
                       allocation_tokens: int = 0, fisher_tokens: int = 0):
     """Without the allocation searches by default: most tests need thresholds only, fast."""
     from catsgen.calibrate import calibrate
-    return calibrate(checkpoint, texts, max_tokens=tokens, seq_len=seq_len, out=out, log=lambda m: None,
-                     allocation_tokens=allocation_tokens, fisher_tokens=fisher_tokens)
+    from catsgen.settings import CalibrateSettings
+    return calibrate(checkpoint, CalibrateSettings(texts=texts, tokens=tokens, seq_len=seq_len, out=out,
+                                                   allocation_tokens=allocation_tokens, fisher_tokens=fisher_tokens))

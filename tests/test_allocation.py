@@ -6,10 +6,11 @@ import json
 import pytest
 import torch
 
-from catsgen import allocation, cats
+from catsgen import allocations, cats
 from catsgen.checkpoint import load_model
 from catsgen.errors import UserError
-from helpers_cats import calibrate_quietly, run_main
+from catsgen.thresholds import ALLOCATIONS, LEVELS, MAX_SPARSITY, ThresholdsTable, resolve_allocation
+from helpers_cats import run_main
 
 
 def synthetic_curves(n_layers=7, seed=0):
@@ -17,57 +18,44 @@ def synthetic_curves(n_layers=7, seed=0):
     g = torch.Generator().manual_seed(seed)
     scale = torch.rand(n_layers, generator=g) * 10 + 0.1
     power = torch.rand(n_layers, generator=g) * 2 + 1
-    return [[float(a * s ** p) for s in allocation.GRID] for a, p in zip(scale, power)]
+    return [[float(a * s ** p) for s in allocations.GRID] for a, p in zip(scale, power)]
 
 
 @pytest.mark.parametrize("weights", [[1] * 7, [3, 1, 2, 5, 1, 1, 4]])
 def test_greedy_allocation_hits_every_level_and_is_nested(weights):
-    per_level = allocation.greedy_allocation(synthetic_curves(), weights)
-    assert len(per_level) == len(cats.LEVELS) and per_level[0] == [0.0] * 7
-    for level, sparsities in zip(cats.LEVELS, per_level):
-        assert abs(allocation.weighted_mean(sparsities, weights) - level) <= 0.005
-        assert all(0 <= s <= cats.MAX_SPARSITY for s in sparsities)
+    per_level = allocations.greedy_allocation(synthetic_curves(), weights)
+    assert len(per_level) == len(LEVELS) and per_level[0] == [0.0] * 7
+    for level, sparsities in zip(LEVELS, per_level):
+        assert abs(allocations.weighted_mean(sparsities, weights) - level) <= 0.005
+        assert all(0 <= s <= MAX_SPARSITY for s in sparsities)
     for lower, higher in zip(per_level, per_level[1:]):  # one walk: a layer's sparsity never falls
         assert all(a <= b for a, b in zip(lower, higher))
-    assert per_level[-1] == [cats.MAX_SPARSITY] * 7
+    assert per_level[-1] == [MAX_SPARSITY] * 7
 
 
 def test_greedy_allocation_spares_the_sensitive_layer():
-    curves = [[10 * s for s in allocation.GRID], [s for s in allocation.GRID]]
-    assert allocation.greedy_allocation(curves, [1, 1])[40] == [0.0, 0.8]
-
-
-@pytest.fixture(scope="module")
-def calibrated(checkpoints, tmp_path_factory):
-    """(checkpoint dir, thresholds with greedy and fisher allocations, old-style file without any)."""
-    directory = checkpoints["gqa"][0]
-    path = tmp_path_factory.mktemp("alloc") / "thresholds.json"
-    table = calibrate_quietly(directory, path, allocation_tokens=64, fisher_tokens=256)
-    old = path.parent / "old.json"
-    data = json.loads(path.read_text())
-    del data["allocations"]
-    old.write_text(json.dumps(data))
-    return directory, path, old, table
+    curves = [[10 * s for s in allocations.GRID], [s for s in allocations.GRID]]
+    assert allocations.greedy_allocation(curves, [1, 1])[40] == [0.0, 0.8]
 
 
 def test_file_carries_the_allocation(calibrated):
     directory, path, _, table = calibrated
-    loaded = cats.Thresholds.load(path)
+    loaded = ThresholdsTable.load(path)
     assert loaded.allocations == table.allocations and loaded.default_allocation() == "fisher"
-    weights = allocation.layer_bytes(load_model(directory))
+    weights = allocations.layer_bytes(load_model(directory))
     for s in (0.3, 0.5, 0.555, 0.7, 0.99):  # between levels too: interpolation keeps the mean
-        assert abs(allocation.weighted_mean(loaded.layer_sparsities(s, "greedy"), weights) - s) <= 0.005
+        assert abs(allocations.weighted_mean(loaded.layer_sparsities(s, "greedy"), weights) - s) <= 0.005
     entry = loaded.allocations["greedy"]
     assert entry["tokens"] == 64 and len(entry["kl"]) == 2 and "greedy" in entry["method"]
 
 
 def test_old_file_works_uniform_and_refuses_greedy(calibrated):
     _, path, old, _ = calibrated
-    table = cats.Thresholds.load(old)
-    assert table.allocations is None and cats.resolve_allocation(table, None) == "uniform"
-    assert table.for_sparsity(0.5) == cats.Thresholds.load(path).for_sparsity(0.5, "uniform")
+    table = ThresholdsTable.load(old)
+    assert table.allocations is None and resolve_allocation(table, None) == "uniform"
+    assert table.for_sparsity(0.5) == ThresholdsTable.load(path).for_sparsity(0.5, "uniform")
     with pytest.raises(UserError, match="no 'greedy' allocation"):
-        cats.resolve_allocation(table, "greedy")
+        resolve_allocation(table, "greedy")
 
 
 def test_damaged_allocation_is_refused(calibrated, tmp_path):
@@ -77,7 +65,7 @@ def test_damaged_allocation_is_refused(calibrated, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
     with pytest.raises(UserError, match="damaged"):
-        cats.Thresholds.load(bad)
+        ThresholdsTable.load(bad)
 
 
 def test_sparsity_zero_is_dense_under_every_allocation(calibrated):
@@ -86,7 +74,7 @@ def test_sparsity_zero_is_dense_under_every_allocation(calibrated):
     idx = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         dense = model(idx)
-        for name in cats.ALLOCATIONS:
+        for name in ALLOCATIONS:
             cats.set_sparsity(model, table, 0.5, name)
             assert not torch.equal(model(idx), dense)
             cats.set_sparsity(model, table, 0.0, name)
@@ -95,7 +83,7 @@ def test_sparsity_zero_is_dense_under_every_allocation(calibrated):
 
 def test_greedy_changes_the_layers_not_the_mean(calibrated):
     directory, _, _, table = calibrated
-    s = next(s for s in cats.LEVELS if table.layer_sparsities(s, "greedy") != [s, s])
+    s = next(s for s in LEVELS if table.layer_sparsities(s, "greedy") != [s, s])
     assert sum(table.layer_sparsities(s, "greedy")) / 2 == pytest.approx(s, abs=0.005)
     model = load_model(directory)
     cats.set_sparsity(model, table, s, "greedy")

@@ -10,8 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from catsgen import cats
-from catsgen.checkpoint import load_model
+from catsgen.calibrate import ActivationSample
+from catsgen.checkpoint import checkpoint_fingerprint, load_model
+from catsgen.generate import apply_sparsity
 from catsgen.model import DenseSiLU
+from catsgen.thresholds import FILE_FORMAT, LEVELS, THRESHOLDS_FILENAME, ThresholdsTable, model_info
 from conftest import assert_one_line_error
 from helpers_cats import calibrate_quietly, run_main
 
@@ -71,23 +74,23 @@ def test_sample_thresholds_are_exact_quantiles_when_everything_fits():
     chunks = [silu_magnitudes(30_000, seed) for seed in range(4)]
     chunks[0][:300] = 0  # exact zeros count as below any threshold
     values = torch.cat(chunks).abs()
-    sample = cats.ActivationSample(n_layers=1, expected_per_layer=values.numel())
+    sample = ActivationSample(n_layers=1, expected_per_layer=values.numel())
     assert sample.rate == 1
     for c in chunks:  # accumulated over several adds, as over windows
         sample.add(0, c)
     thresholds = sample.thresholds()[0]
     assert thresholds[0] == 0 and thresholds == sorted(thresholds)
-    for i, level in enumerate(cats.LEVELS):
+    for i, level in enumerate(LEVELS):
         # Ties: the exact zeros fall below every threshold, and fp32 has a few repeated values.
         expected = max(round(level * values.numel()), 300)
         assert abs((values <= thresholds[i]).sum().item() - expected) <= 5, level
 
 
 def test_subsampled_thresholds_stay_within_binomial_error(monkeypatch):
-    monkeypatch.setattr(cats.ActivationSample, "SIZE", 20_000)
+    monkeypatch.setattr(ActivationSample, "SIZE", 20_000)
     chunks = [silu_magnitudes(50_000, seed) for seed in range(4)]
     values = torch.cat(chunks).abs()
-    sample = cats.ActivationSample(n_layers=1, expected_per_layer=values.numel())
+    sample = ActivationSample(n_layers=1, expected_per_layer=values.numel())
     for c in chunks:
         sample.add(0, c)
     kept = sum(p.numel() for p in sample.parts[0])
@@ -100,7 +103,7 @@ def test_subsampled_thresholds_stay_within_binomial_error(monkeypatch):
 
 def test_for_sparsity_interpolates_between_levels():
     row = [float(i) for i in range(100)]
-    table = cats.Thresholds({}, {}, [row])
+    table = ThresholdsTable({}, {}, [row])
     assert table.for_sparsity(0.3) == [30.0]
     assert table.for_sparsity(0.29) == [pytest.approx(29.0)]
     assert table.for_sparsity(0.305) == [pytest.approx(30.5)]
@@ -110,39 +113,37 @@ def test_for_sparsity_interpolates_between_levels():
 # --- thresholds file and apply_sparsity on a tiny checkpoint --------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny(checkpoints, tmp_path_factory):
-    """(checkpoint dir, thresholds path): a random Llama calibrated on the built-in text."""
-    directory = checkpoints["gqa"][0]
-    path = tmp_path_factory.mktemp("cats") / "thresholds.json"
-    calibrate_quietly(directory, path)
-    return directory, path
+def tiny(calibrated):
+    """(checkpoint dir, thresholds path): a random Llama calibrated on the built-in text, no allocations."""
+    directory, _, old, _ = calibrated
+    return directory, old
 
 
 def test_thresholds_file_round_trips(tiny):
     directory, path = tiny
     data = json.loads(path.read_text())
-    assert data["format"] == cats.FILE_FORMAT and data["levels"][:3] == [0.0, 0.01, 0.02]
-    assert data["model"] == cats.model_info(load_model(directory).config, directory)
+    assert data["format"] == FILE_FORMAT and data["levels"][:3] == [0.0, 0.01, 0.02]
+    assert data["model"] == model_info(load_model(directory).config, directory)
     assert data["calibration"]["tokens"] == 512 and data["calibration"]["seq_len"] == 128
     assert data["calibration"]["texts"][0]["name"].startswith("pydoc_data.topics")
     assert data["calibration"]["engine_version"] and data["calibration"]["date"]
-    table = cats.Thresholds.load(path)
+    table = ThresholdsTable.load(path)
     assert table.per_layer == data["thresholds"] and len(table.per_layer) == 2
     for row in table.per_layer:
         assert len(row) == 100 and row == sorted(row) and row[50] > 0
     copy = path.parent / "copy.json"
     table.save(copy)
-    assert cats.Thresholds.load(copy).to_json() == table.to_json()
+    assert ThresholdsTable.load(copy).to_json() == table.to_json()
 
 
 def test_fingerprint_follows_files_not_location_or_load_dtype(checkpoints, tmp_path):
     directory = checkpoints["gqa"][0]
     moved = tmp_path / "moved"
     shutil.copytree(directory, moved)
-    assert cats.checkpoint_fingerprint(moved) == cats.checkpoint_fingerprint(directory)
-    assert cats.checkpoint_fingerprint(checkpoints["mha"][0]) != cats.checkpoint_fingerprint(directory)
+    assert checkpoint_fingerprint(moved) == checkpoint_fingerprint(directory)
+    assert checkpoint_fingerprint(checkpoints["mha"][0]) != checkpoint_fingerprint(directory)
     bf16 = load_model(directory, dtype=torch.bfloat16)
-    assert cats.model_info(bf16.config, directory)["fingerprint"] == cats.checkpoint_fingerprint(directory)
+    assert model_info(bf16.config, directory)["fingerprint"] == checkpoint_fingerprint(directory)
 
 
 def test_sparsity_zero_is_bit_identical_to_dense(tiny):
@@ -151,25 +152,26 @@ def test_sparsity_zero_is_bit_identical_to_dense(tiny):
     idx = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         dense = model(idx)
-        assert cats.apply_sparsity(model, directory, 0.0, path, log=print) is None
+        assert apply_sparsity(model, directory, 0.0, path) is None
         assert torch.equal(model(idx), dense)
-        counter = cats.apply_sparsity(model, directory, 0.5, path, log=lambda m: None)
+        counter = apply_sparsity(model, directory, 0.5, path)
         assert counter is not None and not torch.equal(model(idx), dense)
-        cats.set_sparsity(model, cats.Thresholds.load(path), 0.0)  # back to dense
+        cats.set_sparsity(model, ThresholdsTable.load(path), 0.0)  # back to dense
         assert torch.equal(model(idx), dense)
 
 
 def test_measured_sparsity_counts_the_generated_positions(tiny):
     directory, path = tiny
     model = load_model(directory)
-    counter = cats.apply_sparsity(model, directory, 0.5, path, log=lambda m: None)
+    counter = apply_sparsity(model, directory, 0.5, path)
     prompt, new = list(range(10, 30)), list(range(40, 47))
     cats.measure_generation_sparsity(model, prompt, new, counter)
     assert counter.total == [len(new) * model.config.intermediate_size] * model.config.n_layers
     assert 0.2 < counter.overall() < 0.8
     report = cats.report_sparsity(counter)
     assert "target 0.50" in report and f"measured {counter.overall():.3f}" in report
-    assert all(isinstance(a.counter, type(None)) for a in (m.activation for m in model.mlps))
+    # measuring swapped counting activations in and put the run's CATS back (the kernel path)
+    assert all(type(m.activation) is cats.CATS for m in model.mlps)
 
 
 def test_measured_sparsity_is_near_target_on_the_calibration_text(checkpoints, tmp_path):
@@ -178,7 +180,7 @@ def test_measured_sparsity_is_near_target_on_the_calibration_text(checkpoints, t
     directory = checkpoints["gqa"][0]
     path = tmp_path / "t.json"
     calibrate_quietly(directory, path, tokens=1024, seq_len=256)
-    model, table = load_model(directory), cats.Thresholds.load(path)
+    model, table = load_model(directory), ThresholdsTable.load(path)
     token_windows = list(windows(token_stream(text_sources(None), Tokenizer(directory)), 256, 1024))
     for s in (0.3, 0.7):
         cats.set_sparsity(model, table, s)
@@ -192,7 +194,7 @@ def test_measured_sparsity_is_near_target_on_the_calibration_text(checkpoints, t
 def test_union_sparsity_of_identical_sequences_equals_single(tiny):
     directory, path = tiny
     model = load_model(directory)
-    cats.set_sparsity(model, cats.Thresholds.load(path), 0.5)
+    cats.set_sparsity(model, ThresholdsTable.load(path), 0.5)
     prompt = list(range(5, 25))
     assert cats.measure_union_sparsity(model, prompt, 3) == pytest.approx(cats.measure_union_sparsity(model, prompt, 1))
 
@@ -295,7 +297,7 @@ def test_calibrate_cli_short_text_and_default_output(checkpoints, capsys, tmp_pa
                             "--text", text, "--tokens", 100000, "--seq-len", 64)
     assert code == 0, err
     assert "the text ran out after" in err and "fewer than --tokens 100000" in err
-    data = json.loads((directory / cats.THRESHOLDS_FILENAME).read_text())
+    data = json.loads((directory / THRESHOLDS_FILENAME).read_text())
     assert data["calibration"]["texts"] == [{"name": "short.txt", "bytes": text.stat().st_size}] * 2
     assert data["calibration"]["tokens"] < 1000
 
@@ -322,7 +324,7 @@ def test_interrupted_calibration_leaves_no_file(checkpoints, monkeypatch, tmp_pa
         def dump(*args, **kwargs):
             args[1].write("{\"partial\": ")
             raise KeyboardInterrupt
-        monkeypatch.setattr(cats.json, "dump", dump)
+        monkeypatch.setattr(json, "dump", dump)
     with pytest.raises(KeyboardInterrupt):
         calibrate_quietly(checkpoints["gqa"][0], out_dir / "t.json", tokens=512, seq_len=128)
     assert list(out_dir.iterdir()) == []

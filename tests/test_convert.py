@@ -5,6 +5,7 @@ transformers' own GGUF loading (tokenizer and model) and sentencepiece itself.
 """
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -415,7 +416,7 @@ def test_missing_package_names_install_command(monkeypatch):
         default_model.smollm2_gguf_path()
 
 
-def test_default_checkpoint_converts_once(monkeypatch, tmp_path):
+def test_default_checkpoint_converts_once(monkeypatch, tmp_path, caplog):
     """The conversion logic is tested above; here the packaged file is swapped for a tiny one."""
     from catsgen import default_model
     from catsgen import gguf as convert
@@ -424,14 +425,16 @@ def test_default_checkpoint_converts_once(monkeypatch, tmp_path):
     write_tiny_gguf(tiny)
     monkeypatch.setattr(default_model, "smollm2_gguf_path", lambda: tiny)
     monkeypatch.setenv("CATSGEN_CACHE", str(tmp_path / "cache"))
-    messages = []
-    first = default_model.default_checkpoint(log=messages.append)
+    caplog.set_level(logging.INFO, logger="catsgen")
+    first = default_model.default_checkpoint()
+    messages = caplog.messages
     assert first == tmp_path / "cache" / "SmolLM2-135M-Instruct" and (first / "model.safetensors").is_file()
     assert messages and "first use" in messages[0]
-    messages.clear()
-    assert default_model.default_checkpoint(log=messages.append) == first and messages == []
+    caplog.clear()
+    assert default_model.default_checkpoint() == first and caplog.messages == []
     # A newer converter redoes a cached conversion.
     monkeypatch.setattr(convert, "CONVERTER_VERSION", convert.CONVERTER_VERSION + 1)
-    default_model.default_checkpoint(log=messages.append)
+    default_model.default_checkpoint()
+    messages = caplog.messages
     assert messages and json.loads((first / "config.json").read_text())["catsgen_converted_from"]["converter_version"] \
         == convert.CONVERTER_VERSION

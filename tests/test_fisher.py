@@ -6,14 +6,15 @@ import json
 import pytest
 import torch
 
-from catsgen import allocation, cats
-from catsgen.calibrate import calibrate
+from catsgen import allocations, cats
 from catsgen.checkpoint import load_model
 from catsgen.errors import UserError
+from catsgen.thresholds import LEVELS, ThresholdsTable, resolve_allocation
+from helpers_cats import calibrate_quietly
 
 
 def curves_from(absv, cost):
-    return [allocation._curve(a, c) for a, c in zip(absv, cost)]
+    return [allocations._curve(a, c) for a, c in zip(absv, cost)]
 
 
 def random_layers(n_layers=3, tokens=1000, neurons=16, seed=0):
@@ -26,7 +27,7 @@ def random_layers(n_layers=3, tokens=1000, neurons=16, seed=0):
 @pytest.mark.parametrize("level", [0.1, 0.3, 0.5, 0.9])
 def test_fisher_level_zeroes_the_level_on_calibration_values(level):
     absv, cost = random_layers()
-    thresholds, per_layer = allocation.fisher_level(curves_from(absv, cost), level)
+    thresholds, per_layer = allocations.fisher_level(curves_from(absv, cost), level)
     zeroed = [float((a <= t).double().mean()) for a, t in zip(absv, thresholds)]
     assert sum(zeroed) / len(zeroed) == pytest.approx(level, abs=0.01)
     assert zeroed == pytest.approx(per_layer, abs=0.01)
@@ -36,7 +37,7 @@ def test_fisher_level_zeroes_the_level_on_calibration_values(level):
 def test_fisher_level_spares_the_costly_neuron():
     absv = [torch.rand(1000, 2, generator=torch.Generator().manual_seed(1))]
     cost = [absv[0] ** 2 * torch.tensor([1.0, 1000.0])]
-    thresholds, _ = allocation.fisher_level(curves_from(absv, cost), 0.5)
+    thresholds, _ = allocations.fisher_level(curves_from(absv, cost), 0.5)
     zeroed = (absv[0] <= thresholds[0]).double().mean(0)
     assert zeroed[0] > 0.9 and zeroed[1] < 0.1
 
@@ -44,25 +45,16 @@ def test_fisher_level_spares_the_costly_neuron():
 def test_fisher_allocation_means_hit_every_level():
     absv, cost = random_layers()
     weights = [1, 1, 1]
-    entry = allocation.fisher_allocation(curves_from(absv, cost), weights)
-    assert entry["grid"] == list(allocation.FISHER_GRID) and len(entry["sparsity"]) == len(cats.LEVELS)
-    for level, sparsities in zip(cats.LEVELS, entry["sparsity"]):
-        assert allocation.weighted_mean(sparsities, weights) == pytest.approx(level, abs=0.005)
+    entry = allocations.fisher_allocation(curves_from(absv, cost), weights)
+    assert entry["grid"] == list(allocations.FISHER_GRID) and len(entry["sparsity"]) == len(LEVELS)
+    for level, sparsities in zip(LEVELS, entry["sparsity"]):
+        assert allocations.weighted_mean(sparsities, weights) == pytest.approx(level, abs=0.005)
     assert entry["sparsity"][0] == [0.0] * 3
 
 
-@pytest.fixture(scope="module")
-def calibrated(checkpoints, tmp_path_factory):
-    directory = checkpoints["gqa"][0]
-    path = tmp_path_factory.mktemp("fisher") / "thresholds.json"
-    table = calibrate(directory, None, max_tokens=512, seq_len=128, out=path, log=lambda m: None,
-                      allocation_tokens=64, fisher_tokens=256)
-    return directory, path, table
-
-
 def test_file_carries_neuron_thresholds(calibrated):
-    directory, path, table = calibrated
-    loaded = cats.Thresholds.load(path)
+    directory, path, _, table = calibrated
+    loaded = ThresholdsTable.load(path)
     entry = loaded.allocations["fisher"]
     assert loaded.default_allocation() == "fisher" and entry["tokens"] == 256
     n_layers, n = table.model["n_layers"], table.model["intermediate_size"]
@@ -76,7 +68,7 @@ def test_file_carries_neuron_thresholds(calibrated):
 
 
 def test_fisher_installs_vectors_and_zero_stays_dense(calibrated):
-    directory, _, table = calibrated
+    directory, _, _, table = calibrated
     model = load_model(directory)
     idx = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -92,7 +84,7 @@ def test_fisher_installs_vectors_and_zero_stays_dense(calibrated):
 
 
 def test_fisher_sparsity_is_on_target_on_calibration_text(calibrated):
-    directory, _, table = calibrated
+    directory, _, _, table = calibrated
     from catsgen.text_sample import text_sources, token_stream, windows
     from catsgen.tokenizer import Tokenizer
     model = load_model(directory)
@@ -105,31 +97,31 @@ def test_fisher_sparsity_is_on_target_on_calibration_text(calibrated):
 
 
 def test_damaged_neuron_table_is_refused(calibrated, tmp_path):
-    _, path, _ = calibrated
+    _, path, _, _ = calibrated
     data = json.loads(path.read_text())
     data["allocations"]["fisher"]["neuron_thresholds"][2] = data["allocations"]["fisher"]["neuron_thresholds"][2][:1]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
     with pytest.raises(UserError, match="damaged"):
-        cats.Thresholds.load(bad)
+        ThresholdsTable.load(bad)
 
 
 def test_file_without_fisher_defaults_to_greedy_and_refuses_fisher(calibrated, tmp_path):
-    _, path, _ = calibrated
+    _, path, _, _ = calibrated
     data = json.loads(path.read_text())
     del data["allocations"]["fisher"]
     old = tmp_path / "old.json"
     old.write_text(json.dumps(data))
-    table = cats.Thresholds.load(old)
-    assert cats.resolve_allocation(table, None) == "greedy"
+    table = ThresholdsTable.load(old)
+    assert resolve_allocation(table, None) == "greedy"
     with pytest.raises(UserError, match="no 'fisher' allocation"):
-        cats.resolve_allocation(table, "fisher")
+        resolve_allocation(table, "fisher")
 
 
 def test_fisher_without_greedy(checkpoints, tmp_path):
     """--allocation-tokens 0 turns the greedy search off, not the fisher thresholds."""
-    table = calibrate(checkpoints["gqa"][0], None, max_tokens=256, seq_len=128, out=tmp_path / "t.json",
-                      log=lambda m: None, allocation_tokens=0, fisher_tokens=128)
-    loaded = cats.Thresholds.load(tmp_path / "t.json")
+    table = calibrate_quietly(checkpoints["gqa"][0], tmp_path / "t.json", tokens=256, seq_len=128,
+                              allocation_tokens=0, fisher_tokens=128)
+    loaded = ThresholdsTable.load(tmp_path / "t.json")
     assert set(loaded.allocations) == {"fisher"} and loaded.default_allocation() == "fisher"
     assert table.has_neuron_thresholds("fisher")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from catsgen import cats
+from catsgen.bench import bench_thresholds
 from catsgen.checkpoint import random_model
 from catsgen.config import preset
 from catsgen.generate import SamplingParams, generate, make_decode_step
@@ -15,7 +16,7 @@ assert torch.cuda.is_available(), "tests_gpu needs a CUDA GPU"
 
 def calibrated_model(dtype):
     model = random_model(preset("tiny"), "cuda", dtype)
-    table = cats.bench_thresholds(model, None, None, random_weights=True, log=lambda m: None)
+    table = bench_thresholds(model, None, None, random_weights=True)
     return model, table
 
 

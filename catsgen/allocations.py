@@ -18,8 +18,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from catsgen.cats import CATS, LEVELS, interpolate, interpolate_between, set_dense
-from catsgen.model import DenseSiLU, Transformer
+from catsgen.cats import CATS
+from catsgen.model import DenseSiLU, Transformer, swapped_activations
+from catsgen.thresholds import LEVELS, interpolate, interpolate_between
 
 GRID = (0.3, 0.5, 0.7, 0.9)  # sparsities at which each layer's KL is measured; linear in between
 STEP = 0.01
@@ -40,20 +41,20 @@ def layer_kl_curves(model: Transformer, per_layer: list[list[float]], windows: l
     """[layer][grid point]: mean KL(dense || only this layer sparse at that grid sparsity)."""
     device = model.output.weight.device
     inputs = [torch.tensor([w], device=device) for w in windows]
-    set_dense(model)
-    dense = [F.log_softmax(model(idx)[0].float(), dim=-1) for idx in inputs]
     tokens = sum(idx.numel() for idx in inputs)
     curves = []
-    for layer, (mlp, thresholds) in enumerate(zip(model.mlps, per_layer)):
-        curve = []
-        for s in GRID:
-            mlp.activation = CATS(layer, interpolate(thresholds, s), device)
-            kl = sum(F.kl_div(F.log_softmax(model(idx)[0].float(), dim=-1), ref, log_target=True,
-                              reduction="sum") for idx, ref in zip(inputs, dense))
-            curve.append(float(kl) / tokens)
-        set_dense(model)
-        curves.append(curve)
-        progress(layer + 1)
+    with swapped_activations(model, lambda i, _: DenseSiLU()):
+        dense = [F.log_softmax(model(idx)[0].float(), dim=-1) for idx in inputs]
+        for layer, row in enumerate(per_layer):
+            curve = []
+            for s in GRID:
+                only_this = lambda i, a: CATS(layer, interpolate(row, s), device) if i == layer else a  # noqa: E731
+                with swapped_activations(model, only_this):
+                    kl = sum(F.kl_div(F.log_softmax(model(idx)[0].float(), dim=-1), ref, log_target=True,
+                                      reduction="sum") for idx, ref in zip(inputs, dense))
+                curve.append(float(kl) / tokens)
+            curves.append(curve)
+            progress(layer + 1)
     return curves
 
 
@@ -67,7 +68,7 @@ def greedy_allocation(curves: list[list[float]], weights: list[int]) -> list[lis
 
     n = len(curves)
     steps = [0] * n  # sparsity of layer l is steps[l] * STEP, kept in integers so sums stay exact
-    allocation = [[0.0] * n]
+    per_level = [[0.0] * n]
     for level in LEVELS[1:]:
         while weighted_mean([k * STEP for k in steps], weights) < level - 1e-9:
             measured = [l for l in range(n) if (steps[l] + 1) * STEP <= GRID[-1] + 1e-9]
@@ -77,8 +78,8 @@ def greedy_allocation(curves: list[list[float]], weights: list[int]) -> list[lis
             else:  # past the grid nothing was measured: raise the least sparse layer (uniform there)
                 layer = min(range(n), key=lambda l: steps[l])
             steps[layer] += 1
-        allocation.append([round(k * STEP, 2) for k in steps])
-    return allocation
+        per_level.append([round(k * STEP, 2) for k in steps])
+    return per_level
 
 
 def describe(tokens: int) -> str:
@@ -122,10 +123,8 @@ def fisher_curves(model: Transformer, windows: list[list[int]],
     row k at k / FISHER_POINTS of the tokens. Needs every token's [F] values per layer in memory."""
     device = model.output.weight.device
     recorders = [_FisherRecorder() for _ in model.mlps]
-    for mlp, r in zip(model.mlps, recorders):
-        mlp.activation = r
     absv, cost = [[] for _ in recorders], [[] for _ in recorders]
-    try:
+    with swapped_activations(model, lambda i, _: recorders[i]):
         for n, window in enumerate(windows):
             idx = torch.tensor([window], device=device)
             with torch.enable_grad():  # gradients of the MLP outputs only (weights need none)
@@ -134,8 +133,6 @@ def fisher_curves(model: Transformer, windows: list[list[int]],
                 absv[layer].append(r.v[0, :-1].float().abs())
                 cost[layer].append((r.h[0, :-1].float() * r.h.grad[0, :-1].float()) ** 2)
             progress(n + 1)
-    finally:
-        set_dense(model)
     return [_curve(torch.cat(a), torch.cat(c)) for a, c in zip(absv, cost)]
 
 
@@ -168,8 +165,8 @@ def fisher_level(curves, level: float) -> tuple[list[torch.Tensor], list[float]]
         else:
             high = mid
     ks = chosen(2.0 ** high)
-    thresholds = [t.gather(0, k[None])[0] for (t, _), k in zip(curves, ks)]
-    return thresholds, [float(k.double().mean()) / FISHER_POINTS for k in ks]
+    vectors = [t.gather(0, k[None])[0] for (t, _), k in zip(curves, ks)]
+    return vectors, [float(k.double().mean()) / FISHER_POINTS for k in ks]
 
 
 def fisher_allocation(curves, weights: list[int]) -> dict:
@@ -178,8 +175,8 @@ def fisher_allocation(curves, weights: list[int]) -> dict:
     thresholds are at run time) and towards uniform 0.99 past the grid."""
     grid_thresholds, grid_sparsity = [], []
     for level in FISHER_GRID:
-        thresholds, sparsity = fisher_level(curves, level)
-        grid_thresholds.append([[float(f"{t:.4g}") for t in layer.tolist()] for layer in thresholds])
+        vectors, sparsity = fisher_level(curves, level)
+        grid_thresholds.append([[float(f"{t:.4g}") for t in layer.tolist()] for layer in vectors])
         grid_sparsity.append(on_target(sparsity, weights, level))
     points = [0.0, *FISHER_GRID, LEVELS[-1]]
     rows = [[0.0] * len(weights), *grid_sparsity, [LEVELS[-1]] * len(weights)]
