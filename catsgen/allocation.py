@@ -117,9 +117,11 @@ class _FisherRecorder(DenseSiLU):
 
 
 def fisher_curves(model: Transformer, windows: list[list[int]],
-                  progress: Callable[[int], None] = lambda done: None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                  progress: Callable[[int], None] = lambda done: None,
+                  shrink: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer (|v| sorted per neuron, cumulative cost in that order), both [FISHER_POINTS + 1, F],
-    row k at k / FISHER_POINTS of the tokens. Needs every token's [F] values per layer in memory."""
+    row k at k / FISHER_POINTS of the tokens. Needs every token's [F] values per layer in memory.
+    shrink < 1 mixes each cost with its layer's pooled cost at the same |v| (see pooled_cost)."""
     device = model.output.weight.device
     recorders = [_FisherRecorder() for _ in model.mlps]
     for mlp, r in zip(model.mlps, recorders):
@@ -136,7 +138,26 @@ def fisher_curves(model: Transformer, windows: list[list[int]],
             progress(n + 1)
     finally:
         set_dense(model)
-    return [_curve(torch.cat(a), torch.cat(c)) for a, c in zip(absv, cost)]
+    return [_curve(torch.cat(a), shrunk(torch.cat(a), torch.cat(c), shrink)) for a, c in zip(absv, cost)]
+
+
+POOL_BINS = 64  # |v| bins of the pooled cost, equal-count over the layer's values
+
+
+def shrunk(absv: torch.Tensor, cost: torch.Tensor, shrink: float) -> torch.Tensor:
+    """shrink * cost + (1 - shrink) * the layer's mean cost among values of about the same |v|
+    (over all neurons): a neuron's own costs come from few tokens and do not carry to other text;
+    the pooled cost (shrink 0) ranks a layer's values by |v| alone, as CATS does."""
+    if shrink >= 1.0:
+        return cost
+    flat = absv.flatten()
+    sample = flat[torch.linspace(0, flat.numel() - 1, min(flat.numel(), 1 << 20)).long()]
+    edges = sample.sort().values[torch.linspace(0, sample.numel() - 1, POOL_BINS + 1).long()[1:-1]]
+    bins = torch.bucketize(absv, edges)
+    total = torch.zeros(POOL_BINS, dtype=torch.float64, device=cost.device).scatter_add_(
+        0, bins.flatten(), cost.flatten().double())
+    count = torch.bincount(bins.flatten(), minlength=POOL_BINS).clamp(min=1)
+    return shrink * cost + (1 - shrink) * (total / count).to(cost.dtype)[bins]
 
 
 def _curve(absv: torch.Tensor, cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,9 +171,20 @@ def _curve(absv: torch.Tensor, cost: torch.Tensor) -> tuple[torch.Tensor, torch.
     return thresholds.float(), cumulative[rows]
 
 
-def fisher_level(curves, level: float) -> tuple[list[torch.Tensor], list[float]]:
+def fisher_level(curves, level: float, layer_mix: float = 1.0) -> tuple[list[torch.Tensor], list[float]]:
     """Per-neuron thresholds (one [F] tensor per layer) zeroing a fraction `level` of all
-    calibration (token, neuron) pairs at least total cost, and each layer's resulting sparsity."""
+    calibration (token, neuron) pairs at least total cost, and each layer's resulting sparsity.
+    layer_mix < 1 pulls each layer's sparsity toward the level (0: every layer at the level, one
+    multiplier per layer): the spread across layers is what transfers worst to other text."""
+    thresholds, sparsity = _fisher_solve(curves, level)
+    if layer_mix >= 1.0:
+        return thresholds, sparsity
+    targets = [layer_mix * s + (1 - layer_mix) * level for s in sparsity]
+    solved = [_fisher_solve([curve], target) for curve, target in zip(curves, targets)]
+    return [t[0] for t, _ in solved], [s[0] for _, s in solved]
+
+
+def _fisher_solve(curves, level: float) -> tuple[list[torch.Tensor], list[float]]:
     points = torch.arange(FISHER_POINTS + 1, dtype=torch.float64)[:, None]
 
     def chosen(lam):  # per layer: each neuron's number of points zeroed at multiplier lam
@@ -172,13 +204,13 @@ def fisher_level(curves, level: float) -> tuple[list[torch.Tensor], list[float]]
     return thresholds, [float(k.double().mean()) / FISHER_POINTS for k in ks]
 
 
-def fisher_allocation(curves, weights: list[int]) -> dict:
+def fisher_allocation(curves, weights: list[int], layer_mix: float = 1.0) -> dict:
     """The file entry's tables: per-neuron thresholds at each FISHER_GRID level ([level][layer][F]),
     and every level's per-layer sparsities ([100][layer]), linear between grid levels (as the
     thresholds are at run time) and towards uniform 0.99 past the grid."""
     grid_thresholds, grid_sparsity = [], []
     for level in FISHER_GRID:
-        thresholds, sparsity = fisher_level(curves, level)
+        thresholds, sparsity = fisher_level(curves, level, layer_mix)
         grid_thresholds.append([[float(f"{t:.4g}") for t in layer.tolist()] for layer in thresholds])
         grid_sparsity.append(on_target(sparsity, weights, level))
     points = [0.0, *FISHER_GRID, LEVELS[-1]]
@@ -202,7 +234,9 @@ def on_target(sparsity: list[float], weights: list[int], level: float) -> list[f
     return sparsity
 
 
-def describe_fisher(tokens: int) -> str:
+def describe_fisher(tokens: int, shrink: float = 1.0, layer_mix: float = 1.0) -> str:
     return (f"fisher: per-neuron thresholds minimising the summed squared first-order loss change "
-            f"(v_i u_i g.W_down[i])^2 on {tokens} calibration tokens, one Lagrange multiplier over all "
-            f"layers per level; stored at levels {', '.join(map(str, FISHER_GRID))}, linear in between")
+            f"(v_i u_i g.W_down[i])^2 on {tokens} calibration tokens (shrunk {shrink:g} toward the layer's "
+            f"pooled cost at the same |v|), one Lagrange multiplier over all layers per level (layer "
+            f"sparsities pulled toward the level, mix {layer_mix:g}); stored at levels "
+            f"{', '.join(map(str, FISHER_GRID))}, linear in between")
