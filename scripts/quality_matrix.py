@@ -26,6 +26,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# the catsgen command of the running Python's environment (a venv's bin/ need not be on PATH)
+CATSGEN = str(Path(sys.executable).with_name("catsgen")) if Path(sys.executable).with_name("catsgen").exists() else "catsgen"
 BUILTIN = "pydoc"  # the built-in calibration sample: no --text
 # name -> (Debian package, file inside it, start of the first line kept, most lines kept or None)
 DEBIAN_TEXTS = {
@@ -90,7 +92,7 @@ def calibrate(args, cal: str) -> Path:
 
 
 def score(args, thresholds: Path, ev: str, allocations: list[str], sparsities: list[float], name: str) -> dict:
-    command = ["catsgen", "perplexity", "--json", "--thresholds", str(thresholds), *text_args(args.dir, ev),
+    command = [CATSGEN, "perplexity", "--json", "--thresholds", str(thresholds), *text_args(args.dir, ev),
                "--max-tokens", str(args.score_tokens), "--seq-len", str(args.seq_len),
                "--sparsity", *[f"{s:.4f}" for s in sparsities], "--allocation", *allocations, *device_args(args)]
     return run_json(command, args.out / "raw" / name)
