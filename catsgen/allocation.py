@@ -171,20 +171,9 @@ def _curve(absv: torch.Tensor, cost: torch.Tensor) -> tuple[torch.Tensor, torch.
     return thresholds.float(), cumulative[rows]
 
 
-def fisher_level(curves, level: float, layer_mix: float = 1.0) -> tuple[list[torch.Tensor], list[float]]:
+def fisher_level(curves, level: float) -> tuple[list[torch.Tensor], list[float]]:
     """Per-neuron thresholds (one [F] tensor per layer) zeroing a fraction `level` of all
-    calibration (token, neuron) pairs at least total cost, and each layer's resulting sparsity.
-    layer_mix < 1 pulls each layer's sparsity toward the level (0: every layer at the level, one
-    multiplier per layer): the spread across layers is what transfers worst to other text."""
-    thresholds, sparsity = _fisher_solve(curves, level)
-    if layer_mix >= 1.0:
-        return thresholds, sparsity
-    targets = [layer_mix * s + (1 - layer_mix) * level for s in sparsity]
-    solved = [_fisher_solve([curve], target) for curve, target in zip(curves, targets)]
-    return [t[0] for t, _ in solved], [s[0] for _, s in solved]
-
-
-def _fisher_solve(curves, level: float) -> tuple[list[torch.Tensor], list[float]]:
+    calibration (token, neuron) pairs at least total cost, and each layer's resulting sparsity."""
     points = torch.arange(FISHER_POINTS + 1, dtype=torch.float64)[:, None]
 
     def chosen(lam):  # per layer: each neuron's number of points zeroed at multiplier lam
@@ -204,13 +193,13 @@ def _fisher_solve(curves, level: float) -> tuple[list[torch.Tensor], list[float]
     return thresholds, [float(k.double().mean()) / FISHER_POINTS for k in ks]
 
 
-def fisher_allocation(curves, weights: list[int], layer_mix: float = 1.0) -> dict:
+def fisher_allocation(curves, weights: list[int]) -> dict:
     """The file entry's tables: per-neuron thresholds at each FISHER_GRID level ([level][layer][F]),
     and every level's per-layer sparsities ([100][layer]), linear between grid levels (as the
     thresholds are at run time) and towards uniform 0.99 past the grid."""
     grid_thresholds, grid_sparsity = [], []
     for level in FISHER_GRID:
-        thresholds, sparsity = fisher_level(curves, level, layer_mix)
+        thresholds, sparsity = fisher_level(curves, level)
         grid_thresholds.append([[float(f"{t:.4g}") for t in layer.tolist()] for layer in thresholds])
         grid_sparsity.append(on_target(sparsity, weights, level))
     points = [0.0, *FISHER_GRID, LEVELS[-1]]
@@ -234,9 +223,9 @@ def on_target(sparsity: list[float], weights: list[int], level: float) -> list[f
     return sparsity
 
 
-def describe_fisher(tokens: int, shrink: float = 1.0, layer_mix: float = 1.0) -> str:
+def describe_fisher(tokens: int, shrink: float = 1.0) -> str:
     return (f"fisher: per-neuron thresholds minimising the summed squared first-order loss change "
-            f"(v_i u_i g.W_down[i])^2 on {tokens} calibration tokens (shrunk {shrink:g} toward the layer's "
-            f"pooled cost at the same |v|), one Lagrange multiplier over all layers per level (layer "
-            f"sparsities pulled toward the level, mix {layer_mix:g}); stored at levels "
-            f"{', '.join(map(str, FISHER_GRID))}, linear in between")
+            f"(v_i u_i g.W_down[i])^2 on {tokens} calibration tokens (each cost shrunk to {shrink:g} of "
+            f"itself plus {1 - shrink:g} of its layer's pooled cost at the same |v|), one Lagrange "
+            f"multiplier over all layers per level; stored at levels {', '.join(map(str, FISHER_GRID))}, "
+            f"linear in between")

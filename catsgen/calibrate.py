@@ -24,7 +24,6 @@ DEFAULT_ALLOCATION_TOKENS = 256  # KL curves cost 30 layers x 4 grid points forw
 # memory (tokens x intermediate_size x layers x 8 bytes: 1.5 GB for SmolLM2 at 4096).
 DEFAULT_FISHER_TOKENS = 4096
 DEFAULT_FISHER_SHRINK = 1.0  # allocation.shrunk: 1 = each neuron's own costs
-DEFAULT_FISHER_LAYER_MIX = 1.0  # allocation.fisher_level: 1 = the layers' sparsities as the multiplier sets them
 
 
 def resolve_output(checkpoint: Path, out: Path | None) -> Path:
@@ -43,8 +42,8 @@ def calibrate(checkpoint: Path, texts: list[Path] | None, max_tokens: int = DEFA
               seq_len: int = DEFAULT_SEQ_LEN, out: Path | None = None, device="cpu",
               dtype: torch.dtype | None = None, log: Callable[[str], None] = print,
               allocation_tokens: int = DEFAULT_ALLOCATION_TOKENS,
-              fisher_tokens: int = DEFAULT_FISHER_TOKENS, fisher_shrink: float = DEFAULT_FISHER_SHRINK,
-              fisher_layer_mix: float = DEFAULT_FISHER_LAYER_MIX) -> Thresholds:
+              fisher_tokens: int = DEFAULT_FISHER_TOKENS,
+              fisher_shrink: float = DEFAULT_FISHER_SHRINK) -> Thresholds:
     from catsgen.checkpoint import load_model
     from catsgen.tokenizer import Tokenizer
     out = resolve_output(Path(checkpoint), out)
@@ -74,7 +73,7 @@ def calibrate(checkpoint: Path, texts: list[Path] | None, max_tokens: int = DEFA
     if allocation_tokens > 0:
         table.allocations["greedy"] = find_allocation(model, table, head(allocation_tokens))
     if fisher_tokens > 0:
-        table.allocations["fisher"] = find_fisher(model, head(fisher_tokens), fisher_shrink, fisher_layer_mix)
+        table.allocations["fisher"] = find_fisher(model, head(fisher_tokens), fisher_shrink)
     table.save(out)
     half = table.for_sparsity(0.5)
     log(f"wrote {out}: thresholds for sparsity 0.00..0.99 in {len(half)} layers from {seen} tokens "
@@ -92,13 +91,11 @@ def find_allocation(model, table: Thresholds, head: list[list[int]]) -> dict:
             "kl": curves, "sparsity": allocation.greedy_allocation(curves, allocation.layer_bytes(model))}
 
 
-def find_fisher(model, head: list[list[int]], shrink: float = DEFAULT_FISHER_SHRINK,
-                layer_mix: float = DEFAULT_FISHER_LAYER_MIX) -> dict:
+def find_fisher(model, head: list[list[int]], shrink: float = DEFAULT_FISHER_SHRINK) -> dict:
     """The fisher allocation's file entry: per-neuron thresholds on a grid of levels."""
     progress = Progress("fisher statistics", len(head), unit="windows")
     curves = allocation.fisher_curves(model, head, progress.update, shrink)
     progress.close()
     tokens = sum(len(w) for w in head)
-    return {"method": allocation.describe_fisher(tokens, shrink, layer_mix), "tokens": tokens,
-            "shrink": shrink, "layer_mix": layer_mix,
-            **allocation.fisher_allocation(curves, allocation.layer_bytes(model), layer_mix)}
+    return {"method": allocation.describe_fisher(tokens, shrink), "tokens": tokens, "shrink": shrink,
+            **allocation.fisher_allocation(curves, allocation.layer_bytes(model))}

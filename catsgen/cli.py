@@ -191,8 +191,6 @@ def calibrate(
                                       "7B model at 4096); 0 = none."),
     fisher_shrink: float = typer.Option(1.0, min=0.0, max=1.0, help="Weight of each neuron's own costs against "
                                         "its layer's pooled cost at the same |v| (1 = own costs only)."),
-    fisher_layer_mix: float = typer.Option(1.0, min=0.0, max=1.0, help="How far the layers' sparsities follow "
-                                           "the shared multiplier (0 = every layer at the level)."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
 ):
@@ -203,7 +201,7 @@ def calibrate(
     dev = resolve_device(device)
     run_calibration(resolve_checkpoint(checkpoint), text, max_tokens=tokens, seq_len=seq_len, out=out,
                     device=dev, dtype=resolve_dtype(dtype, dev), log=log, allocation_tokens=allocation_tokens,
-                    fisher_tokens=fisher_tokens, fisher_shrink=fisher_shrink, fisher_layer_mix=fisher_layer_mix)
+                    fisher_tokens=fisher_tokens, fisher_shrink=fisher_shrink)
 
 
 @app.command()

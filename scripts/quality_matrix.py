@@ -188,7 +188,8 @@ def markdown(result: dict) -> str:
 
 def run(args) -> None:
     (args.out / "raw").mkdir(parents=True, exist_ok=True)
-    cells = [cell(args, cal, ev) for cal in args.calibration for ev in args.evaluation]
+    cells = [cell(args, cal, ev) for cal in args.calibration for ev in args.evaluation
+             if cal != ev or args.diagonal]
     result = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
               "texts": {t: LABELS[t] for t in TEXTS}, "allocations": args.allocation, "cells": cells}
     result["summary"] = summary(cells, [m for m in args.allocation if m != "uniform"], args.sparsity, args.match)
@@ -216,9 +217,10 @@ def main(argv=None) -> None:
     r.add_argument("--sparsity", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     r.add_argument("--tokens", type=int, default=16384, help="calibration tokens")
     r.add_argument("--fisher-tokens", type=int, default=4096)
-    r.add_argument("--allocation-tokens", type=int, default=256)
+    r.add_argument("--allocation-tokens", type=int, default=128, help="greedy's KL curves (120 forwards of these)")
+    r.add_argument("--diagonal", action="store_true", help="also score each text with its own thresholds (in-sample)")
     r.add_argument("--calibrate-arg", action="append", default=[], help="extra calibrate.py argument (repeat)")
-    r.add_argument("--score-tokens", type=int, default=4096, help="tokens scored per evaluation text")
+    r.add_argument("--score-tokens", type=int, default=2048, help="tokens scored per evaluation text")
     r.add_argument("--seq-len", type=int, default=512)
     r.add_argument("--device", help="passed to calibrate and perplexity (cuda: minutes instead of hours)")
     r.add_argument("--dtype", help="passed to calibrate and perplexity (default float32 on cpu, bfloat16 on cuda)")
