@@ -121,7 +121,7 @@ def fisher_curves(model: Transformer, windows: list[list[int]],
                   shrink: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer (|v| sorted per neuron, cumulative cost in that order), both [FISHER_POINTS + 1, F],
     row k at k / FISHER_POINTS of the tokens. Needs every token's [F] values per layer in memory.
-    shrink < 1 mixes each cost with its layer's pooled cost at the same |v| (see pooled_cost)."""
+    shrink < 1 mixes each cost with its layer's pooled cost at the same |v| (see shrunk)."""
     device = model.output.weight.device
     recorders = [_FisherRecorder() for _ in model.mlps]
     for mlp, r in zip(model.mlps, recorders):
