@@ -23,7 +23,7 @@ DEFAULT_ALLOCATION_TOKENS = 256  # KL curves cost 30 layers x 4 grid points forw
 # Fisher statistics: one forward and backward of these, and every token's per-neuron values in
 # memory (tokens x intermediate_size x layers x 8 bytes: 1.5 GB for SmolLM2 at 4096).
 DEFAULT_FISHER_TOKENS = 4096
-DEFAULT_FISHER_SHRINK = 0.5  # allocation.shrunk: half own costs, half pooled (docs/cats.md, issue 19)
+DEFAULT_FISHER_SHRINK = 1.0  # allocation.shrunk: own costs only (0.5: see docs/cats.md, issue 19)
 
 
 def resolve_output(checkpoint: Path, out: Path | None) -> Path:

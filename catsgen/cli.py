@@ -189,9 +189,8 @@ def calibrate(
                                       "per-neuron thresholds: one forward and backward, holding tokens x "
                                       "intermediate_size x layers x 8 bytes (1.5 GB for SmolLM2, 11.5 GB for a "
                                       "7B model at 4096); 0 = none."),
-    fisher_shrink: float = typer.Option(0.5, min=0.0, max=1.0, help="Weight of each neuron's own costs against "
-                                        "its layer's pooled cost at the same |v| (1 = own costs only; 0.5 "
-                                        "carries better to other text)."),
+    fisher_shrink: float = typer.Option(1.0, min=0.0, max=1.0, help="Weight of each neuron's own costs against "
+                                        "its layer's pooled cost at the same |v| (1 = own costs only)."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
 ):
