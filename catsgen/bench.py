@@ -49,15 +49,17 @@ def byte_ratio_limit(config: ModelConfig, sparsity: float) -> float:
 
 
 def build_model(settings: BenchSettings, checkpoint, preset, log) -> Transformer:
-    from catsgen.checkpoint import load_model, random_model
+    from catsgen.checkpoint import random_model
     from catsgen.config import preset as preset_config
+    from catsgen.parallel import load_shard, plan_for
     start = time.perf_counter()
     if preset is not None:
         log(f"building {preset} with random weights on {settings.device} ...")
-        model = random_model(preset_config(preset), settings.device, settings.dtype)
+        config = preset_config(preset)
+        model = random_model(config, settings.device, settings.dtype, plan=plan_for(config))
     else:
         log(f"loading {checkpoint} ...")
-        model = load_model(checkpoint, settings.device, settings.dtype)
+        model = load_shard(checkpoint, settings.device, settings.dtype)
     model.setup_caches(settings.batch_size, settings.max_seq_len)
     log(f"model ready in {time.perf_counter() - start:.1f} s")
     return model

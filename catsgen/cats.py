@@ -73,7 +73,7 @@ def set_thresholds(model: Transformer, thresholds: list[float] | list[torch.Tens
     neuron), or update the thresholds in place where a CATS of that shape already is."""
     device = model.output.weight.device
     for i, (mlp, t) in enumerate(zip(model.mlps, thresholds, strict=True)):
-        t = torch.as_tensor(t, dtype=torch.float32)
+        t = model.plan.local_thresholds(torch.as_tensor(t, dtype=torch.float32))  # this rank's neurons
         if isinstance(mlp.activation, CATS) and mlp.activation.threshold.shape == t.shape:
             mlp.activation.threshold.copy_(t)
         else:

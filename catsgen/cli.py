@@ -31,7 +31,9 @@ def check_allocations(values):
 
 
 def log(message: str):
-    print(message, file=sys.stderr, flush=True)
+    from catsgen.parallel import is_main
+    if is_main():  # under torchrun only rank 0 prints
+        print(message, file=sys.stderr, flush=True)
 
 
 def resolve_device(device: Optional[str]) -> str:
@@ -97,9 +99,11 @@ def generate(
     params = SamplingParams(temperature, top_k, top_p)
     params.validate()
     check_allocations([allocation])
-    dev = resolve_device(device)
+    from catsgen import parallel
+    dev = parallel.init(resolve_device(device))  # under torchrun: join the ranks, this rank's GPU
     run_generation(
-        checkpoint=resolve_checkpoint(checkpoint, needs_default_thresholds([sparsity], thresholds)),
+        checkpoint=parallel.first_on_rank0(resolve_checkpoint, checkpoint,
+                                           needs_default_thresholds([sparsity], thresholds)),
         prompt=prompt, max_new_tokens=max_new_tokens,
         params=params, seed=seed, device=dev, dtype=resolve_dtype(dtype, dev), max_seq_len=max_seq_len,
         chat=chat, sparsity=sparsity, thresholds=thresholds, allocation=allocation,
@@ -125,8 +129,8 @@ def convert(
 def bench(
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint directory (uses its thresholds file). "
                                               "Default: the SmolLM2 demo model unless --preset is given."),
-    preset: Optional[str] = typer.Option(None, help="Random weights at a real shape: llama-2-7b, mistral-7b, "
-                                         "llama-3-8b or tiny (no checkpoint needed)."),
+    preset: Optional[str] = typer.Option(None, help="Random weights at a real shape: llama-2-7b, llama-2-70b (torchrun), "
+                                         "mistral-7b, llama-3-8b or tiny (no checkpoint needed)."),
     sparsity: List[float] = typer.Option([0.0, 0.5, 0.7], help="Sparsities to time (repeat the option); "
                                          "0 = dense, always timed first as the baseline."),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
@@ -148,12 +152,14 @@ def bench(
     if checkpoint is not None and preset is not None:
         raise UserError("give --checkpoint or --preset, not both")
     check_allocations([allocation])
-    dev = resolve_device(device)
+    from catsgen import parallel
+    dev = parallel.init(resolve_device(device))  # under torchrun: join the ranks, this rank's GPU
     settings = BenchSettings(
         sparsities=sparsity, dtype=resolve_dtype(dtype, dev), batch_size=batch_size,
         prompt_len=prompt_len, new_tokens=new_tokens, max_seq_len=max_seq_len, repeats=repeats,
         device=dev, compile=resolve_compile(compile, dev))
-    checkpoint = None if preset else resolve_checkpoint(checkpoint, needs_default_thresholds(sparsity, thresholds))
+    checkpoint = None if preset else parallel.first_on_rank0(
+        resolve_checkpoint, checkpoint, needs_default_thresholds(sparsity, thresholds))
     run_bench(settings, checkpoint=checkpoint, preset=preset,
               thresholds=thresholds, allocation=allocation, json_path=json_path, log=log)
 
@@ -196,6 +202,10 @@ def calibrate(
     sparsity 0.00..0.99 (one file serves every --sparsity), the greedy per-layer allocation and
     the fisher per-neuron thresholds."""
     from catsgen.calibrate import calibrate as run_calibration
+    from catsgen.parallel import world_size
+    if world_size() > 1:
+        raise UserError("calibrate runs in one process (thresholds are quantiles over all neurons): "
+                        "run it without torchrun")
     dev = resolve_device(device)
     run_calibration(resolve_checkpoint(checkpoint), text, max_tokens=tokens, seq_len=seq_len, out=out,
                     device=dev, dtype=resolve_dtype(dtype, dev), log=log, allocation_tokens=allocation_tokens,
@@ -226,8 +236,9 @@ def perplexity(
     import json
     from catsgen.perplexity import format_report, run_perplexity
     check_allocations(allocation)
-    dev = resolve_device(device)
-    checkpoint = resolve_checkpoint(checkpoint, needs_default_thresholds(sparsity, thresholds))
+    from catsgen import parallel
+    dev = parallel.init(resolve_device(device))  # under torchrun: join the ranks, this rank's GPU
+    checkpoint = parallel.first_on_rank0(resolve_checkpoint, checkpoint, needs_default_thresholds(sparsity, thresholds))
     report = run_perplexity(checkpoint, text, sparsity, thresholds=thresholds, allocations=allocation or [None],
                             max_tokens=max_tokens, seq_len=seq_len, device=dev,
                             dtype=resolve_dtype(dtype, dev), log=log)
@@ -264,7 +275,7 @@ def main(argv: Optional[List[str]] = None, prog_name: Optional[str] = None, comm
     try:
         app(args=args, prog_name=prog_name or "catsgen", standalone_mode=True)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        log(f"error: {e}")  # rank 0 only: every rank raised it (or learnt it from parallel.agree)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -57,14 +57,14 @@ def run_perplexity(checkpoint: Path, texts: list[Path] | None, sparsities: list[
                    seq_len: int = DEFAULT_SEQ_LEN, device="cpu", dtype: torch.dtype | None = None,
                    log: Callable[[str], None] = print, allocations: list[str | None] = (None,)) -> dict:
     """Dense, then every (allocation, sparsity) pair; allocation None = the file's best."""
-    from catsgen.checkpoint import load_model
+    from catsgen.parallel import load_shard
     from catsgen.tokenizer import Tokenizer
     levels = sparsity_levels(sparsities)
     for a in allocations:
         check_allocation(a)
     sources = text_sources(texts)
     tokenizer = Tokenizer(checkpoint)
-    model = load_model(checkpoint, device=device, dtype=dtype)
+    model = load_shard(checkpoint, device, dtype)  # under torchrun: this rank's slices only
     table = load_thresholds(model, checkpoint, thresholds, levels[1]) if len(levels) > 1 else None
     if not texts:
         log(f"no --text given: scoring the built-in sample, {sources[0].name}")

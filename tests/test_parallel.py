@@ -1,0 +1,121 @@
+"""Tensor parallelism (catsgen/parallel.py) on the CPU over gloo: the sharded model's logits and
+greedy tokens equal the single-process model's, dense and with CATS thresholds (per layer and per
+neuron), on small random Llama and Mistral checkpoints; torchrun runs the CLI on the real SmolLM2
+(3 ranks) and refuses 2 ranks with one error line; a failing or dying rank stops every rank."""
+
+import multiprocessing
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from catsgen.cats import ActivationSample, recording
+from catsgen.checkpoint import load_model
+from catsgen.config import ModelConfig, preset
+from catsgen.errors import UserError
+from catsgen.parallel import ShardPlan
+from conftest import ROOT, VOCAB
+from helpers_gguf import smollm2_converted, smollm2_gguf  # noqa: F401  (session fixtures)
+from helpers_parallel import measure, worker
+
+# GQA, MHA, tied embeddings, a sliding window shorter than the prompt, a multi-file checkpoint.
+CASES = ("gqa", "mha", "tied_gqa", "mistral_window", "sharded")
+PROMPT_LEN = 12
+TIMEOUT_S = 240  # spawning 2 ranks (torch imports) on a busy 2-core machine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@torch.no_grad()
+def thresholds_for(model, prompt) -> dict:
+    """Dense; per layer, the median |SiLU(gate)| on the prompt (about half the neurons off);
+    per neuron, that median scaled by a random factor in [0, 2) for each neuron."""
+    c = model.config
+    sample = ActivationSample(c.n_layers, PROMPT_LEN * c.intermediate_size)
+    with recording(model, sample):
+        model(torch.tensor([prompt]))
+    per_layer = [row[50] for row in sample.thresholds()]
+    g = torch.Generator().manual_seed(3)
+    per_neuron = [t * 2 * torch.rand(c.intermediate_size, generator=g) for t in per_layer]
+    return {"dense": None, "per_layer": per_layer, "per_neuron": per_neuron}
+
+
+def test_sharded_equals_single_process(checkpoints, tmp_path):
+    cases, reference = {}, {}
+    for i, name in enumerate(CASES):
+        directory = checkpoints[name][0]
+        prompt = torch.randint(3, VOCAB, (PROMPT_LEN,), generator=torch.Generator().manual_seed(i)).tolist()
+        model = load_model(directory, dtype=torch.float32)
+        thresholds = thresholds_for(model, prompt)
+        cases[name] = (str(directory), prompt, thresholds)
+        reference[name] = measure(model, prompt, thresholds)
+    out = tmp_path / "rank0.pt"
+    codes = spawn_ranks(2, cases, out)
+    sharded = torch.load(out)
+    for name in CASES:
+        dense_logits = reference[name]["dense"][0]
+        for label, (logits, tokens) in reference[name].items():
+            got_logits, got_tokens = sharded[name][label]
+            assert torch.allclose(got_logits, logits, rtol=1e-4, atol=1e-4), (name, label)
+            assert got_tokens == tokens, (name, label)
+            if label != "dense":  # CATS really changed the model, so a wrong slice would show
+                assert not torch.allclose(logits, dense_logits, atol=1e-3), (name, label)
+    assert sharded["agree_error"] == "rank 1: only here"
+    assert codes == [4, 3]  # rank 1 died; rank 0's next all-reduce failed instead of hanging
+
+
+def spawn_ranks(world, cases, out) -> list[int]:
+    ctx = multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, world, port, cases, str(out))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(TIMEOUT_S)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not any(p.is_alive() for p in procs)
+    return [p.exitcode for p in procs]
+
+
+def test_plan_refuses_a_world_that_does_not_divide_the_kv_heads():
+    smollm2_like = ModelConfig(dim=576, n_layers=1, n_heads=9, n_kv_heads=3, intermediate_size=1536, vocab_size=8)
+    with pytest.raises(UserError, match=r"cannot shard over 2 ranks.*\(ranks that work: 1, 3\)"):
+        ShardPlan.make(smollm2_like, 0, 2)
+    assert ShardPlan.make(smollm2_like, 2, 3).split("mlp.down_proj.weight") == (1, 1024, 1536)
+
+
+def test_llama_2_70b_preset_shards_over_8():
+    c = preset("llama-2-70b")
+    plan = ShardPlan.make(c, 7, 8)
+    assert (c.n_layers, plan.n_heads, plan.n_kv_heads, plan.neurons) == (80, 8, 1, 3584)
+
+
+def torchrun(n, *args):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+                           "--master-port", str(free_port()), "generate.py", *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def test_torchrun_generate_on_smollm2(smollm2_converted):  # noqa: F811
+    args = ("--checkpoint", smollm2_converted, "--prompt", "The capital of France is",
+            "--max-new-tokens", 10, "--device", "cpu", "--dtype", "float32", "--max-seq-len", 64)
+    single = subprocess.run([sys.executable, "generate.py", *map(str, args)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=TIMEOUT_S)
+    assert single.returncode == 0, single.stderr
+    three = torchrun(3, *args)
+    assert three.returncode == 0, three.stderr
+    assert three.stdout == single.stdout  # rank 0 alone streams, and the same tokens
+    assert three.stderr.count("tok/s]") == 1  # one summary line
+    two = torchrun(2, *args)
+    assert two.returncode != 0
+    errors = [line for line in two.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: cannot shard over 2 ranks: num_key_value_heads (3) and intermediate_size (1536) "
+                      "must both be divisible by it (ranks that work: 1, 3)"]
