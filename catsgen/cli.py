@@ -129,8 +129,9 @@ def convert(
 def bench(
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint directory (uses its thresholds file). "
                                               "Default: the SmolLM2 demo model unless --preset is given."),
-    preset: Optional[str] = typer.Option(None, help="Random weights at a real shape: llama-2-7b, llama-2-70b (torchrun), "
-                                         "mistral-7b, llama-3-8b or tiny (no checkpoint needed)."),
+    preset: Optional[str] = typer.Option(None, help="Random weights at a real shape: llama-2-7b, "
+                                         "llama-2-70b (torchrun), mistral-7b, llama-3-8b or tiny "
+                                         "(no checkpoint needed)."),
     sparsity: List[float] = typer.Option([0.0, 0.5, 0.7], help="Sparsities to time (repeat the option); "
                                          "0 = dense, always timed first as the baseline."),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
