@@ -15,6 +15,7 @@ from catsgen.config import ModelConfig
 from catsgen.files import check_writable_parent, write_json_atomically
 from catsgen.generate import SamplingParams, generate, make_decode_step
 from catsgen.model import Transformer
+from catsgen.parallel import ShardPlan, is_main, time_all_reduce
 
 
 @dataclass
@@ -31,11 +32,14 @@ class BenchSettings:
     warmup_tokens: int = 8
 
 
-def weight_bytes_per_token(config: ModelConfig, element_bytes: int, mlp_active_fraction: float = 1.0) -> int:
-    """Bytes of weights one decode step must read: every matrix once, one embedding row, and
-    of W_up / W_down only the rows of active neurons (W_gate is always read whole)."""
-    d, f = config.dim, config.intermediate_size
-    attention = config.qkv_dim * d + config.n_heads * config.head_dim * d
+def weight_bytes_per_token(config: ModelConfig, element_bytes: int, mlp_active_fraction: float = 1.0,
+                           plan: ShardPlan | None = None) -> int:
+    """Bytes of weights one decode step must read (on each GPU, under a tensor-parallel plan):
+    every matrix once, one embedding row, and of W_up / W_down only the rows of active neurons
+    (W_gate is always read whole)."""
+    plan = plan or ShardPlan.make(config)
+    d, f = config.dim, plan.neurons
+    attention = (2 * plan.q_size + 2 * plan.kv_size) * d
     mlp = f * d + 2 * f * d * mlp_active_fraction
     norms = 2 * d
     per_layer = attention + mlp + norms
@@ -43,9 +47,9 @@ def weight_bytes_per_token(config: ModelConfig, element_bytes: int, mlp_active_f
     return int(round(total * element_bytes))
 
 
-def byte_ratio_limit(config: ModelConfig, sparsity: float) -> float:
+def byte_ratio_limit(config: ModelConfig, sparsity: float, plan: ShardPlan | None = None) -> float:
     """The most a decode step can speed up at this sparsity if time were bytes read."""
-    return weight_bytes_per_token(config, 2, 1.0) / weight_bytes_per_token(config, 2, 1.0 - sparsity)
+    return weight_bytes_per_token(config, 2, 1.0, plan) / weight_bytes_per_token(config, 2, 1.0 - sparsity, plan)
 
 
 def build_model(settings: BenchSettings, checkpoint, preset, log) -> Transformer:
@@ -109,6 +113,8 @@ def run_bench(settings: BenchSettings, checkpoint=None, preset=None, thresholds=
     allocation = cats.resolve_allocation(table, allocation) if table is not None else None
     step = make_decode_step(settings.compile, settings.device)
     element_bytes = torch.empty((), dtype=settings.dtype).element_size()
+    # Under torchrun: one all-reduce of a block's output [B, 1, dim], alone in a loop (2 per layer).
+    all_reduce_s = time_all_reduce((settings.batch_size, 1, config.dim), settings.dtype, settings.device)
     rows = []
     for s in sparsities:
         measured = 0.0
@@ -118,18 +124,20 @@ def run_bench(settings: BenchSettings, checkpoint=None, preset=None, thresholds=
         elif table is not None:
             cats.set_dense(model)
         row = bench_one_sparsity(model, prompt, settings, step, s, log)
-        bytes_read = weight_bytes_per_token(config, element_bytes, 1.0 - measured)
+        bytes_read = weight_bytes_per_token(config, element_bytes, 1.0 - measured, model.plan)
         row.update(measured_sparsity=measured, weight_bytes_per_token=bytes_read,
                    achieved_gb_per_s=bytes_read / (row["decode_ms_per_token_median"] * 1e-3) / 1e9,
-                   byte_ratio_limit=byte_ratio_limit(config, measured))
+                   byte_ratio_limit=byte_ratio_limit(config, measured, model.plan),
+                   all_reduce_share=2 * config.n_layers * all_reduce_s / (row["decode_ms_per_token_median"] * 1e-3))
         rows.append(row)
     dense_ms = rows[0]["decode_ms_per_token_median"]
     for row in rows:
         row["speedup_vs_dense"] = dense_ms / row["decode_ms_per_token_median"]
     report = {"environment": environment(settings.device), "settings": _settings_dict(settings), "allocation": allocation,
-              "model": {"source": preset or str(checkpoint), **_shape_dict(config)}, "rows": rows}
+              "model": {"source": preset or str(checkpoint), **_shape_dict(config)}, "rows": rows,
+              "tensor_parallel": {"ranks": model.plan.world, "all_reduce_us": all_reduce_s * 1e6}}
     print(format_table(report))
-    if json_path is not None:
+    if json_path is not None and is_main():
         write_json_atomically(json_path, report, indent=2)
         log(f"wrote {json_path}")
     return report
@@ -174,4 +182,9 @@ def format_table(report: dict) -> str:
                      f"{r['decode_ms_per_token_median']:>8.3f} {spread:>15} {r['tokens_per_s']:>8.1f} "
                      f"{r['achieved_gb_per_s']:>7.1f} {r['speedup_vs_dense']:>7.2f}x "
                      f"{r['byte_ratio_limit']:>5.2f}x {r['prefill_ms_median']:>10.1f} {r['compile_warmup_s']:>9.1f}")
+    tp = report.get("tensor_parallel", {})
+    if tp.get("ranks", 1) > 1:
+        shares = ", ".join(f"{r['sparsity']:.2f}: {r['all_reduce_share']:.1%}" for r in report["rows"])
+        lines.append(f"tensor parallel over {tp['ranks']} ranks (GB/s and limit are per GPU): all-reduce "
+                     f"{tp['all_reduce_us']:.1f} us alone, 2 per layer; share of a token ({shares})")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -193,6 +194,35 @@ def first_on_rank0(fn, *args, **kwargs):
         other = agree(lambda: None) if is_main() else agree(fn, *args, **kwargs)
         result = result if is_main() else other
     return result
+
+
+def time_all_reduce(shape, dtype, device, iters: int = 200) -> float:
+    """Seconds per all-reduce of one tensor of this shape (0 on one rank), timed alone in a loop;
+    on CUDA replayed from a CUDA graph, as the compiled decode step runs it."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0.0
+    x = torch.zeros(shape, dtype=dtype, device=device)
+    on_cuda = x.is_cuda
+
+    def loop():
+        for _ in range(iters):
+            dist.all_reduce(x)
+
+    loop()  # warm-up: the communicator is set up outside any capture
+    if on_cuda:
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loop()
+        loop = graph.replay
+        loop()
+        torch.cuda.synchronize()
+    dist.barrier()
+    start = time.perf_counter()
+    loop()
+    if on_cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
 
 
 def shutdown():
