@@ -3,6 +3,7 @@ greedy tokens equal the single-process model's, dense and with CATS thresholds (
 neuron), on small random Llama and Mistral checkpoints; torchrun runs the CLI on the real SmolLM2
 (3 ranks) and refuses 2 ranks with one error line; a failing or dying rank stops every rank."""
 
+import json
 import multiprocessing
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from catsgen.bench import weight_bytes_per_token
 from catsgen.cats import ActivationSample, recording
 from catsgen.checkpoint import load_model
 from catsgen.config import ModelConfig, preset
@@ -119,3 +121,19 @@ def test_torchrun_generate_on_smollm2(smollm2_converted):  # noqa: F811
     errors = [line for line in two.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: cannot shard over 2 ranks: num_key_value_heads (3) and intermediate_size (1536) "
                       "must both be divisible by it (ranks that work: 1, 3)"]
+
+
+def test_torchrun_bench_reports_the_all_reduce(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(free_port()), "bench.py", "--preset", "tiny", "--device", "cpu", "--new-tokens", "4",
+                          "--repeats", "1", "--prompt-len", "8", "--sparsity", "0", "0.5", "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    assert report["tensor_parallel"]["ranks"] == 2 and report["tensor_parallel"]["all_reduce_us"] > 0
+    assert all(0 < row["all_reduce_share"] for row in report["rows"])
+    # Per GPU: half of every layer's matrices, the whole (replicated) embedding row and LM head.
+    tiny = preset("tiny")
+    assert report["rows"][0]["weight_bytes_per_token"] == weight_bytes_per_token(tiny, 4, 1.0, ShardPlan.make(tiny, 0, 2))
+    assert run.stdout.count("tensor parallel over 2 ranks") == 1
