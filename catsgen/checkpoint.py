@@ -191,9 +191,13 @@ def random_model(config: ModelConfig, device="cpu", dtype=torch.bfloat16, seed: 
                  plan: ShardPlan | None = None) -> Transformer:
     """A model with random weights at a real shape, built directly on the device (benchmarks).
     Under a plan every rank has the same shapes, hence the same random stream: the replicated
-    weights (embeddings, norms, head) agree across ranks."""
-    with torch.device(device):
-        model = Transformer(config, plan).to(dtype)
+    weights (embeddings, norms, head) agree across ranks. Made on the meta device and then
+    allocated in `dtype`: never a float32 copy (a 70B shard in float32 would not fit)."""
+    with torch.device("meta"):
+        model = Transformer(config, plan)
+    model = model.to(dtype).to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
