@@ -148,9 +148,14 @@ def silence_other_ranks():
         sys.stdout = open(os.devnull, "w")
 
 
+def distributed() -> bool:
+    """Whether this process is one of several ranks of a process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def plan_for(config: ModelConfig) -> ShardPlan:
     """This process's plan: from the process group when one is up, else the whole model."""
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         return ShardPlan.make(config, dist.get_rank(), dist.get_world_size())
     return ShardPlan.make(config)
 
@@ -167,16 +172,14 @@ def load_shard(checkpoint, device, dtype):
 def agree(fn, *args, **kwargs):
     """Run fn (work that can fail on one rank alone, like reading its slices) on every rank, then
     fail on every rank if it failed on any: a one-line UserError naming the first failing rank,
-    instead of the others waiting forever at their next collective."""
+    instead of the others waiting forever at their next collective. One process: just fn."""
+    if not distributed():
+        return fn(*args, **kwargs)
     error = None
     try:
         result = fn(*args, **kwargs)
     except (UserError, OSError, torch.OutOfMemoryError) as e:
         error, result = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}", None
-    if not (dist.is_available() and dist.is_initialized()):
-        if error is not None:
-            raise UserError(error)
-        return result
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     failed = [(r, e) for r, e in enumerate(errors) if e is not None]
@@ -189,17 +192,19 @@ def agree(fn, *args, **kwargs):
 def first_on_rank0(fn, *args, **kwargs):
     """fn on rank 0, then on the others: for work that fills a cache (converting or calibrating
     the default model), so the others find it done instead of racing to write it."""
-    result = agree(fn, *args, **kwargs) if is_main() else agree(lambda: None)
-    if world_size() > 1:
-        other = agree(lambda: None) if is_main() else agree(fn, *args, **kwargs)
-        result = result if is_main() else other
-    return result
+    first = agree(fn, *args, **kwargs) if is_main() else agree(_nothing)
+    later = agree(_nothing) if is_main() else agree(fn, *args, **kwargs)
+    return first if is_main() else later
+
+
+def _nothing():
+    return None
 
 
 def time_all_reduce(shape, dtype, device, iters: int = 200) -> float:
     """Seconds per all-reduce of one tensor of this shape (0 on one rank), timed alone in a loop;
     on CUDA replayed from a CUDA graph, as the compiled decode step runs it."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not distributed():
         return 0.0
     x = torch.zeros(shape, dtype=dtype, device=device)
     on_cuda = x.is_cuda
@@ -226,5 +231,6 @@ def time_all_reduce(shape, dtype, device, iters: int = 200) -> float:
 
 
 def shutdown():
+    """Leave the process group (at the end of a command that ran sharded)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
