@@ -170,7 +170,8 @@ def bench_kernels(
     batch_size: List[int] = typer.Option([1, 4], help="Decode batch sizes (repeat the option)."),
     sparsity: List[float] = typer.Option([0.0, 0.3, 0.5, 0.7, 0.9], help="Sparsities to time."),
 ):
-    """Time the CATS MLP kernels against the dense cuBLAS MLP (CUDA only); also `bench.py kernels`."""
+    """Time the CATS MLP kernels against the dense MLP (CUDA only): bf16 weights against cuBLAS, then
+    int8 weights against the int8 dense MLP; also `bench.py kernels`."""
     import torch
     if not torch.cuda.is_available():
         raise UserError("bench-kernels needs a CUDA GPU")

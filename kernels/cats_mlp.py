@@ -4,6 +4,9 @@ as the custom op catsgen::cats_mlp (Triton on CUDA, the torch reference elsewher
 Contract: x [B, d]; w_gate, w_up [f, d]; w_down_t [f, d] (W_down transposed: row i = neuron i);
 threshold float32, 0-d or [f] (one per neuron); CATS_t(v) = v where |v| > t, else 0. Returns
 [B, d] in x.dtype. A neuron no token of the batch needs costs no byte of W_up or W_down.
+int8 weights (catsgen/quantize.py): w_gate, w_up, w_down_t int8 and scales = (s_gate [f], s_up [f],
+s_down [d]) fp32: W_gate = w_gate * s_gate[:, None], W_up likewise, W_down^T = w_down_t * s_down.
+A skipped neuron skips its scales too (s_gate is read in full, as W_gate is).
 
 Weights are read as whole rows. Three Triton launches, no host sync, no memset (the list's
 counter is a workspace the launches leave at zero, see list_counter; the op returns the fp32
@@ -21,6 +24,7 @@ one tl.dot on the tensor cores (FMA units for fp32). Why this design and not oth
 measurements: notes/kernels.md.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -29,15 +33,21 @@ from .workspace import int32_workspace
 try:
     import triton
     import triton.language as tl
+
+    from .tiles import as_operand, dot, rows_times_x
 except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
     triton = None
 
 __all__ = ["cats_mlp", "cats_mlp_reference", "cats_mlp_triton", "Blocks", "list_counter"]
 
 
-def cats_mlp_reference(x, w_gate, w_up, w_down_t, threshold):
+def cats_mlp_reference(x, w_gate, w_up, w_down_t, threshold, scales=None):
     """The definition the Triton kernels must match (same contract as cats_mlp), computed in fp32,
     returned in x.dtype."""
+    if scales is not None:  # int8 weights: dequantize (scales per row of w_gate / w_up, per column of w_down_t)
+        s_gate, s_up, s_down = (s.float() for s in scales)
+        w_gate, w_up, w_down_t = w_gate.float() * s_gate[:, None], w_up.float() * s_up[:, None], \
+            w_down_t.float() * s_down[None, :]
     xf = x.float()
     v = torch.nn.functional.silu(xf @ w_gate.float().t())
     v = torch.where(v.abs() > threshold.float(), v, 0.0)
@@ -47,37 +57,15 @@ def cats_mlp_reference(x, w_gate, w_up, w_down_t, threshold):
 
 if triton is not None:
     @triton.jit
-    def _dot(a, b, acc, DOT_F32: tl.constexpr):
-        if DOT_F32:  # fp32 inputs; also under Triton's interpreter, whose bf16 tl.dot is wrong (3.9)
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            return tl.dot(a, b, acc)
-
-
-    @triton.jit
-    def _rows_times_x(w_ptr, x_ptr, rows, row_mask, B, D,
-                      BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
-        """[BLOCK_F, 16] fp32 = w[rows] @ x^T (tokens padded to 16); rows outside row_mask are not read."""
-        toks = tl.arange(0, 16)
-        acc = tl.zeros([BLOCK_F, 16], tl.float32)
-        for k in range(0, D, BLOCK_D):
-            cols = k + tl.arange(0, BLOCK_D)
-            w = tl.load(w_ptr + rows[:, None] * D + cols[None, :], mask=row_mask[:, None] & (cols < D)[None, :],
-                        other=0.0, eviction_policy="evict_first")  # weights are read once: leave L2 to x, v, h, y
-            xt = tl.load(x_ptr + toks[None, :] * D + cols[:, None], mask=(toks < B)[None, :] & (cols < D)[:, None],
-                         other=0.0)
-            acc = _dot(w, xt, acc, DOT_F32)
-        return acc
-
-
-    @triton.jit
-    def _gate_kernel(x_ptr, wg_ptr, t_ptr, v_ptr, idx_ptr, count_ptr, u_acc_ptr, y_acc_ptr, B, D, F,
+    def _gate_kernel(x_ptr, wg_ptr, sg_ptr, t_ptr, v_ptr, idx_ptr, count_ptr, u_acc_ptr, y_acc_ptr, B, D, F,
                      T_PER_ROW: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, ZBLOCK: tl.constexpr,
-                     DOT_F32: tl.constexpr):
+                     DOT_F32: tl.constexpr, INT8: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCK_F + tl.arange(0, BLOCK_F)
         row_ok = rows < F
-        g = _rows_times_x(wg_ptr, x_ptr, rows, row_ok, B, D, BLOCK_F, BLOCK_D, DOT_F32)
+        g = rows_times_x(wg_ptr, x_ptr, rows, row_ok, B, D, 0, D, BLOCK_F, BLOCK_D, DOT_F32)
+        if INT8:  # per-row (= per-neuron) scales
+            g = g * tl.load(sg_ptr + rows, mask=row_ok, other=0.0)[:, None]
         v = g * tl.sigmoid(g)
         if T_PER_ROW:  # per-neuron thresholds (e.g. a weight-aware score |v_i| s_i > t, as t / s_i)
             t = tl.load(t_ptr + rows, mask=row_ok, other=0.0)[:, None]
@@ -108,30 +96,27 @@ if triton is not None:
 
 
     @triton.jit
-    def _up_kernel(x_ptr, wu_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS,
-                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+    def _up_kernel(x_ptr, wu_ptr, su_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS,
+                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, INT8: tl.constexpr):
         item = tl.program_id(0)
         slots, rows, ok, n_active, n_items = _list_entries(idx_ptr, count_ptr, item, F, N_COLS, BLOCK_R)
         if item == 0:
             tl.store(count_ptr + 1, n_active)  # for the down launch, which resets count_ptr[0]
         toks = tl.arange(0, 16)
         if item < n_items:
-            acc = tl.zeros([BLOCK_R, 16], tl.float32)
             c0 = (item % N_COLS) * COLS_PER_PROG
-            for c in range(c0, c0 + COLS_PER_PROG, BLOCK_D):
-                cols = c + tl.arange(0, BLOCK_D)
-                w = tl.load(wu_ptr + rows[:, None] * D + cols[None, :], mask=ok[:, None] & (cols < D)[None, :],
-                            other=0.0, eviction_policy="evict_first")
-                xt = tl.load(x_ptr + toks[None, :] * D + cols[:, None], mask=(toks < B)[None, :] & (cols < D)[:, None],
-                             other=0.0)
-                acc = _dot(w, xt, acc, DOT_F32)
+            acc = rows_times_x(wu_ptr, x_ptr, rows, ok, B, D, c0, tl.minimum(c0 + COLS_PER_PROG, D), BLOCK_R,
+                               BLOCK_D, DOT_F32)
+            if INT8:  # the scales of the listed rows only: a skipped neuron's scale is not read either
+                acc = acc * tl.load(su_ptr + rows, mask=ok, other=0.0)[:, None]
             tl.atomic_add(u_acc_ptr + toks[None, :] * F + slots[:, None], acc, mask=(toks < B)[None, :] & ok[:, None],
                           sem="relaxed")
 
 
     @triton.jit
-    def _down_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, y_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS,
-                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+    def _down_kernel(x_ptr, v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, sd_ptr, y_acc_ptr, B, D, F,
+                     COLS_PER_PROG, N_COLS, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+                     INT8: tl.constexpr):
         item = tl.program_id(0)
         slots, rows, ok, n_active, n_items = _list_entries(idx_ptr, count_ptr + 1, item, F, N_COLS, BLOCK_R)
         if item == 0:
@@ -142,14 +127,16 @@ if triton is not None:
             m = tok_ok[:, None] & ok[None, :]
             v = tl.load(v_ptr + toks[:, None] * F + rows[None, :], mask=m, other=0.0)
             u = tl.load(u_acc_ptr + toks[:, None] * F + slots[None, :], mask=m, other=0.0)
-            h = (v * u).to(wd_ptr.dtype.element_ty)  # [16, BLOCK_R]; the dot's operands share the weights' dtype
+            h = (v * u).to(x_ptr.dtype.element_ty)  # [16, BLOCK_R]; the dot's operands: x's dtype
             c0 = (item % N_COLS) * COLS_PER_PROG
             for c in range(c0, c0 + COLS_PER_PROG, BLOCK_D):
                 cols = c + tl.arange(0, BLOCK_D)
                 col_ok = cols < D
                 w = tl.load(wd_ptr + rows[:, None] * D + cols[None, :], mask=ok[:, None] & col_ok[None, :],
-                            other=0.0, eviction_policy="evict_first")
-                y = _dot(h, w, tl.zeros([16, BLOCK_D], tl.float32), DOT_F32)
+                            other=0, eviction_policy="evict_first")  # 0 of any dtype (int8 too)
+                y = dot(h, as_operand(w, h.dtype, DOT_F32), tl.zeros([16, BLOCK_D], tl.float32), DOT_F32)
+                if INT8:  # W_down's output-channel scales (per column of W_down^T), on this program's row sum
+                    y = y * tl.load(sd_ptr + cols, mask=col_ok, other=0.0)[None, :]
                 tl.atomic_add(y_acc_ptr + toks[:, None] * D + cols[None, :], y, mask=tok_ok[:, None] & col_ok[None, :],
                               sem="relaxed")
 
@@ -171,9 +158,14 @@ class Blocks:
     stages: int = 3
 
 
-def pick_blocks(B: int) -> Blocks:
-    """Tokens are padded to 16, so one table serves every B (how it was tuned: notes/kernels.md)."""
-    return Blocks()
+INT8_BLOCKS = Blocks(gate_d=256, up_d=256, up_steps=4, down_d=256, down_steps=1)
+
+
+def pick_blocks(B: int, int8: bool = False) -> Blocks:
+    """Tokens are padded to 16, so one table serves every B (how it was tuned: notes/kernels.md).
+    int8: tiles twice as wide, so a load moves the bytes of a bf16 tile, over the same columns per
+    program (same grid); not tuned yet (scripts/gpu_int8.py --sweep)."""
+    return INT8_BLOCKS if int8 else Blocks()
 
 
 _empty = torch.empty  # scratch allocation; tests swap in a NaN-filling version to catch unwritten outputs
@@ -187,7 +179,7 @@ def list_counter(device) -> torch.Tensor:
 
 
 def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None = None,
-                    fp32_out: bool = False):
+                    fp32_out: bool = False, scales=None):
     """The Triton path of cats_mlp (same contract). fp32_out returns the fp32 accumulator, leaving
     the cast to the caller (the compiled model fuses it away). On CPU tensors it needs
     TRITON_INTERPRET=1 set before triton is imported."""
@@ -197,10 +189,15 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     assert w_gate.shape == w_up.shape == w_down_t.shape == (F, D)
     assert w_gate.is_contiguous() and w_up.is_contiguous() and w_down_t.is_contiguous()
     assert threshold.numel() in (1, F) and threshold.dtype == torch.float32
+    int8 = scales is not None
+    if int8:
+        assert w_gate.dtype == w_up.dtype == w_down_t.dtype == torch.int8
+        assert [(s.shape, s.dtype) for s in scales] == [((F,), torch.float32)] * 2 + [((D,), torch.float32)]
+    s_gate, s_up, s_down = scales if int8 else (threshold,) * 3  # unread when not int8
     x = x.contiguous()
-    cfg = blocks or pick_blocks(B)
+    cfg = blocks or pick_blocks(B, int8)
     dot_f32 = x.dtype == torch.float32 or not x.is_cuda
-    common = dict(DOT_F32=dot_f32, num_warps=cfg.warps, num_stages=cfg.stages)
+    common = dict(DOT_F32=dot_f32, INT8=int8, num_warps=cfg.warps, num_stages=cfg.stages)
 
     f32 = dict(device=x.device, dtype=torch.float32)
     v, u_acc, y_acc = _empty(B, F, **f32), _empty(B, F, **f32), _empty(B, D, **f32)
@@ -208,44 +205,47 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     count = list_counter(x.device)
 
     n_gate = triton.cdiv(F, cfg.gate_f)
-    _gate_kernel[(n_gate,)](x, w_gate, threshold, v, idx, count, u_acc, y_acc, B, D, F,
+    _gate_kernel[(n_gate,)](x, w_gate, s_gate, threshold, v, idx, count, u_acc, y_acc, B, D, F,
                             T_PER_ROW=threshold.numel() > 1, BLOCK_F=cfg.gate_f, BLOCK_D=cfg.gate_d,
                             ZBLOCK=triton.next_power_of_2(triton.cdiv(B * (F + D), n_gate)),
-                            DOT_F32=dot_f32, num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
+                            DOT_F32=dot_f32, INT8=int8, num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
     up_cols, down_cols = cfg.up_d * cfg.up_steps, cfg.down_d * cfg.down_steps
     n_up, n_down = triton.cdiv(D, up_cols), triton.cdiv(D, down_cols)  # column ranges
     _up_kernel[(n_up * triton.cdiv(F, cfg.up_r),)](
-        x, w_up, idx, count, u_acc, B, D, F, up_cols, n_up, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d, **common)
+        x, w_up, s_up, idx, count, u_acc, B, D, F, up_cols, n_up, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d, **common)
     _down_kernel[(n_down * triton.cdiv(F, cfg.down_r),)](
-        v, u_acc, idx, count, w_down_t, y_acc, B, D, F, down_cols, n_down,
+        x, v, u_acc, idx, count, w_down_t, s_down, y_acc, B, D, F, down_cols, n_down,
         BLOCK_R=cfg.down_r, BLOCK_D=cfg.down_d, **common)
     return y_acc if fp32_out or x.dtype == torch.float32 else y_acc.to(x.dtype)
 
 
 @torch.library.custom_op("catsgen::cats_mlp", mutates_args=())
 def _cats_mlp_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
-                 threshold: torch.Tensor) -> torch.Tensor:
+                 threshold: torch.Tensor, s_gate: Optional[torch.Tensor] = None,
+                 s_up: Optional[torch.Tensor] = None, s_down: Optional[torch.Tensor] = None) -> torch.Tensor:
     # Returns float32: the cast to x.dtype happens outside the op, where torch.compile fuses it
     # into the following residual add instead of launching one more kernel per layer.
+    scales = None if s_gate is None else (s_gate, s_up, s_down)
     if x.is_cuda:
-        return cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, fp32_out=True)
-    return cats_mlp_reference(x, w_gate, w_up, w_down_t, threshold).float()
+        return cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, fp32_out=True, scales=scales)
+    return cats_mlp_reference(x, w_gate, w_up, w_down_t, threshold, scales).float()
 
 
 @_cats_mlp_op.register_fake
-def _(x, w_gate, w_up, w_down_t, threshold):
+def _(x, w_gate, w_up, w_down_t, threshold, s_gate=None, s_up=None, s_down=None):
     return torch.empty_like(x, dtype=torch.float32)
 
 
-def cats_mlp(x, w_gate, w_up, w_down_t, threshold, use_triton: bool | None = None):
+def cats_mlp(x, w_gate, w_up, w_down_t, threshold, use_triton: bool | None = None, scales=None):
     """y [B, d] = W_down (CATS_t(SiLU(W_gate x)) * (W_up x)) in x.dtype (the contract: module docstring).
+    scales: None for float weights; (s_gate [f], s_up [f], s_down [d]) fp32 for int8 weights.
 
     use_triton: None (default) runs the custom op: Triton on CUDA, the torch reference elsewhere.
     True forces the Triton path (CPU tensors need TRITON_INTERPRET=1 set before triton is
     imported); False forces the reference.
     """
     if use_triton:
-        return cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold)
+        return cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, scales=scales)
     if use_triton is False:
-        return cats_mlp_reference(x, w_gate, w_up, w_down_t, threshold)
-    return torch.ops.catsgen.cats_mlp(x, w_gate, w_up, w_down_t, threshold).to(x.dtype)
+        return cats_mlp_reference(x, w_gate, w_up, w_down_t, threshold, scales)
+    return torch.ops.catsgen.cats_mlp(x, w_gate, w_up, w_down_t, threshold, *(scales or ())).to(x.dtype)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from catsgen.kernels import cats_mlp, cats_mlp_reference
+from helpers_kernels import SMALL, poisoned_scratch, rel_err, threshold  # noqa: F401 (poisoned_scratch: a fixture)
 
 # White-box: the kernel's module (tiles, scratch allocator, workspace), not the op of the same name.
 cm = importlib.import_module("catsgen.kernels.cats_mlp")
@@ -16,7 +17,6 @@ assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-SMALL = cm.Blocks(gate_f=16, gate_d=32, up_r=16, up_d=16, up_steps=2, down_r=16, down_d=16, down_steps=2)  # many steps, tails
 
 
 def _inputs(B, d, f, dtype, seed):
@@ -27,29 +27,6 @@ def _inputs(B, d, f, dtype, seed):
     return [t.to(DEV, dtype) for t in (x, w_gate, w_up, w_down_t)]
 
 
-def _threshold(x, w_gate, sparsity):
-    """Scalar threshold that zeroes a `sparsity` fraction of |SiLU(W_gate x)| (0: none, 1: all)."""
-    if sparsity == 0:
-        return torch.tensor(-1.0, device=x.device)
-    if sparsity == 1:
-        return torch.tensor(float("inf"), device=x.device)
-    v = torch.nn.functional.silu(x.float() @ w_gate.float().t()).abs().flatten().sort().values
-    k = round(sparsity * v.numel())
-    # halfway between two values, so rounding differences cannot flip the neuron at t
-    return ((v[k - 1] + v[k]) / 2).to(torch.float32)
-
-
-def _rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
-
-
-@pytest.fixture
-def poisoned_scratch(monkeypatch):
-    """Every scratch buffer the kernels get starts as NaN (float) or -1 (the int32 row list)."""
-    poison = lambda *a, dtype, **k: torch.full(a, float("nan") if dtype.is_floating_point else -1, dtype=dtype, **k)  # noqa: E731
-    monkeypatch.setattr(cm, "_empty", poison)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B", [1, 3, 8])
 @pytest.mark.parametrize("sparsity", [0, 0.5, 1])
@@ -57,7 +34,7 @@ def poisoned_scratch(monkeypatch):
 def test_triton_matches_reference(poisoned_scratch, dtype, B, sparsity, d, f, blocks):
     seed = int(torch.randint(2**31, ()))
     x, w_gate, w_up, w_down_t = _inputs(B, d, f, dtype, seed)
-    t = _threshold(x, w_gate, sparsity)
+    t = threshold(x, w_gate, sparsity)
     out = cm.cats_mlp_triton(x, w_gate, w_up, w_down_t, t, blocks=blocks)
     ref = cats_mlp_reference(x, w_gate, w_up, w_down_t, t)
     assert out.shape == (B, d) and out.dtype == dtype
@@ -65,7 +42,7 @@ def test_triton_matches_reference(poisoned_scratch, dtype, B, sparsity, d, f, bl
     if sparsity == 1:
         assert (out == 0).all()
     else:
-        assert _rel_err(out, ref) < TOL[dtype], f"seed {seed}"
+        assert rel_err(out, ref) < TOL[dtype], f"seed {seed}"
 
 
 @pytest.mark.parametrize("B", [1, 3])
@@ -73,7 +50,7 @@ def test_inactive_rows_are_never_read(B):
     """NaN in the up/down rows of neurons no token needs must not reach y: those rows are skipped."""
     d, f = 40, 96
     x, w_gate, w_up, w_down_t = _inputs(B, d, f, torch.float32, seed=B)
-    t = _threshold(x, w_gate, 0.6)
+    t = threshold(x, w_gate, 0.6)
     ref = cats_mlp_reference(x, w_gate, w_up, w_down_t, t)
     v = torch.nn.functional.silu(x @ w_gate.t())
     idle = ~(v.abs() > t).any(0)
@@ -81,7 +58,7 @@ def test_inactive_rows_are_never_read(B):
     w_up[idle], w_down_t[idle] = float("nan"), float("nan")
     for blocks in (None, SMALL):
         out = cm.cats_mlp_triton(x, w_gate, w_up, w_down_t, t, blocks=blocks)
-        assert _rel_err(out, ref) < 1e-5
+        assert rel_err(out, ref) < 1e-5
 
 
 def test_list_counter_is_left_at_zero():
@@ -90,19 +67,19 @@ def test_list_counter_is_left_at_zero():
     x, w_gate, w_up, w_down_t = _inputs(2, 40, 96, torch.float32, seed=5)
     outputs = []
     for sparsity in (0.3, 0.8, 0.3):
-        t = _threshold(x, w_gate, sparsity)
+        t = threshold(x, w_gate, sparsity)
         outputs.append(cm.cats_mlp_triton(x, w_gate, w_up, w_down_t, t, blocks=SMALL))
         assert cm.list_counter(x.device)[0].item() == 0
-        assert _rel_err(outputs[-1], cats_mlp_reference(x, w_gate, w_up, w_down_t, t)) < 1e-5
-    assert torch.equal(outputs[0], outputs[2]) or _rel_err(outputs[0], outputs[2]) < 1e-6
+        assert rel_err(outputs[-1], cats_mlp_reference(x, w_gate, w_up, w_down_t, t)) < 1e-5
+    assert torch.equal(outputs[0], outputs[2]) or rel_err(outputs[0], outputs[2]) < 1e-6
 
 
-def test_per_neuron_threshold():
+def test_per_neuronthreshold():
     d, f, B = 37, 67, 2
     x, w_gate, w_up, w_down_t = _inputs(B, d, f, torch.float32, seed=1)
     t = torch.rand(f, device=DEV) * 0.5
     out = cats_mlp(x, w_gate, w_up, w_down_t, t, use_triton=True)
-    assert _rel_err(out, cats_mlp_reference(x, w_gate, w_up, w_down_t, t)) < 1e-5
+    assert rel_err(out, cats_mlp_reference(x, w_gate, w_up, w_down_t, t)) < 1e-5
 
 
 def test_reference_is_masked_dense_mlp():
@@ -117,20 +94,20 @@ def test_reference_is_masked_dense_mlp():
         keep = (act.abs() > t).double()
         y[b] = torch.einsum("fd,f->d", w_down_t, keep * act * (w_up @ x[b]))
     ref = cats_mlp_reference(x.float(), w_gate.float(), w_up.float(), w_down_t.float(), torch.tensor(t))
-    assert _rel_err(ref, y) < 1e-5
+    assert rel_err(ref, y) < 1e-5
 
 
 def test_custom_op_under_torch_compile():
     """The custom op (reference on CPU, Triton on CUDA) inside a fullgraph-compiled step."""
     d, f, B = 37, 67, 1
     x, w_gate, w_up, w_down_t = _inputs(B, d, f, torch.float32, seed=3)
-    t = _threshold(x, w_gate, 0.5)
+    t = threshold(x, w_gate, 0.5)
     step = lambda x, t: x + cats_mlp(x * 2, w_gate, w_up, w_down_t, t)  # noqa: E731
     # aot_eager traces with fake tensors (what checks the registration) without inductor's C++ build
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     for _ in range(2):  # a second threshold value must not need a new graph
         out = compiled(x, t)
-        assert _rel_err(out, x + cats_mlp_reference(x * 2, w_gate, w_up, w_down_t, t)) < 1e-5
+        assert rel_err(out, x + cats_mlp_reference(x * 2, w_gate, w_up, w_down_t, t)) < 1e-5
         t = t * 0.5
     torch.library.opcheck(torch.ops.catsgen.cats_mlp.default, (x, w_gate, w_up, w_down_t, t))
 

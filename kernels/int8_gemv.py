@@ -1,0 +1,143 @@
+"""int8 weight-only GEMV for decode (B = 1..16 rows of x), as the custom op catsgen::int8_gemv
+(Triton on CUDA, the torch reference elsewhere; more rows, as in prefill, through cuBLAS).
+
+y [B, N] = x [B, K] @ (q [N, K] * scale [N, None]).T: q int8 per output channel (row), scale
+float32 (catsgen/quantize.py). For the dense projections (W_qkv, W_o) and any dense matrix.
+
+Batch-1 decoding is memory-bound, so the kernel is about reading q once, wide and coalesced: a
+program owns BLOCK_N whole rows (and, with split_k > 1, one of split_k ranges of columns) and
+walks along K in [BLOCK_N, BLOCK_K] int8 tiles (BLOCK_K contiguous bytes per row); each tile is
+converted to x's dtype in registers (exact: |q| <= 127) and multiplied on the tensor cores with
+x padded to 16 tokens (the CATS MLP kernels' tile helper, tiles.py), accumulating in fp32. The
+row scales multiply the accumulator once at the end. split_k > 1 writes fp32 partials
+[split_k, B, N] summed by torch (one more launch): for shapes with few rows; with N >= 4096 and
+BLOCK_N = 16 there are already 256+ programs, so the default is 1.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+
+    from .tiles import rows_times_x
+except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
+    triton = None
+
+__all__ = ["int8_gemv", "int8_gemv_reference", "int8_gemv_triton", "GemvBlocks", "pick_gemv_blocks", "MAX_ROWS"]
+
+
+MAX_ROWS = 16  # tokens are padded to 16 for tl.dot
+
+
+def int8_gemv_reference(x, q, scale):
+    """x [B, K] @ (q [N, K] * scale [N, None]).T in fp32, returned in x.dtype."""
+    return ((x.float() @ q.float().t()) * scale.float()).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class GemvBlocks:
+    """Tiles of the int8 GEMV (not tuned yet: scripts/gpu_int8.py --sweep).
+    block_n: rows per program (>= 16, a tl.dot operand; N=4096 gives 256 programs, 2 per SM);
+    block_k: int8 columns per step (512 bytes a row, 8 KB a tile); split_k: column ranges per
+    row block (> 1: fp32 partials summed by torch, one launch more); Triton's num_warps, num_stages;
+    fma_at_b1: with B = 1, multiply-add on the FMA units instead of a tl.dot with x padded to 16
+    tokens (which of the two is faster is for the GPU sweep to say)."""
+    block_n: int = 16
+    block_k: int = 512
+    split_k: int = 1
+    warps_and_stages: tuple[int, int] = (4, 4)
+    fma_at_b1: bool = False
+
+
+DEFAULT_GEMV_BLOCKS = GemvBlocks()
+TUNED_GEMV_BLOCKS: dict[tuple[int, int], GemvBlocks] = {}  # (N, K) -> tiles; scripts/gpu_int8.py --sweep fills it
+
+
+def pick_gemv_blocks(N: int, K: int) -> GemvBlocks:
+    return TUNED_GEMV_BLOCKS.get((N, K), DEFAULT_GEMV_BLOCKS)
+
+
+if triton is not None:
+    @triton.jit
+    def _int8_gemv_kernel(x_ptr, q_ptr, s_ptr, out_ptr, B, N, K, K_PER_SPLIT,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
+                          FMA: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        split = tl.program_id(1)
+        row_ok = rows < N
+        k_lo = split * K_PER_SPLIT
+        k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+        toks = tl.arange(0, 16)
+        if FMA:  # B = 1: one token, no tl.dot
+            acc1 = tl.zeros([BLOCK_N], tl.float32)
+            for k in range(k_lo, k_hi, BLOCK_K):
+                cols = k + tl.arange(0, BLOCK_K)
+                w = tl.load(q_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < k_hi)[None, :],
+                            other=0, eviction_policy="evict_first")
+                xv = tl.load(x_ptr + cols, mask=cols < k_hi, other=0.0).to(tl.float32)
+                acc1 += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+            acc = tl.where(toks[None, :] == 0, acc1[:, None], 0.0)  # [BLOCK_N, 16], token 0 only
+        else:
+            acc = rows_times_x(q_ptr, x_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N, BLOCK_K, DOT_F32)
+        acc = acc * tl.load(s_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        tl.store(out_ptr + split * B * N + toks[None, :] * N + rows[:, None], acc.to(out_ptr.dtype.element_ty),
+                 mask=(toks < B)[None, :] & row_ok[:, None])
+
+
+def int8_gemv_triton(x, q, scale, blocks: GemvBlocks | None = None):
+    """The Triton path (same contract as int8_gemv_reference). On CPU tensors it needs
+    TRITON_INTERPRET=1 set before triton was imported."""
+    B, K = x.shape
+    N = q.shape[0]
+    assert 1 <= B <= MAX_ROWS, "decode kernel: tokens are padded to 16"
+    assert q.shape == (N, K) and q.dtype == torch.int8 and q.is_contiguous()
+    assert scale.shape == (N,) and scale.dtype == torch.float32
+    x = x.contiguous()
+    blocks = blocks or pick_gemv_blocks(N, K)
+    split_k = max(1, min(blocks.split_k, triton.cdiv(K, blocks.block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), blocks.block_k) * blocks.block_k
+    split_k = triton.cdiv(K, k_per_split)  # no empty split
+    # split_k > 1: fp32 partials [split_k, B, N]; else y itself (not a view: the op returns it)
+    shape, dtype = ((B, N), x.dtype) if split_k == 1 else ((split_k, B, N), torch.float32)
+    out = torch.empty(shape, device=x.device, dtype=dtype)
+    _int8_gemv_kernel[(triton.cdiv(N, blocks.block_n), split_k)](
+        x, q, scale, out, B, N, K, k_per_split, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
+        DOT_F32=x.dtype == torch.float32 or not x.is_cuda, FMA=blocks.fma_at_b1 and B == 1,
+        num_warps=blocks.warps_and_stages[0],
+        num_stages=blocks.warps_and_stages[1])
+    return out if split_k == 1 else out.sum(0).to(x.dtype)
+
+
+@torch.library.custom_op("catsgen::int8_gemv", mutates_args=())
+def _int8_gemv_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if x.is_cuda and x.shape[0] <= MAX_ROWS:
+        return int8_gemv_triton(x, q, scale)
+    if x.is_cuda:  # prefill: many tokens, compute-bound; cuBLAS on a transient x.dtype copy of q
+        return (F.linear(x, q.to(x.dtype)) * scale).to(x.dtype)
+    return int8_gemv_reference(x, q, scale)
+
+
+@_int8_gemv_op.register_fake
+def _(x, q, scale):
+    return x.new_empty(x.shape[0], q.shape[0])
+
+
+def int8_gemv(x, q, scale, use_triton: bool | None = None):
+    """y [..., N] = x [..., K] @ (q [N, K] * scale [N, None]).T in x.dtype (fp32 accumulation).
+    The Triton kernel takes up to MAX_ROWS rows of x (decode); the op runs more (prefill) through
+    cuBLAS on CUDA.
+
+    use_triton: None (default) runs the custom op: Triton on CUDA, the reference elsewhere.
+    True forces the Triton path (CPU tensors need TRITON_INTERPRET=1 set before triton is
+    imported); False forces the reference."""
+    rows = x.reshape(-1, x.shape[-1])
+    if use_triton:
+        y = int8_gemv_triton(rows, q, scale)
+    elif use_triton is False:
+        y = int8_gemv_reference(rows, q, scale)
+    else:
+        y = torch.ops.catsgen.int8_gemv(rows, q, scale)
+    return y.reshape(*x.shape[:-1], q.shape[0])
