@@ -19,6 +19,7 @@ from catsgen.config import ModelConfig, preset
 from catsgen.errors import UserError
 from catsgen.parallel import ShardPlan
 from conftest import ROOT, VOCAB
+from helpers_cats import run_main
 from helpers_gguf import smollm2_converted, smollm2_gguf  # noqa: F401  (session fixtures)
 from helpers_parallel import measure, worker
 
@@ -106,15 +107,14 @@ def torchrun(n, *args):
                           cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
-def test_torchrun_generate_on_smollm2(smollm2_converted):  # noqa: F811
+def test_torchrun_generate_on_smollm2(smollm2_converted, capsys):  # noqa: F811
     args = ("--checkpoint", smollm2_converted, "--prompt", "The capital of France is",
             "--max-new-tokens", 10, "--device", "cpu", "--dtype", "float32", "--max-seq-len", 64)
-    single = subprocess.run([sys.executable, "generate.py", *map(str, args)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=TIMEOUT_S)
-    assert single.returncode == 0, single.stderr
+    code, single, _ = run_main(capsys, "generate", *args)
+    assert code == 0 and len(single.split()) > 3
     three = torchrun(3, *args)
     assert three.returncode == 0, three.stderr
-    assert three.stdout == single.stdout  # rank 0 alone streams, and the same tokens
+    assert three.stdout == single  # rank 0 alone streams, and the same tokens
     assert three.stderr.count("tok/s]") == 1  # one summary line
     two = torchrun(2, *args)
     assert two.returncode != 0
