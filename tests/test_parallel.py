@@ -5,12 +5,14 @@ neuron), on small random Llama and Mistral checkpoints; torchrun runs the CLI on
 
 import json
 import multiprocessing
+import shutil
 import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from catsgen.bench import weight_bytes_per_token
 from catsgen.cats import ActivationSample, recording
@@ -138,3 +140,34 @@ def test_torchrun_bench_reports_the_all_reduce(tmp_path):
     per_gpu = weight_bytes_per_token(tiny, 4, 1.0, ShardPlan.make(tiny, 0, 2))
     assert report["rows"][0]["weight_bytes_per_token"] == per_gpu
     assert run.stdout.count("tensor parallel over 2 ranks") == 1
+
+
+def test_a_rank_loads_its_slices_of_every_split_tensor(checkpoints):
+    # Loading needs no process group: rank 1 of 2 read alone, against the whole model's slices.
+    directory = checkpoints["gqa"][0]
+    whole = load_model(directory, dtype=torch.float32)
+    plan = ShardPlan.make(whole.config, 1, 2)
+    part = load_model(directory, dtype=torch.float32, plan=plan)
+    hd, c = plan.head_dim, whole.config
+    q, kv = c.n_heads * hd, c.n_kv_heads * hd
+    for mine, theirs in zip(part.layers, whole.layers):
+        wqkv = theirs.attention.wqkv.weight
+        q_rows, k_rows, v_rows = wqkv[q // 2:q], wqkv[q + kv // 2:q + kv], wqkv[q + kv + kv // 2:]
+        assert torch.equal(mine.attention.wqkv.weight, torch.cat([q_rows, k_rows, v_rows]))
+        assert torch.equal(mine.attention.wo.weight, theirs.attention.wo.weight[:, q // 2:])
+        f = c.intermediate_size // 2
+        for name in ("w_gate", "w_up", "w_down_t"):
+            assert torch.equal(getattr(mine.feed_forward, name), getattr(theirs.feed_forward, name)[f:])
+    assert torch.equal(part.output.weight, whole.output.weight)  # replicated
+
+
+def test_a_split_tensor_of_the_wrong_size_is_named(checkpoints, tmp_path):
+    directory = tmp_path / "ck"
+    shutil.copytree(checkpoints["gqa"][0], directory)
+    path = directory / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(98, 64)  # 96 neurons in config.json
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    config = ModelConfig.from_checkpoint(directory)
+    with pytest.raises(UserError, match=r"up_proj.weight has shape \(98, 64\), expected dimension 0 of 96"):
+        load_model(directory, dtype=torch.float32, plan=ShardPlan.make(config, 0, 2))
