@@ -201,6 +201,16 @@ def _nothing():
     return None
 
 
+def sum_over_ranks(values: list) -> list[float]:
+    """Element-wise sums over the ranks (counts each rank made over its own neurons)."""
+    if not distributed():
+        return values
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    summed = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(summed)
+    return summed.tolist()
+
+
 def time_all_reduce(shape, dtype, device, iters: int = 200) -> float:
     """Seconds per all-reduce of one tensor of this shape (0 on one rank), timed alone in a loop;
     on CUDA replayed from a CUDA graph, as the compiled decode step runs it."""

@@ -14,9 +14,10 @@ MAX_SEQ_LEN = 64
 
 @torch.no_grad()
 def measure(model, prompt: list[int], thresholds: dict) -> dict:
-    """label -> (logits of a plain forward over the prompt, greedy tokens through the KV cache),
-    dense (None) and with each set of CATS thresholds (a list per layer: floats or [F] vectors)."""
-    from catsgen.cats import set_dense, set_thresholds
+    """label -> (logits of a plain forward over the prompt, greedy tokens through the KV cache,
+    the measured sparsity per layer (CATS only)), dense (None) and with each set of CATS
+    thresholds (a list per layer: floats or [F] vectors)."""
+    from catsgen.cats import SparsityCounter, measure_sparsity, set_dense, set_thresholds
     from catsgen.generate import generate
     model.setup_caches(1, MAX_SEQ_LEN)
     results = {}
@@ -25,8 +26,12 @@ def measure(model, prompt: list[int], thresholds: dict) -> dict:
             set_dense(model)
         else:
             set_thresholds(model, per_layer)
-        logits = model(torch.tensor([prompt]))
-        results[label] = (logits, generate(model, prompt, NEW_TOKENS).tokens[0])
+        idx = torch.tensor([prompt])
+        logits = model(idx)
+        sparsity = None
+        if per_layer is not None:
+            sparsity = measure_sparsity(model, idx, SparsityCounter(model.config.n_layers, 0.5)).per_layer()
+        results[label] = (logits, generate(model, prompt, NEW_TOKENS).tokens[0], sparsity)
     return results
 
 

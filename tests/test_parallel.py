@@ -65,10 +65,11 @@ def test_sharded_equals_single_process(checkpoints, tmp_path):
     sharded = torch.load(out)
     for name in CASES:
         dense_logits = reference[name]["dense"][0]
-        for label, (logits, tokens) in reference[name].items():
-            got_logits, got_tokens = sharded[name][label]
+        for label, (logits, tokens, sparsity) in reference[name].items():
+            got_logits, got_tokens, got_sparsity = sharded[name][label]
             assert torch.allclose(got_logits, logits, rtol=1e-4, atol=1e-4), (name, label)
             assert got_tokens == tokens, (name, label)
+            assert got_sparsity == (sparsity and pytest.approx(sparsity, abs=1e-9)), (name, label)  # all ranks
             if label != "dense":  # CATS really changed the model, so a wrong slice would show
                 assert not torch.allclose(logits, dense_logits, atol=1e-3), (name, label)
     assert sharded["agree_error"] == "rank 1: only here"
