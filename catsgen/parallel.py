@@ -127,11 +127,11 @@ def init(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
         return device
     on_cuda = torch.device(device).type == "cuda"
     if on_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if local >= torch.cuda.device_count():
-            raise UserError(f"rank {rank()} needs GPU {local} but only {torch.cuda.device_count()} are "
-                            f"visible: use --nproc-per-node <= {torch.cuda.device_count()}")
-        device = f"cuda:{local}"
+        per_host, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world_size())), torch.cuda.device_count()
+        if per_host > gpus:  # the same test on every rank: they all stop, rank 0 says why
+            raise UserError(f"{per_host} ranks on this host but {gpus} GPUs visible: "
+                            f"use --nproc-per-node <= {gpus}")
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if on_cuda else "gloo",

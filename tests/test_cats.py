@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from catsgen import cats
 from catsgen.checkpoint import load_model
 from catsgen.model import DenseSiLU
+from catsgen.parallel import ShardPlan
 from helpers_cats import calibrate_quietly, run_main
 
 D, FF = 48, 80
@@ -51,7 +52,7 @@ def test_threshold_update_is_in_place():
     act = cats.CATS(0, 0.1)
     buffer = act.threshold
     assert buffer.dtype == torch.float32 and buffer.dim() == 0
-    model = type("M", (), {"mlps": [type("MLP", (), {"activation": act})()],
+    model = type("M", (), {"mlps": [type("MLP", (), {"activation": act})()], "plan": ShardPlan(0, 1, 1, 1, 1, 1),
                            "output": type("O", (), {"weight": torch.zeros(1)})()})()
     cats.set_thresholds(model, [0.25])
     assert model.mlps[0].activation is act and act.threshold is buffer and float(buffer) == 0.25
