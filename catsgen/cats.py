@@ -141,9 +141,8 @@ def measure_sparsity(model: Transformer, idx: torch.Tensor, counter: SparsityCou
     """One plain forward (no KV cache) over idx [B, T], counting; kept out of the decode hot path."""
     with counting(model, counter):
         model(idx.to(model.output.weight.device))
-    from catsgen.parallel import sum_over_ranks  # tensor parallel: each rank counted its neurons
-    counter.zeroed, counter.total = sum_over_ranks(counter.zeroed), sum_over_ranks(counter.total)
-    return counter
+    from catsgen.parallel import merge_counts
+    return merge_counts(counter)  # tensor parallel: each rank counted its own neurons
 
 
 def measure_generation_sparsity(model: Transformer, prompt: list[int], new: list[int],

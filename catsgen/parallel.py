@@ -211,6 +211,12 @@ def sum_over_ranks(values: list) -> list[float]:
     return summed.tolist()
 
 
+def merge_counts(counter):
+    """A SparsityCounter that each rank filled over its own neurons, made the whole model's."""
+    counter.zeroed, counter.total = sum_over_ranks(counter.zeroed), sum_over_ranks(counter.total)
+    return counter
+
+
 def time_all_reduce(shape, dtype, device, iters: int = 200) -> float:
     """Seconds per all-reduce of one tensor of this shape (0 on one rank), timed alone in a loop;
     on CUDA replayed from a CUDA graph, as the compiled decode step runs it."""

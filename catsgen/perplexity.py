@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -57,7 +58,7 @@ def run_perplexity(checkpoint: Path, texts: list[Path] | None, sparsities: list[
                    seq_len: int = DEFAULT_SEQ_LEN, device="cpu", dtype: torch.dtype | None = None,
                    log: Callable[[str], None] = print, allocations: list[str | None] = (None,)) -> dict:
     """Dense, then every (allocation, sparsity) pair; allocation None = the file's best."""
-    from catsgen.parallel import load_shard
+    from catsgen.parallel import is_main, load_shard, merge_counts
     from catsgen.tokenizer import Tokenizer
     levels = sparsity_levels(sparsities)
     for a in allocations:
@@ -79,12 +80,14 @@ def run_perplexity(checkpoint: Path, texts: list[Path] | None, sparsities: list[
         chosen = dict.fromkeys(resolve_allocation(table, a) for a in allocations)
         runs += [(a, s) for a in chosen for s in levels[1:]]
     rows = []
+    stream = None if is_main() else open(os.devnull, "w")  # under torchrun rank 0 alone draws progress
     for allocation, s in runs:
         set_sparsity(model, table, s, allocation)
-        progress = Progress(f"sparsity {s:.2f} {allocation}", total)
+        progress = Progress(f"sparsity {s:.2f} {allocation}", total, stream=stream)
         counter = SparsityCounter(model.config.n_layers, s)
         with counting(model, counter):
             ppl, scored = perplexity(model, token_windows, progress)
+        merge_counts(counter)  # tensor parallel: each rank counted its own neurons
         progress.close()
         # The dense pass masks nothing: its actual sparsity is 0 by definition.
         rows.append({"sparsity": s, "allocation": allocation, "perplexity": ppl,

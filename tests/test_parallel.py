@@ -21,7 +21,7 @@ from catsgen.config import ModelConfig, preset
 from catsgen.errors import UserError
 from catsgen.parallel import ShardPlan
 from conftest import ROOT, VOCAB
-from helpers_cats import run_main
+from helpers_cats import calibrate_quietly, run_main
 from helpers_gguf import smollm2_converted, smollm2_gguf  # noqa: F401  (session fixtures)
 from helpers_parallel import measure, worker
 
@@ -105,8 +105,9 @@ def test_llama_2_70b_preset_shards_over_8():
 
 
 def torchrun(n, *args):
+    """torchrun on n CPU ranks: `torchrun --nproc-per-node n ARGS` (a script, or -m module)."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
-                           "--master-port", str(free_port()), "generate.py", *map(str, args)],
+                           "--master-port", str(free_port()), *map(str, args)],
                           cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
@@ -115,23 +116,38 @@ def test_torchrun_generate_on_smollm2(smollm2_converted, capsys):  # noqa: F811
             "--max-new-tokens", 10, "--device", "cpu", "--dtype", "float32", "--max-seq-len", 64)
     code, single, _ = run_main(capsys, "generate", *args)
     assert code == 0 and len(single.split()) > 3
-    three = torchrun(3, *args)
+    three = torchrun(3, "generate.py", *args)
     assert three.returncode == 0, three.stderr
     assert three.stdout == single  # rank 0 alone streams, and the same tokens
     assert three.stderr.count("tok/s]") == 1  # one summary line
-    two = torchrun(2, *args)
+    two = torchrun(2, "generate.py", *args)
     assert two.returncode != 0
     errors = [line for line in two.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: cannot shard over 2 ranks: num_key_value_heads (3) and intermediate_size (1536) "
                       "must both be divisible by it (ranks that work: 1, 3)"]
 
 
+def test_torchrun_perplexity_equals_one_process(checkpoints, tmp_path, capsys):
+    thresholds = tmp_path / "thresholds.json"
+    calibrate_quietly(checkpoints["gqa"][0], thresholds, tokens=256, seq_len=64)
+    args = ("perplexity", "--checkpoint", checkpoints["gqa"][0], "--max-tokens", 200, "--seq-len", 50,
+            "--device", "cpu", "--sparsity", 0, 0.5, "--thresholds", thresholds, "--json")
+    code, single, _ = run_main(capsys, *args)
+    assert code == 0
+    two = torchrun(2, "-m", "catsgen.cli", *args)
+    assert two.returncode == 0, two.stderr
+    ours, theirs = json.loads(two.stdout)["rows"], json.loads(single)["rows"]  # one JSON: rank 0's
+    assert [r["perplexity"] for r in ours] == pytest.approx([r["perplexity"] for r in theirs], rel=1e-5)
+    # The measured sparsity counts every rank's neurons (> 0.4: the thresholds zero about half).
+    assert [r["actual_sparsity"] for r in ours] == [r["actual_sparsity"] for r in theirs]
+    assert ours[1]["actual_sparsity"] > 0.4
+    assert two.stderr.count("sparsity 0.50 uniform [##############################]") == 1
+
+
 def test_torchrun_bench_reports_the_all_reduce(tmp_path):
     out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          str(free_port()), "bench.py", "--preset", "tiny", "--device", "cpu", "--new-tokens", "4",
-                          "--repeats", "1", "--prompt-len", "8", "--sparsity", "0", "0.5", "--json", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    run = torchrun(2, "bench.py", "--preset", "tiny", "--device", "cpu", "--new-tokens", 4, "--repeats", 1,
+                   "--prompt-len", 8, "--sparsity", 0, 0.5, "--json", out)
     assert run.returncode == 0, run.stderr
     report = json.loads(out.read_text())
     assert report["tensor_parallel"]["ranks"] == 2 and report["tensor_parallel"]["all_reduce_us"] > 0
