@@ -19,15 +19,19 @@ from catsgen.generate import SamplingParams, generate, make_decode_step
 from catsgen.model import Transformer
 from catsgen.settings import BenchSettings
 from catsgen.thresholds import ThresholdsTable, check_sparsity, load_thresholds, resolve_allocation
+from catsgen.parallel import ShardPlan, is_main, time_all_reduce
 
 logger = logging.getLogger(__name__)
 
 
-def weight_bytes_per_token(config: ModelConfig, element_bytes: int, mlp_active_fraction: float = 1.0) -> int:
-    """Bytes of weights one decode step must read: every matrix once, one embedding row, and
-    of W_up / W_down only the rows of active neurons (W_gate is always read whole)."""
-    d, f = config.dim, config.intermediate_size
-    attention = config.qkv_dim * d + config.n_heads * config.head_dim * d
+def weight_bytes_per_token(config: ModelConfig, element_bytes: int, mlp_active_fraction: float = 1.0,
+                           plan: ShardPlan | None = None) -> int:
+    """Bytes of weights one decode step must read (on each GPU, under a tensor-parallel plan):
+    every matrix once, one embedding row, and of W_up / W_down only the rows of active neurons
+    (W_gate is always read whole)."""
+    plan = plan or ShardPlan.make(config)
+    d, f = config.dim, plan.neurons
+    attention = (2 * plan.q_size + 2 * plan.kv_size) * d
     mlp = f * d + 2 * f * d * mlp_active_fraction
     norms = 2 * d
     per_layer = attention + mlp + norms
@@ -35,21 +39,23 @@ def weight_bytes_per_token(config: ModelConfig, element_bytes: int, mlp_active_f
     return int(round(total * element_bytes))
 
 
-def byte_ratio_limit(config: ModelConfig, sparsity: float) -> float:
+def byte_ratio_limit(config: ModelConfig, sparsity: float, plan: ShardPlan | None = None) -> float:
     """The most a decode step can speed up at this sparsity if time were bytes read."""
-    return weight_bytes_per_token(config, 2, 1.0) / weight_bytes_per_token(config, 2, 1.0 - sparsity)
+    return weight_bytes_per_token(config, 2, 1.0, plan) / weight_bytes_per_token(config, 2, 1.0 - sparsity, plan)
 
 
 def build_model(settings: BenchSettings, checkpoint, preset) -> Transformer:
-    from catsgen.checkpoint import load_model, random_model
+    from catsgen.checkpoint import random_model
     from catsgen.config import preset as preset_config
+    from catsgen.parallel import load_shard, plan_for
     start = time.perf_counter()
     if preset is not None:
         logger.info(f"building {preset} with random weights on {settings.device} ...")
-        model = random_model(preset_config(preset), settings.device, settings.torch_dtype() or torch.bfloat16)
+        config = preset_config(preset)
+        model = random_model(config, settings.device, settings.torch_dtype() or torch.bfloat16, plan=plan_for(config))
     else:
         logger.info(f"loading {checkpoint} ...")
-        model = load_model(checkpoint, settings.device, settings.torch_dtype())
+        model = load_shard(checkpoint, settings.device, settings.torch_dtype())
     model.setup_caches(settings.batch_size, settings.max_seq_len)
     logger.info(f"model ready in {time.perf_counter() - start:.1f} s")
     return model
@@ -107,6 +113,8 @@ def run_bench(settings: BenchSettings, checkpoint=None, preset=None, json_path: 
     allocation = resolve_allocation(table, settings.allocation) if table is not None else None
     step = make_decode_step(settings.compile, settings.device)
     element_bytes = model.output.weight.element_size()
+    # Under torchrun: one all-reduce of a block's output [B, 1, dim], alone in a loop (2 per layer).
+    all_reduce_s = time_all_reduce((settings.batch_size, 1, config.dim), model.output.weight.dtype, settings.device)
     rows = []
     for s in sparsities:
         measured = 0.0
@@ -116,18 +124,20 @@ def run_bench(settings: BenchSettings, checkpoint=None, preset=None, json_path: 
         elif table is not None:
             cats.set_dense(model)
         row = bench_one_sparsity(model, prompt, settings, step, s)
-        bytes_read = weight_bytes_per_token(config, element_bytes, 1.0 - measured)
+        bytes_read = weight_bytes_per_token(config, element_bytes, 1.0 - measured, model.plan)
         row.update(measured_sparsity=measured, weight_bytes_per_token=bytes_read,
                    achieved_gb_per_s=bytes_read / (row["decode_ms_per_token_median"] * 1e-3) / 1e9,
-                   byte_ratio_limit=byte_ratio_limit(config, measured))
+                   byte_ratio_limit=byte_ratio_limit(config, measured, model.plan),
+                   all_reduce_share=2 * config.n_layers * all_reduce_s / (row["decode_ms_per_token_median"] * 1e-3))
         rows.append(row)
     dense_ms = rows[0]["decode_ms_per_token_median"]
     for row in rows:
         row["speedup_vs_dense"] = dense_ms / row["decode_ms_per_token_median"]
     report = {"environment": environment(settings.device), "settings": _settings_dict(settings), "allocation": allocation,
-              "model": {"source": preset or str(checkpoint), **_shape_dict(config)}, "rows": rows}
+              "model": {"source": preset or str(checkpoint), **_shape_dict(config)}, "rows": rows,
+              "tensor_parallel": {"ranks": model.plan.world, "all_reduce_us": all_reduce_s * 1e6}}
     print(format_table(report))
-    if json_path is not None:
+    if json_path is not None and is_main():
         write_json_atomically(json_path, report, indent=2)
         logger.info(f"wrote {json_path}")
     return report
@@ -172,4 +182,9 @@ def format_table(report: dict) -> str:
                      f"{r['decode_ms_per_token_median']:>8.3f} {spread:>15} {r['tokens_per_s']:>8.1f} "
                      f"{r['achieved_gb_per_s']:>7.1f} {r['speedup_vs_dense']:>7.2f}x "
                      f"{r['byte_ratio_limit']:>5.2f}x {r['prefill_ms_median']:>10.1f} {r['compile_warmup_s']:>9.1f}")
+    tp = report.get("tensor_parallel", {})
+    if tp.get("ranks", 1) > 1:
+        shares = ", ".join(f"{r['sparsity']:.2f}: {r['all_reduce_share']:.1%}" for r in report["rows"])
+        lines.append(f"tensor parallel over {tp['ranks']} ranks (GB/s and limit are per GPU): all-reduce "
+                     f"{tp['all_reduce_us']:.1f} us alone, 2 per layer; share of a token ({shares})")
     return "\n".join(lines)

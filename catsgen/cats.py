@@ -53,7 +53,7 @@ def set_thresholds(model: Transformer, threshold_vectors: list[float] | list[tor
     neuron), or update the thresholds in place where a CATS of that shape already is."""
     device = model.output.weight.device
     for i, (mlp, t) in enumerate(zip(model.mlps, threshold_vectors, strict=True)):
-        t = torch.as_tensor(t, dtype=torch.float32)
+        t = model.plan.local_thresholds(torch.as_tensor(t, dtype=torch.float32))  # this rank's neurons
         if isinstance(mlp.activation, CATS) and mlp.activation.threshold.shape == t.shape:
             mlp.activation.threshold.copy_(t)
         else:
@@ -121,7 +121,8 @@ def measure_sparsity(model: Transformer, idx: torch.Tensor, counter: SparsityCou
     """One plain forward (no KV cache) over idx [B, T], counting; kept out of the decode hot path."""
     with counting(model, counter):
         model(idx.to(model.output.weight.device))
-    return counter
+    from catsgen.parallel import merge_counts
+    return merge_counts(counter)  # tensor parallel: each rank counted its own neurons
 
 
 def measure_generation_sparsity(model: Transformer, prompt: list[int], new: list[int],

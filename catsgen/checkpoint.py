@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from catsgen.config import ModelConfig, read_json_object
 from catsgen.errors import UserError
 from catsgen.model import Transformer
+from catsgen.parallel import ShardPlan
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # safetensors header dtype -> name: the weight dtypes a checkpoint may hold (any other is a relabelling).
@@ -122,9 +123,10 @@ def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 class _TensorReader:
     """Reads tensors by HF name from whichever file holds them, opening each file once."""
 
-    def __init__(self, files: dict[str, Path]):
+    def __init__(self, files: dict[str, Path], plan: ShardPlan | None = None):
         self.files = files
         self.handles = {}
+        self.plan = plan
 
     def _handle(self, name: str):
         file = self.files[name]
@@ -133,8 +135,13 @@ class _TensorReader:
         return self.handles[file]
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor, or under tensor parallelism only this rank's slice of it (read alone)."""
+        m = _LAYER.fullmatch(name)
+        split = self.plan.split(m.group(2)) if self.plan is not None and m else None
         try:
-            return self._handle(name).get_tensor(name)
+            if split is None:
+                return self._handle(name).get_tensor(name)
+            return _read_slice(self._handle(name).get_slice(name), split, self.files[name], name, self.plan.world)
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{self.files[name]}: tensor {name} cannot be read ({e})") from None
 
@@ -153,20 +160,32 @@ class _TensorReader:
                             f"expected {expected_shape} from config.json")
 
 
+def _read_slice(tensor_slice, split, file, name, world) -> torch.Tensor:
+    """Rows or columns start:stop of a tensor, reading only those bytes. The slice's shape is
+    checked later like a whole tensor's; here the whole length along the split dimension."""
+    dim, start, stop = split
+    shape = tensor_slice.get_shape()
+    if len(shape) != 2 or shape[dim] != world * (stop - start):
+        raise UserError(f"{file}: tensor {name} has shape {tuple(shape)}, expected dimension {dim} of "
+                        f"{world * (stop - start)} from config.json")
+    return tensor_slice[start:stop] if dim == 0 else tensor_slice[:, start:stop]
+
+
 def load_model(checkpoint_dir: str | Path, device="cpu", dtype: torch.dtype | None = None,
-               config: ModelConfig | None = None) -> Transformer:
+               config: ModelConfig | None = None, plan: ShardPlan | None = None) -> Transformer:
     """Build the Transformer on the meta device and fill it tensor by tensor, so that peak
-    memory is one model (plus one tensor), not two."""
+    memory is one model (plus one tensor), not two. plan: load only this rank's slices
+    (tensor parallelism, catsgen/parallel.py)."""
     checkpoint_dir = Path(checkpoint_dir)
     config = config or ModelConfig.from_checkpoint(checkpoint_dir)
     dtype = dtype or DTYPES.get(config.torch_dtype, torch.bfloat16)
     files = checkpoint_files(checkpoint_dir)
     shapes = _check_names(config, files, checkpoint_dir)
-    reader = _TensorReader(files)
+    reader = _TensorReader(files, plan)
     for name, shape in shapes.items():
         reader.check_header(name, shape)
     with torch.device("meta"):
-        model = Transformer(config)
+        model = Transformer(config, plan)
 
     def place(tensor, source):
         converted = tensor.to(device=device, dtype=dtype)
@@ -222,10 +241,17 @@ def _check_names(config: ModelConfig, files: dict[str, Path], checkpoint_dir: Pa
     return expected
 
 
-def random_model(config: ModelConfig, device="cpu", dtype=torch.bfloat16, seed: int = 0) -> Transformer:
-    """A model with random weights at a real shape, built directly on the device (benchmarks)."""
-    with torch.device(device):
-        model = Transformer(config).to(dtype)
+def random_model(config: ModelConfig, device="cpu", dtype=torch.bfloat16, seed: int = 0,
+                 plan: ShardPlan | None = None) -> Transformer:
+    """A model with random weights at a real shape, built directly on the device (benchmarks).
+    Under a plan every rank has the same shapes, hence the same random stream: the replicated
+    weights (embeddings, norms, head) agree across ranks. Made on the meta device and then
+    allocated in `dtype`: never a float32 copy (a 70B shard in float32 would not fit)."""
+    with torch.device("meta"):
+        model = Transformer(config, plan)
+    model = model.to(dtype).to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

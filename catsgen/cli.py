@@ -4,6 +4,7 @@ one settings object per command (catsgen/settings.py) validated here, messages t
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -61,7 +62,11 @@ def settings_from(cls: type[S], options: dict) -> S:
     with device, dtype (and compile) resolved for this machine."""
     settings = cls(**{f.name: options[f.name] for f in fields(cls) if f.name in options})
     settings.validate()
-    settings.device = resolve_device(settings.device)
+    from catsgen import parallel
+    if isinstance(settings, CalibrateSettings) and parallel.world_size() > 1:
+        raise UserError("calibrate runs in one process (thresholds are quantiles over all neurons): "
+                        "run it without torchrun")
+    settings.device = parallel.init(resolve_device(settings.device))  # torchrun: join the ranks
     settings.dtype = resolve_dtype(settings.dtype, settings.device)
     if hasattr(settings, "compile"):
         settings.compile = resolve_compile(settings.compile, settings.device)
@@ -70,9 +75,14 @@ def settings_from(cls: type[S], options: dict) -> S:
 
 def resolve_checkpoint(checkpoint: Optional[Path], sparsities=(), thresholds_path: Optional[Path] = None) -> Path:
     """The given directory, or the default model: converted, and calibrated when CATS is asked
-    for (a sparsity above 0) with no thresholds file given."""
+    for (a sparsity above 0) with no thresholds file given (under torchrun by rank 0 first)."""
     if checkpoint is not None:
         return checkpoint
+    from catsgen.parallel import first_on_rank0
+    return first_on_rank0(_default_checkpoint, sparsities, thresholds_path)
+
+
+def _default_checkpoint(sparsities, thresholds_path: Optional[Path]) -> Path:
     from catsgen.default_model import default_checkpoint, ensure_thresholds
     directory = default_checkpoint()
     if thresholds_path is None and any(s > 0 for s in sparsities):
@@ -128,7 +138,7 @@ def convert(
 def bench(
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint directory (uses its thresholds file). "
                                               "Default: the SmolLM2 demo model unless --preset is given."),
-    preset: Optional[str] = typer.Option(None, help="Random weights at a real shape: llama-2-7b, mistral-7b, "
+    preset: Optional[str] = typer.Option(None, help="Random weights at a real shape: llama-2-7b, llama-2-70b (torchrun), mistral-7b, "
                                          "llama-3-8b or tiny (no checkpoint needed)."),
     sparsities: List[float] = typer.Option(B.sparsities, "--sparsity", help="Sparsities to time (several after "
                                            "one flag, or repeat it); 0 = dense, always timed first as the baseline."),
@@ -273,7 +283,7 @@ def main(argv: Optional[List[str]] = None, prog_name: Optional[str] = None, comm
     try:
         app(args=args, prog_name=prog_name or "catsgen", standalone_mode=True)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        log(f"error: {e}")  # rank 0 only: every rank raised it (or learnt it from parallel.agree)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -231,6 +231,10 @@ PRESETS: dict[str, ModelConfig] = {
     "llama-2-7b": ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
                               intermediate_size=11008, vocab_size=32000, rms_norm_eps=1e-5,
                               max_position_embeddings=4096, bos_token_id=1, eos_token_ids=(2,)),
+    # 138 GB in bf16: more than one GPU (tensor parallelism, catsgen/parallel.py); N in 1, 2, 4, 8.
+    "llama-2-70b": ModelConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                               intermediate_size=28672, vocab_size=32000, rms_norm_eps=1e-5,
+                               max_position_embeddings=4096, bos_token_id=1, eos_token_ids=(2,)),
     "mistral-7b": ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                               intermediate_size=14336, vocab_size=32000, rms_norm_eps=1e-5,
                               max_position_embeddings=32768, sliding_window=4096,

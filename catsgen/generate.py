@@ -143,12 +143,12 @@ def _cut_after_eos(tokens: list[int], eos_ids) -> list[int]:
 
 def load_for_generation(checkpoint, device, dtype, batch_size: int, max_seq_len: int):
     """Model with caches set up, plus its tokenizer."""
-    from catsgen.checkpoint import load_model
     from catsgen.config import ModelConfig
+    from catsgen.parallel import load_shard
     from catsgen.tokenizer import Tokenizer
-    config = ModelConfig.from_checkpoint(checkpoint)  # first: it names a bad directory best
+    ModelConfig.from_checkpoint(checkpoint)  # first: it names a bad directory best
     tokenizer = Tokenizer(checkpoint)
-    model = load_model(checkpoint, device=device, dtype=dtype, config=config)
+    model = load_shard(checkpoint, device, dtype)  # under torchrun: this rank's slices only
     model.setup_caches(batch_size, max_seq_len)
     return model, tokenizer
 

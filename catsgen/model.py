@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from catsgen.config import ModelConfig
 from catsgen.errors import UserError
 from catsgen.kernels import decode_attention, prepare_workspaces
+from catsgen.parallel import ShardPlan
 
 
 class KVCache(nn.Module):
@@ -90,12 +91,13 @@ class Attention(nn.Module):
     # whole cache (the baseline scripts/gpu_attention.py measures the kernel against).
     decode_kernel = True
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, plan: ShardPlan):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        # This rank's heads (all of them on one rank); wo's output is then a partial sum.
+        self.n_heads, self.n_kv_heads, self.head_dim = plan.n_heads, plan.n_kv_heads, config.head_dim
         self.sliding_window = config.sliding_window
-        self.wqkv = nn.Linear(config.dim, config.qkv_dim, bias=False)
-        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.wqkv = nn.Linear(config.dim, plan.q_size + 2 * plan.kv_size, bias=False)
+        self.wo = nn.Linear(plan.q_size, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, input_pos=None):
@@ -127,24 +129,30 @@ def attention_mask(q_positions, kv_positions, sliding_window):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, plan: ShardPlan):
         super().__init__()
-        self.attention = Attention(config)
-        self.feed_forward = MLP(config.dim, config.intermediate_size)
+        self.plan = plan
+        self.attention = Attention(config, plan)
+        self.feed_forward = MLP(config.dim, plan.neurons)
         self.attention_norm = RMSNorm(config.dim, config.rms_norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, input_pos=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
-        return h + self.feed_forward(self.ffn_norm(h))
+        # plan.reduce: the all-reduce of the ranks' partial sums (after W_o, after W_down).
+        h = x + self.plan.reduce(self.attention(self.attention_norm(x), cos, sin, mask, input_pos))
+        return h + self.plan.reduce(self.feed_forward(self.ffn_norm(h)))
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """plan: this rank's share under tensor parallelism (catsgen/parallel.py); default the whole
+    model. The config stays the whole model's; embeddings, norms and the LM head are replicated."""
+
+    def __init__(self, config: ModelConfig, plan: ShardPlan | None = None):
         super().__init__()
         self.config = config
+        self.plan = plan or ShardPlan.make(config)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(config, self.plan) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.rms_norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -163,8 +171,8 @@ class Transformer(nn.Module):
         c = self.config
         dtype, device = self.output.weight.dtype, self.output.weight.device
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(batch_size, max_seq_len, c.n_kv_heads, c.head_dim, dtype, device)
-        prepare_workspaces(device, batch_size, c.n_kv_heads)  # now: before any CUDA-graph capture
+            layer.attention.kv_cache = KVCache(batch_size, max_seq_len, self.plan.n_kv_heads, c.head_dim, dtype, device)
+        prepare_workspaces(device, batch_size, self.plan.n_kv_heads)  # now: before any CUDA-graph capture
         self.max_seq_len = max_seq_len
         self.setup_rope(max_seq_len)
 

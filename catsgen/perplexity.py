@@ -56,13 +56,13 @@ def sparsity_levels(sparsities: list[float]) -> list[float]:
 def run_perplexity(checkpoint: Path, settings: PerplexitySettings = PerplexitySettings()) -> dict:
     """The `perplexity` command on resolved settings: dense, then every (allocation, sparsity)
     pair; allocation None = the file's best."""
-    from catsgen.checkpoint import load_model
+    from catsgen.parallel import load_shard, merge_counts
     from catsgen.tokenizer import Tokenizer
     levels = sparsity_levels(settings.sparsities)
     device, max_tokens = settings.device or "cpu", settings.max_tokens
     sources = text_sources(settings.texts)
     tokenizer = Tokenizer(checkpoint)
-    model = load_model(checkpoint, device=device, dtype=settings.torch_dtype())
+    model = load_shard(checkpoint, device, settings.torch_dtype())  # under torchrun: this rank's slices only
     table = load_thresholds(model, checkpoint, settings.thresholds_path, levels[1]) if len(levels) > 1 else None
     if not settings.texts:
         logger.info(f"no --text given: scoring the built-in sample, {sources[0].name}")
@@ -82,6 +82,7 @@ def run_perplexity(checkpoint: Path, settings: PerplexitySettings = PerplexitySe
         counter = SparsityCounter(model.config.n_layers, s)
         with counting(model, counter), Progress(f"sparsity {s:.2f} {allocation}", total) as progress:
             ppl, scored = perplexity(model, token_windows, progress)
+        merge_counts(counter)  # tensor parallel: each rank counted its own neurons
         # The dense pass masks nothing: its actual sparsity is 0 by definition.
         rows.append({"sparsity": s, "allocation": allocation, "perplexity": ppl,
                      "actual_sparsity": counter.overall() if s > 0 else 0.0, "tokens": scored})

@@ -3,6 +3,8 @@ and the time left; when stderr is not a terminal (logs, pipes, tests), only the 
 
 from __future__ import annotations
 
+import os
+
 import rich.progress
 from rich.console import Console
 from rich.text import Text
@@ -27,7 +29,8 @@ class Progress:
             rich.progress.TextColumn("{task.description}"), rich.progress.BarColumn(),
             rich.progress.MofNCompleteColumn(), rich.progress.TextColumn(unit), _RateColumn(unit),
             rich.progress.TimeElapsedColumn(), rich.progress.TextColumn("eta"), rich.progress.TimeRemainingColumn(),
-            console=console, auto_refresh=console.is_terminal)
+            console=console, auto_refresh=console.is_terminal,
+            disable=os.environ.get("RANK", "0") != "0")  # under torchrun, rank 0 alone draws
         self._task = self._bar.add_task(label, total=total)
         self._bar.start()
 

@@ -43,6 +43,7 @@ CONFIGS = {
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
                          rope_theta=500000.0),
     "tied": dict(tie_word_embeddings=True, num_key_value_heads=1),
+    "tied_gqa": dict(tie_word_embeddings=True, num_key_value_heads=2),  # shards over 2 ranks
     "mistral_window": dict(sliding_window=7, num_key_value_heads=2, mistral=True),
     "sharded": dict(num_key_value_heads=2, shard=True),
 }

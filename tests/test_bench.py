@@ -6,6 +6,7 @@ import pytest
 
 from catsgen.bench import byte_ratio_limit, weight_bytes_per_token
 from catsgen.config import preset
+from catsgen.parallel import ShardPlan
 from conftest import run_cli
 
 
@@ -63,3 +64,13 @@ def test_several_values_after_one_flag():
     # generate takes one sparsity: its arguments are left alone
     assert expand_multi_value_options(["generate", "--sparsity", "0.5", "--prompt", "x"]) == \
         ["generate", "--sparsity", "0.5", "--prompt", "x"]
+
+
+def test_weight_bytes_per_gpu_under_tensor_parallelism():
+    c = preset("llama-2-70b")
+    d, f, L, V = c.dim, c.intermediate_size, c.n_layers, c.vocab_size
+    matrices = (2 * 64 + 2 * 8) * 128 * d + 3 * f * d  # q, o, k, v; gate, up, down
+    assert weight_bytes_per_token(c, 2) == 2 * (L * (matrices + 2 * d) + 2 * d + V * d)  # about 138 GB
+    # Each of 8 GPUs reads an eighth of every layer's matrices, all the (replicated) rest.
+    per_gpu = weight_bytes_per_token(c, 2, plan=ShardPlan.make(c, 3, 8))
+    assert per_gpu == 2 * (L * (matrices // 8 + 2 * d) + 2 * d + V * d)

@@ -16,6 +16,7 @@ from catsgen.generate import apply_sparsity
 from catsgen.model import DenseSiLU
 from catsgen.thresholds import FILE_FORMAT, LEVELS, THRESHOLDS_FILENAME, ThresholdsTable, model_info
 from conftest import assert_one_line_error
+from catsgen.parallel import ShardPlan
 from helpers_cats import calibrate_quietly, run_main
 
 D, FF = 48, 80
@@ -55,7 +56,7 @@ def test_threshold_update_is_in_place():
     act = cats.CATS(0, 0.1)
     buffer = act.threshold
     assert buffer.dtype == torch.float32 and buffer.dim() == 0
-    model = type("M", (), {"mlps": [type("MLP", (), {"activation": act})()],
+    model = type("M", (), {"mlps": [type("MLP", (), {"activation": act})()], "plan": ShardPlan(0, 1, 1, 1, 1, 1),
                            "output": type("O", (), {"weight": torch.zeros(1)})()})()
     cats.set_thresholds(model, [0.25])
     assert model.mlps[0].activation is act and act.threshold is buffer and float(buffer) == 0.25
