@@ -283,7 +283,8 @@ def main(argv: Optional[List[str]] = None, prog_name: Optional[str] = None, comm
     try:
         app(args=args, prog_name=prog_name or "catsgen", standalone_mode=True)
     except UserError as e:
-        log(f"error: {e}")  # rank 0 only: every rank raised it (or learnt it from parallel.agree)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank raised it: rank 0 says it
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

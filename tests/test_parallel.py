@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from catsgen.bench import weight_bytes_per_token
-from catsgen.cats import ActivationSample, recording
+from catsgen.calibrate import ActivationSample, recording
 from catsgen.checkpoint import load_model
 from catsgen.config import ModelConfig, preset
 from catsgen.errors import UserError
