@@ -141,7 +141,7 @@ def test_torchrun_perplexity_equals_one_process(checkpoints, tmp_path, capsys):
     # The measured sparsity counts every rank's neurons (> 0.4: the thresholds zero about half).
     assert [r["actual_sparsity"] for r in ours] == [r["actual_sparsity"] for r in theirs]
     assert ours[1]["actual_sparsity"] > 0.4
-    assert two.stderr.count("sparsity 0.50 uniform [##############################]") == 1
+    assert two.stderr.count("sparsity 0.50 uniform") == 1  # rank 0 alone draws the progress
 
 
 def test_torchrun_bench_reports_the_all_reduce(tmp_path):
