@@ -15,9 +15,8 @@ from safetensors import SafetensorError, safe_open
 
 from catsgen.config import ModelConfig, read_json_object
 from catsgen.errors import UserError
-from catsgen.linear import decoder_linear_names, quantize_model, set_weight
+from catsgen.linear import decoder_linear_names, quantize_model, quantized, set_weight
 from catsgen.model import Transformer
-from catsgen.quantize import Int8Weight
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # safetensors header dtype -> name: the weight dtypes a checkpoint may hold (any other is a relabelling).
@@ -170,11 +169,11 @@ def load_model(checkpoint_dir: str | Path, device="cpu", dtype: torch.dtype | No
         reader.check_header(name, shape)
     with torch.device("meta"):
         model = Transformer(config)
-    quantized = set(decoder_linear_names(config.n_layers)) if quantize == "int8" else set()
+    to_quantize = set(decoder_linear_names(config.n_layers)) if quantize == "int8" else set()
     model.quantize = quantize
 
     def put_int8(target, weight):  # weight [out, in] as the checkpoint stores it (W_down, not W_down^T)
-        int8 = Int8Weight.from_float(weight, transpose=target.endswith("w_down_t"))
+        int8 = quantized(target, weight)
         set_weight(model, target, int8)
         state.update({f"{target}.{k}": v for k, v in int8.state_dict().items()})
 
@@ -196,7 +195,7 @@ def load_model(checkpoint_dir: str | Path, device="cpu", dtype: torch.dtype | No
         if target == "output.weight" and config.tie_word_embeddings:
             continue
         tensor = reader.get(hf_name)
-        if target in quantized:
+        if target in to_quantize:
             put_int8(target, place(tensor, hf_name))
             continue
         if target.endswith("w_down_t"):
@@ -206,7 +205,7 @@ def load_model(checkpoint_dir: str | Path, device="cpu", dtype: torch.dtype | No
         names = [f"model.layers.{i}.{n}" for n in _QKV]
         wqkv = torch.cat([place(reader.get(n), n) for n in names])
         target = f"layers.{i}.attention.wqkv.weight"
-        if target in quantized:
+        if target in to_quantize:
             put_int8(target, wqkv)
         else:
             state[target] = wqkv

@@ -11,11 +11,11 @@ in the same slot (Linear.weight for W_qkv / W_o, MLP.w_gate / w_up / w_down_t) a
                                                                            transient copy / torch
   float    MLP, dense      cuBLAS (three F.linear)                         torch
   float    MLP, CATS       cats_mlp (Triton)                               torch
-  int8     MLP, dense      cats_mlp int8, threshold -inf (nothing skipped)  torch, dequantized
+  int8     MLP, dense      three int8_gemv (W_down in its [d, f] rows)     torch, dequantized
   int8     MLP, CATS       cats_mlp int8 (Triton)                          torch, dequantized
-The int8 dense MLP goes through the CATS kernel because the model stores W_down^T ([f, d], what
-CATS skips rows of) and int8_gemv reads W [out, in] rows; measured per 4096x11008 layer: 73.9 us,
-against 64.5 us for three int8_gemv calls on W_down [d, f] (notes/kernels.md, int8 section).
+The int8 dense MLP measured 64.5 us per 4096x11008 layer with three int8_gemv, 73.9 us through
+the CATS kernel at threshold -inf (notes/kernels.md, int8 section), so an int8 W_down^T also keeps
+its [d, f] rows (Int8Weight keep_rows: 1 byte more per W_down entry, in memory, never read twice).
 """
 from __future__ import annotations
 
@@ -77,7 +77,10 @@ def _mlp_kernel(x, w_gate, w_up, w_down_t, threshold):
     int8 = isinstance(w_gate, Int8Weight)
     if threshold is None and not int8:
         return None
-    if threshold is None:  # int8 dense: nothing is skipped
+    if threshold is None and w_down_t.q_rows is not None:  # int8 dense: three GEMVs
+        h = F.silu(linear(x, w_gate)) * linear(x, w_up)
+        return int8_gemv(h, w_down_t.q_rows, w_down_t.scale, use_triton=_use_triton())
+    if threshold is None:  # no [d, f] rows kept: the CATS kernel, skipping nothing
         threshold = torch.full((), float("-inf"), dtype=torch.float32, device=x.device)
     rows = x.reshape(-1, x.shape[-1])
     if int8:
@@ -116,13 +119,19 @@ def set_weight(model: nn.Module, name: str, weight: Int8Weight):
     setattr(module, attr, weight)
 
 
+def quantized(name: str, w: torch.Tensor) -> Int8Weight:
+    """Weight `name` quantized from w [out, in] as the checkpoint stores it (W_down, not W_down^T):
+    W_down is kept transposed (CATS skips its rows) and in [d, f] rows (the dense GEMV)."""
+    down = name.endswith("w_down_t")
+    return Int8Weight.from_float(w, transpose=down, keep_rows=down)
+
+
 def quantize_model(model: nn.Module) -> nn.Module:
     """Quantize every decoder linear of a float model in place, one tensor at a time, each float
     weight freed once its int8 copy is in (peak: the float model plus one int8 tensor)."""
     for name in decoder_linear_names(model.config.n_layers):
         w = model.get_parameter(name)
-        transposed = name.endswith("w_down_t")  # stored W_down^T; its output channels are columns
-        set_weight(model, name, Int8Weight.from_float(w.t() if transposed else w, transpose=transposed))
+        set_weight(model, name, quantized(name, w.t() if name.endswith("w_down_t") else w))
         del w
     model.quantize = "int8"
     return model

@@ -46,6 +46,7 @@ def test_load_quantizes_every_decoder_linear_and_nothing_else(pair):
         transposed = name.endswith("w_down_t")  # quantized per output channel of W_down, stored transposed
         q, scale = quantize_int8(expected.t() if transposed else expected)
         assert torch.equal(w.q, q.t() if transposed else q) and torch.equal(w.scale, scale)
+        assert torch.equal(w.q_rows, q) if transposed else w.q_rows is None  # W_down also as [d, f] rows
     floats = {n for n, _ in int8.named_parameters()}
     assert floats == {"tok_embeddings.weight", "output.weight", "norm.weight"} | {
         f"layers.{i}.{n}.weight" for i in range(int8.config.n_layers) for n in ("attention_norm", "ffn_norm")}
