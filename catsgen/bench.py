@@ -25,23 +25,30 @@ logger = logging.getLogger(__name__)
 
 
 def weight_bytes_per_token(config: ModelConfig, element_bytes: int, mlp_active_fraction: float = 1.0,
-                           plan: ShardPlan | None = None) -> int:
+                           quantize: str = "none", plan: ShardPlan | None = None) -> int:
     """Bytes of weights one decode step must read (on each GPU, under a tensor-parallel plan):
     every matrix once, one embedding row, and of W_up / W_down only the rows of active neurons
-    (W_gate is always read whole)."""
+    (W_gate is always read whole). quantize="int8": the decoder linears cost 1 byte an entry plus
+    a 4-byte scale per output channel (W_up's per neuron, skipped with its row; W_down's per
+    column of W_down^T, read once); norms, the embedding row and the LM head stay in the compute dtype."""
     plan = plan or ShardPlan.make(config)
     d, f = config.dim, plan.neurons
-    attention = (2 * plan.q_size + 2 * plan.kv_size) * d
-    mlp = f * d + 2 * f * d * mlp_active_fraction
-    norms = 2 * d
-    per_layer = attention + mlp + norms
-    total = config.n_layers * per_layer + d + d + config.vocab_size * d  # embedding row, final norm, head
-    return int(round(total * element_bytes))
+    int8 = quantize == "int8"
+    linear_bytes = 1 if int8 else element_bytes
+    scale_bytes = 4 if int8 else 0
+    qkv_out, o_in = plan.q_size + 2 * plan.kv_size, plan.q_size
+    attention = (qkv_out * d + o_in * d) * linear_bytes + (qkv_out + d) * scale_bytes
+    mlp = (f * d + 2 * f * d * mlp_active_fraction) * linear_bytes + (f + f * mlp_active_fraction + d) * scale_bytes
+    per_layer = attention + mlp + 2 * d * element_bytes  # two norms
+    rest = (d + d + config.vocab_size * d) * element_bytes  # embedding row, final norm, LM head
+    return int(round(config.n_layers * per_layer + rest))
 
 
-def byte_ratio_limit(config: ModelConfig, sparsity: float, plan: ShardPlan | None = None) -> float:
+def byte_ratio_limit(config: ModelConfig, sparsity: float, element_bytes: int = 2, quantize: str = "none",
+                     plan: ShardPlan | None = None) -> float:
     """The most a decode step can speed up at this sparsity if time were bytes read."""
-    return weight_bytes_per_token(config, 2, 1.0, plan) / weight_bytes_per_token(config, 2, 1.0 - sparsity, plan)
+    return (weight_bytes_per_token(config, element_bytes, 1.0, quantize, plan)
+            / weight_bytes_per_token(config, element_bytes, 1.0 - sparsity, quantize, plan))
 
 
 def build_model(settings: BenchSettings, checkpoint, preset) -> Transformer:
@@ -52,10 +59,11 @@ def build_model(settings: BenchSettings, checkpoint, preset) -> Transformer:
     if preset is not None:
         logger.info(f"building {preset} with random weights on {settings.device} ...")
         config = preset_config(preset)
-        model = random_model(config, settings.device, settings.torch_dtype() or torch.bfloat16, plan=plan_for(config))
+        model = random_model(config, settings.device, settings.torch_dtype() or torch.bfloat16,
+                             plan=plan_for(config), quantize=settings.quantize)
     else:
         logger.info(f"loading {checkpoint} ...")
-        model = load_shard(checkpoint, settings.device, settings.torch_dtype())
+        model = load_shard(checkpoint, settings.device, settings.torch_dtype(), settings.quantize)
     model.setup_caches(settings.batch_size, settings.max_seq_len)
     logger.info(f"model ready in {time.perf_counter() - start:.1f} s")
     return model
@@ -124,16 +132,17 @@ def run_bench(settings: BenchSettings, checkpoint=None, preset=None, json_path: 
         elif table is not None:
             cats.set_dense(model)
         row = bench_one_sparsity(model, prompt, settings, step, s)
-        bytes_read = weight_bytes_per_token(config, element_bytes, 1.0 - measured, model.plan)
+        bytes_read = weight_bytes_per_token(config, element_bytes, 1.0 - measured, settings.quantize, model.plan)
         row.update(measured_sparsity=measured, weight_bytes_per_token=bytes_read,
                    achieved_gb_per_s=bytes_read / (row["decode_ms_per_token_median"] * 1e-3) / 1e9,
-                   byte_ratio_limit=byte_ratio_limit(config, measured, model.plan),
+                   byte_ratio_limit=byte_ratio_limit(config, measured, element_bytes, settings.quantize, model.plan),
                    all_reduce_share=2 * config.n_layers * all_reduce_s / (row["decode_ms_per_token_median"] * 1e-3))
         rows.append(row)
     dense_ms = rows[0]["decode_ms_per_token_median"]
     for row in rows:
         row["speedup_vs_dense"] = dense_ms / row["decode_ms_per_token_median"]
-    report = {"environment": environment(settings.device), "settings": _settings_dict(settings), "allocation": allocation,
+    report = {"environment": environment(settings.device), "settings": _settings_dict(settings),
+              "quantize": settings.quantize, "allocation": allocation,
               "model": {"source": preset or str(checkpoint), **_shape_dict(config)}, "rows": rows,
               "tensor_parallel": {"ranks": model.plan.world, "all_reduce_us": all_reduce_s * 1e6}}
     print(format_table(report))
@@ -170,16 +179,18 @@ def _shape_dict(config: ModelConfig) -> dict:
 
 def format_table(report: dict) -> str:
     env, settings, model = report["environment"], report["settings"], report["model"]
-    lines = [f"{model['source']} | {settings['dtype']} | batch {settings['batch_size']} | prompt "
+    weights = settings["dtype"] + (" + int8 weights" if report.get("quantize") == "int8" else "")
+    lines = [f"{model['source']} | {weights} | batch {settings['batch_size']} | prompt "
              f"{settings['prompt_len']} | {settings['new_tokens']} new tokens x {settings['repeats']} | "
              f"{env['device_name']} | torch {env['torch']} | triton {env['triton']} | "
              f"{report.get('allocation') or 'no'} allocation",
-             f"{'sparsity':>8} {'actual':>7} {'ms/tok':>8} {'spread':>15} {'tok/s':>8} {'GB/s':>7} "
+             f"{'sparsity':>8} {'actual':>7} {'ms/tok':>8} {'spread':>15} {'tok/s':>8} {'MB/tok':>7} {'GB/s':>7} "
              f"{'speedup':>8} {'limit':>6} {'prefill ms':>10} {'warm-up s':>9}"]
     for r in report["rows"]:
         spread = f"{r['decode_ms_per_token_min']:.3f}-{r['decode_ms_per_token_max']:.3f}"
         lines.append(f"{r['sparsity']:>8.2f} {r['measured_sparsity']:>7.3f} "
                      f"{r['decode_ms_per_token_median']:>8.3f} {spread:>15} {r['tokens_per_s']:>8.1f} "
+                     f"{r['weight_bytes_per_token'] / 1e6:>7.1f} "
                      f"{r['achieved_gb_per_s']:>7.1f} {r['speedup_vs_dense']:>7.2f}x "
                      f"{r['byte_ratio_limit']:>5.2f}x {r['prefill_ms_median']:>10.1f} {r['compile_warmup_s']:>9.1f}")
     tp = report.get("tensor_parallel", {})

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from catsgen.linear import mlp
 from catsgen.model import DenseSiLU, Transformer, swapped_activations
 from catsgen.thresholds import ThresholdsTable, check_sparsity
-
-# Decode steps (at most this many tokens) go to the Triton kernel on CUDA; prefill stays in torch.
-KERNEL_MAX_TOKENS = 8
 
 
 # --- the activation -----------------------------------------------------------------------------
@@ -29,11 +27,7 @@ class CATS(DenseSiLU):
         self.register_buffer("threshold", torch.as_tensor(threshold, dtype=torch.float32).to(device).clone())
 
     def forward(self, x, w_gate, w_up, w_down_t):
-        tokens = x.numel() // x.shape[-1]
-        if x.is_cuda and tokens <= KERNEL_MAX_TOKENS:
-            from catsgen.kernels import cats_mlp  # Triton; imported only where it runs
-            return cats_mlp(x.reshape(tokens, x.shape[-1]), w_gate, w_up, w_down_t, self.threshold).view(x.shape)
-        return super().forward(x, w_gate, w_up, w_down_t)
+        return mlp(x, w_gate, w_up, w_down_t, self.threshold)  # catsgen/linear.py picks the kernel
 
     def keep(self, v):
         # Compared in fp32 whatever the model dtype, as calibration measured |v| in fp32.

@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from catsgen.config import ModelConfig, read_json_object
 from catsgen.errors import UserError
+from catsgen.linear import decoder_linear_names, quantize_model, quantized, set_weight
 from catsgen.model import Transformer
 from catsgen.parallel import ShardPlan
 
@@ -172,10 +173,12 @@ def _read_slice(tensor_slice, split, file, name, world) -> torch.Tensor:
 
 
 def load_model(checkpoint_dir: str | Path, device="cpu", dtype: torch.dtype | None = None,
-               config: ModelConfig | None = None, plan: ShardPlan | None = None) -> Transformer:
+               config: ModelConfig | None = None, plan: ShardPlan | None = None,
+               quantize: str = "none") -> Transformer:
     """Build the Transformer on the meta device and fill it tensor by tensor, so that peak
-    memory is one model (plus one tensor), not two. plan: load only this rank's slices
-    (tensor parallelism, catsgen/parallel.py)."""
+    memory is one model (plus one tensor), not two. plan: load only this rank's slices (tensor
+    parallelism, catsgen/parallel.py). quantize="int8": each decoder linear is quantized as it is
+    placed (catsgen/linear.py), its float copy freed at once."""
     checkpoint_dir = Path(checkpoint_dir)
     config = config or ModelConfig.from_checkpoint(checkpoint_dir)
     dtype = dtype or DTYPES.get(config.torch_dtype, torch.bfloat16)
@@ -186,6 +189,13 @@ def load_model(checkpoint_dir: str | Path, device="cpu", dtype: torch.dtype | No
         reader.check_header(name, shape)
     with torch.device("meta"):
         model = Transformer(config, plan)
+    to_quantize = set(decoder_linear_names(config.n_layers)) if quantize == "int8" else set()
+    model.quantize = quantize
+
+    def put_int8(target, weight):  # weight [out, in] as the checkpoint stores it (W_down, not W_down^T)
+        int8 = quantized(target, weight)
+        set_weight(model, target, int8)
+        state.update({f"{target}.{k}": v for k, v in int8.state_dict().items()})
 
     def place(tensor, source):
         converted = tensor.to(device=device, dtype=dtype)
@@ -205,12 +215,20 @@ def load_model(checkpoint_dir: str | Path, device="cpu", dtype: torch.dtype | No
         if target == "output.weight" and config.tie_word_embeddings:
             continue
         tensor = reader.get(hf_name)
+        if target in to_quantize:
+            put_int8(target, place(tensor, hf_name))
+            continue
         if target.endswith("w_down_t"):
             tensor = tensor.t()
         state[target] = place(tensor.contiguous(), hf_name)
     for i in range(config.n_layers):
         names = [f"model.layers.{i}.{n}" for n in _QKV]
-        state[f"layers.{i}.attention.wqkv.weight"] = torch.cat([place(reader.get(n), n) for n in names])
+        wqkv = torch.cat([place(reader.get(n), n) for n in names])
+        target = f"layers.{i}.attention.wqkv.weight"
+        if target in to_quantize:
+            put_int8(target, wqkv)
+        else:
+            state[target] = wqkv
     if config.tie_word_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, assign=True)
@@ -242,11 +260,12 @@ def _check_names(config: ModelConfig, files: dict[str, Path], checkpoint_dir: Pa
 
 
 def random_model(config: ModelConfig, device="cpu", dtype=torch.bfloat16, seed: int = 0,
-                 plan: ShardPlan | None = None) -> Transformer:
+                 plan: ShardPlan | None = None, quantize: str = "none") -> Transformer:
     """A model with random weights at a real shape, built directly on the device (benchmarks).
     Under a plan every rank has the same shapes, hence the same random stream: the replicated
     weights (embeddings, norms, head) agree across ranks. Made on the meta device and then
-    allocated in `dtype`: never a float32 copy (a 70B shard in float32 would not fit)."""
+    allocated in `dtype`: never a float32 copy (a 70B shard in float32 would not fit).
+    quantize="int8" then quantizes its decoder linears one by one."""
     with torch.device("meta"):
         model = Transformer(config, plan)
     model = model.to(dtype).to_empty(device=device)
@@ -259,6 +278,8 @@ def random_model(config: ModelConfig, device="cpu", dtype=torch.bfloat16, seed: 
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=generator)
+    if quantize == "int8":
+        quantize_model(model)
     return model.eval()
 
 

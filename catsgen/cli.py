@@ -26,6 +26,8 @@ CHECKPOINT_HELP = ("Hugging Face checkpoint directory (config.json + *.safetenso
                    "into the cache directory.")
 DEVICE_HELP = "cpu or cuda. Default: cuda when available."
 DTYPE_HELP = "bfloat16, float16 or float32. Default: bfloat16 on cuda, float32 on cpu."
+QUANTIZE_HELP = ("none or int8: the decoder's linear weights quantized at load to int8 per output channel "
+                 "(fp32 scales); the LM head and embeddings stay in --dtype.")
 ALLOCATION_HELP = ("How the sparsity is spread (same bytes read per token): uniform (one threshold per layer), "
                    "greedy (per-layer sparsities) or fisher (per-neuron thresholds), both found by calibrate. "
                    "Default: the best the thresholds file has (fisher, then greedy, then uniform).")
@@ -105,6 +107,7 @@ def generate(
     seed: int = typer.Option(G.seed, help="Random seed for sampling."),
     device: Optional[str] = typer.Option(G.device, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(G.dtype, help=DTYPE_HELP),
+    quantize: str = typer.Option(G.quantize, help=QUANTIZE_HELP),
     max_seq_len: int = typer.Option(G.max_seq_len, help="Static KV cache length: prompt + new tokens must fit."),
     chat: bool = typer.Option(G.chat, "--chat", help="Wrap the prompt in the model's chat template."),
     sparsity: float = typer.Option(G.sparsity, help=f"CATS sparsity in [0, {MAX_SPARSITY}]; 0 = dense."),
@@ -143,6 +146,7 @@ def bench(
     sparsities: List[float] = typer.Option(B.sparsities, "--sparsity", help="Sparsities to time (several after "
                                            "one flag, or repeat it); 0 = dense, always timed first as the baseline."),
     dtype: Optional[str] = typer.Option(B.dtype, help=DTYPE_HELP),
+    quantize: str = typer.Option(B.quantize, help=QUANTIZE_HELP),
     batch_size: int = typer.Option(B.batch_size, help="Sequences decoded together (1 to 8)."),
     prompt_len: int = typer.Option(B.prompt_len, help="Prompt tokens (random ids)."),
     new_tokens: int = typer.Option(B.new_tokens, help="New tokens per repeat (at least 3; the first decode step "
@@ -222,6 +226,7 @@ def perplexity(
     json_output: bool = typer.Option(False, "--json", help="Print only a JSON object on stdout (progress stays on stderr)."),
     device: Optional[str] = typer.Option(P.device, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(P.dtype, help=DTYPE_HELP),
+    quantize: str = typer.Option(P.quantize, help=QUANTIZE_HELP),
 ):
     """Token-level perplexity, dense and at each CATS sparsity, with the sparsity actually reached.
 

@@ -141,14 +141,14 @@ def _cut_after_eos(tokens: list[int], eos_ids) -> list[int]:
     return tokens
 
 
-def load_for_generation(checkpoint, device, dtype, batch_size: int, max_seq_len: int):
+def load_for_generation(checkpoint, device, dtype, batch_size: int, max_seq_len: int, quantize: str = "none"):
     """Model with caches set up, plus its tokenizer."""
     from catsgen.config import ModelConfig
     from catsgen.parallel import load_shard
     from catsgen.tokenizer import Tokenizer
     ModelConfig.from_checkpoint(checkpoint)  # first: it names a bad directory best
     tokenizer = Tokenizer(checkpoint)
-    model = load_shard(checkpoint, device, dtype)  # under torchrun: this rank's slices only
+    model = load_shard(checkpoint, device, dtype, quantize)  # under torchrun: this rank's slices only
     model.setup_caches(batch_size, max_seq_len)
     return model, tokenizer
 
@@ -175,7 +175,8 @@ def run_generation(checkpoint, settings: GenerateSettings, out=None) -> Generati
     out = out or sys.stdout
     device, max_seq_len, compile = settings.device or "cpu", settings.max_seq_len, bool(settings.compile)
     torch.manual_seed(settings.seed)
-    model, tokenizer = load_for_generation(checkpoint, device, settings.torch_dtype(), 1, max_seq_len)
+    model, tokenizer = load_for_generation(checkpoint, device, settings.torch_dtype(), 1, max_seq_len,
+                                           settings.quantize)
     counter = apply_sparsity(model, checkpoint, settings.sparsity, settings.thresholds_path, settings.allocation)
     text = tokenizer.apply_chat_template(settings.prompt) if settings.chat else settings.prompt
     ids = tokenizer.encode(text)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from catsgen.config import ModelConfig
 from catsgen.errors import UserError
 from catsgen.kernels import decode_attention, prepare_workspaces
+from catsgen.linear import Linear, mlp
 from catsgen.parallel import ShardPlan
 
 
@@ -47,10 +48,12 @@ class RMSNorm(nn.Module):
 
 class DenseSiLU(nn.Module):
     """The MLP's default activation slot: the plain gated SiLU MLP. Subclasses (CATS, calibration
-    recording) change only `activate`, what happens to v = SiLU(W_gate x) before the up product."""
+    recording) change only `activate`, what happens to v = SiLU(W_gate x) before the up product;
+    an overridden `activate` runs on the torch path (catsgen/linear.py picks the kernels)."""
 
     def forward(self, x, w_gate, w_up, w_down_t):
-        return (self.activate(F.silu(F.linear(x, w_gate))) * F.linear(x, w_up)) @ w_down_t
+        overridden = type(self).activate is not DenseSiLU.activate
+        return mlp(x, w_gate, w_up, w_down_t, activate=self.activate if overridden else None)
 
     def activate(self, v):
         return v
@@ -58,7 +61,8 @@ class DenseSiLU(nn.Module):
 
 class MLP(nn.Module):
     """Gated MLP. W_down is stored transposed ([f, d]) so that neuron i is one contiguous row,
-    which lets the CATS kernels skip whole rows. The activation module owns the arithmetic."""
+    which lets the CATS kernels skip whole rows. The activation module owns the arithmetic.
+    Each weight is a float Parameter or, quantized, an Int8Weight (catsgen/linear.py)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -96,8 +100,8 @@ class Attention(nn.Module):
         # This rank's heads (all of them on one rank); wo's output is then a partial sum.
         self.n_heads, self.n_kv_heads, self.head_dim = plan.n_heads, plan.n_kv_heads, config.head_dim
         self.sliding_window = config.sliding_window
-        self.wqkv = nn.Linear(config.dim, plan.q_size + 2 * plan.kv_size, bias=False)
-        self.wo = nn.Linear(plan.q_size, config.dim, bias=False)
+        self.wqkv = Linear(config.dim, plan.q_size + 2 * plan.kv_size)
+        self.wo = Linear(plan.q_size, config.dim)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, input_pos=None):
@@ -158,6 +162,7 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.max_seq_len = 0
+        self.quantize = "none"  # "int8": decoder linears quantized (catsgen/linear.py quantize_model)
         # Inference only: no weight ever needs a gradient (the fisher calibration's backward
         # wants the activations' alone, and must not allocate one per weight matrix).
         self.requires_grad_(False)

@@ -160,13 +160,14 @@ def plan_for(config: ModelConfig) -> ShardPlan:
     return ShardPlan.make(config)
 
 
-def load_shard(checkpoint, device, dtype):
+def load_shard(checkpoint, device, dtype, quantize: str = "none"):
     """This process's share of a checkpoint (the whole model without a process group): shapes
     checked on every rank alike, then each rank reads its own slices; a failure on any rank
     fails every rank with one message."""
     from catsgen.checkpoint import load_model
     config = ModelConfig.from_checkpoint(checkpoint)
-    return agree(load_model, checkpoint, device=device, dtype=dtype, config=config, plan=plan_for(config))
+    return agree(load_model, checkpoint, device=device, dtype=dtype, config=config, plan=plan_for(config),
+                 quantize=quantize)
 
 
 def agree(fn, *args, **kwargs):

@@ -62,7 +62,7 @@ def run_perplexity(checkpoint: Path, settings: PerplexitySettings = PerplexitySe
     device, max_tokens = settings.device or "cpu", settings.max_tokens
     sources = text_sources(settings.texts)
     tokenizer = Tokenizer(checkpoint)
-    model = load_shard(checkpoint, device, settings.torch_dtype())  # under torchrun: this rank's slices only
+    model = load_shard(checkpoint, device, settings.torch_dtype(), settings.quantize)  # torchrun: this rank's slices
     table = load_thresholds(model, checkpoint, settings.thresholds_path, levels[1]) if len(levels) > 1 else None
     if not settings.texts:
         logger.info(f"no --text given: scoring the built-in sample, {sources[0].name}")
@@ -88,14 +88,16 @@ def run_perplexity(checkpoint: Path, settings: PerplexitySettings = PerplexitySe
                      "actual_sparsity": counter.overall() if s > 0 else 0.0, "tokens": scored})
     return {"checkpoint": str(checkpoint), "texts": [s.record() for s in sources],
             "tokens": total, "seq_len": settings.seq_len, "windows": len(token_windows),
-            "dtype": str(model.output.weight.dtype).removeprefix("torch."), "device": str(device),
+            "dtype": str(model.output.weight.dtype).removeprefix("torch."), "quantize": settings.quantize,
+            "device": str(device),
             "thresholds": str(table.path) if table else None, "convention": CONVENTION, "rows": rows}
 
 
 def format_report(report: dict) -> str:
     texts = ", ".join(t["name"] for t in report["texts"])
     lines = [f"perplexity of {report['checkpoint']} on {texts}: {report['tokens']} tokens in "
-             f"{report['windows']} windows of {report['seq_len']} ({report['dtype']}, {report['device']})",
+             f"{report['windows']} windows of {report['seq_len']} ({report['dtype']}, "
+             f"{'int8 weights, ' if report.get('quantize') == 'int8' else ''}{report['device']})",
              f"{'sparsity':>8}  {'allocation':>10}  {'perplexity':>10}  {'actual sparsity':>15}  {'tokens scored':>13}"]
     for r in report["rows"]:
         lines.append(f"{r['sparsity']:>8.2f}  {r['allocation']:>10}  {r['perplexity']:>10.4f}  "

@@ -49,7 +49,7 @@ class Int8Weight(nn.Module):
     when `transposed` (q holds W^T [in, out], as W_down^T [f, d]: the scale is per column).
     Buffers, not parameters: nothing here trains, and .to(device) moves them with the model."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, transposed: bool = False):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, transposed: bool = False, keep_rows: bool = False):
         super().__init__()
         if q.dtype != torch.int8 or q.dim() != 2:
             raise ValueError(f"Int8Weight takes a 2-D int8 q, got {q.dim()}-D {q.dtype}")
@@ -58,13 +58,16 @@ class Int8Weight(nn.Module):
         self.register_buffer("q", q.contiguous())
         self.register_buffer("scale", scale.float().contiguous())
         self.transposed = transposed
+        # keep_rows (a transposed weight only): also hold q in the [out, in] layout, for a dense
+        # GEMV over output rows (W_down: the dense int8 MLP's int8_gemv; CATS reads q = W_down^T).
+        self.register_buffer("q_rows", q.t().contiguous() if keep_rows and transposed else None)
 
     @classmethod
-    def from_float(cls, w: torch.Tensor, transpose: bool = False) -> "Int8Weight":
+    def from_float(cls, w: torch.Tensor, transpose: bool = False, keep_rows: bool = False) -> "Int8Weight":
         """Quantize a linear weight w [out, in] per output channel; transpose=True stores
         q as w^T [in, out] (row = input channel, e.g. W_down -> W_down^T, row = neuron)."""
         q, scale = quantize_int8(w)
-        return cls(q.t().contiguous() if transpose else q, scale, transposed=transpose)
+        return cls(q.t().contiguous() if transpose else q, scale, transposed=transpose, keep_rows=keep_rows)
 
     def _apply(self, fn, recurse=True):
         scale = self.scale

@@ -18,11 +18,19 @@ def _at_least(name: str, value: int, low: int):
         raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
+QUANTIZATIONS = ("none", "int8")  # weight-only quantization at load (catsgen/linear.py)
+
+
 @dataclass
 class RunSettings:
     """Where a command runs: filled in by resolve_device / resolve_dtype (cli.py) before use."""
     device: str | None = None  # None: cuda when available
     dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
+    quantize: str = "none"  # "int8": decoder linears int8 per output channel; LM head, embeddings in dtype
+
+    def check_quantize(self):
+        if self.quantize not in QUANTIZATIONS:
+            raise UserError(f"unknown --quantize {self.quantize!r} (choose from: {', '.join(QUANTIZATIONS)})")
 
     def torch_dtype(self):
         """The dtype to load with (None: the loader's default)."""
@@ -56,6 +64,7 @@ class GenerateSettings(RunSettings):
         _at_least("max_seq_len", self.max_seq_len, 1)
         check_sparsity(self.sparsity)
         check_allocation(self.allocation)
+        self.check_quantize()
 
 
 @dataclass
@@ -92,6 +101,7 @@ class PerplexitySettings(RunSettings):
             check_sparsity(s)
         for a in self.allocations:
             check_allocation(a)
+        self.check_quantize()
 
 
 @dataclass
@@ -117,3 +127,4 @@ class BenchSettings(RunSettings):
         for s in self.sparsities:
             check_sparsity(s)
         check_allocation(self.allocation)
+        self.check_quantize()

@@ -158,13 +158,14 @@ class Blocks:
     stages: int = 3
 
 
-INT8_BLOCKS = Blocks(gate_d=256, up_d=256, up_steps=4, down_d=256, down_steps=1)
+# The H200 sweep's best for 4096x11008 (scripts/gpu_int8.py --sweep, benchmarks/h200/session4/int8.log).
+INT8_BLOCKS = Blocks(gate_f=32, gate_d=128, gate_warps=4, gate_stages=4, up_r=32, up_d=256, up_steps=4,
+                     down_r=64, down_d=128, down_steps=2, warps=4, stages=4)
 
 
 def pick_blocks(B: int, int8: bool = False) -> Blocks:
     """Tokens are padded to 16, so one table serves every B (how it was tuned: notes/kernels.md).
-    int8: tiles twice as wide, so a load moves the bytes of a bf16 tile, over the same columns per
-    program (same grid); not tuned yet (scripts/gpu_int8.py --sweep)."""
+    int8: its own tiles, from the H200 sweep (INT8_BLOCKS)."""
     return INT8_BLOCKS if int8 else Blocks()
 
 

@@ -39,7 +39,7 @@ def int8_gemv_reference(x, q, scale):
 
 @dataclass(frozen=True)
 class GemvBlocks:
-    """Tiles of the int8 GEMV (not tuned yet: scripts/gpu_int8.py --sweep).
+    """Tiles of the int8 GEMV (tuned per shape: TUNED_GEMV_BLOCKS).
     block_n: rows per program (>= 16, a tl.dot operand; N=4096 gives 256 programs, 2 per SM);
     block_k: int8 columns per step (512 bytes a row, 8 KB a tile); split_k: column ranges per
     row block (> 1: fp32 partials summed by torch, one launch more); Triton's num_warps, num_stages;
@@ -53,7 +53,15 @@ class GemvBlocks:
 
 
 DEFAULT_GEMV_BLOCKS = GemvBlocks()
-TUNED_GEMV_BLOCKS: dict[tuple[int, int], GemvBlocks] = {}  # (N, K) -> tiles; scripts/gpu_int8.py --sweep fills it
+# (N, K) -> tiles: the H200 sweep (scripts/gpu_int8.py --sweep, benchmarks/h200/session4/int8.log).
+# fma_at_b1 applies at B = 1 only (the kernel checks B): at B = 4 the FMA variant measured 38 us
+# against 27 us for bf16 cuBLAS, so B > 1 always takes the tl.dot path.
+_FMA_ROWS = GemvBlocks(block_n=16, block_k=512, split_k=1, warps_and_stages=(4, 4), fma_at_b1=True)
+_DOT_ROWS = GemvBlocks(block_n=32, block_k=512, split_k=1, warps_and_stages=(4, 4), fma_at_b1=False)
+TUNED_GEMV_BLOCKS: dict[tuple[int, int], GemvBlocks] = {
+    (12288, 4096): _FMA_ROWS, (11008, 4096): _FMA_ROWS,  # Llama-2-7B W_qkv, W_gate / W_up
+    (4096, 4096): _DOT_ROWS, (4096, 11008): _DOT_ROWS,  # W_o, W_down
+}
 
 
 def pick_gemv_blocks(N: int, K: int) -> GemvBlocks:

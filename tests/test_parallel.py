@@ -154,7 +154,7 @@ def test_torchrun_bench_reports_the_all_reduce(tmp_path):
     assert all(0 < row["all_reduce_share"] for row in report["rows"])
     # Per GPU: half of every layer's matrices, the whole (replicated) embedding row and LM head.
     tiny = preset("tiny")
-    per_gpu = weight_bytes_per_token(tiny, 4, 1.0, ShardPlan.make(tiny, 0, 2))
+    per_gpu = weight_bytes_per_token(tiny, 4, 1.0, plan=ShardPlan.make(tiny, 0, 2))
     assert report["rows"][0]["weight_bytes_per_token"] == per_gpu
     assert run.stdout.count("tensor parallel over 2 ranks") == 1
 

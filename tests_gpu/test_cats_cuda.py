@@ -1,10 +1,10 @@
 """CATS on CUDA: decode steps go through the Triton kernel and agree with the
-torch path; a compiled decode step takes a new sparsity without recompiling."""
+torch path, float and int8 weights; a compiled decode step takes a new sparsity without recompiling."""
 
 import pytest
 import torch
 
-from catsgen import cats
+from catsgen import cats, linear
 from catsgen.bench import bench_thresholds
 from catsgen.checkpoint import random_model
 from catsgen.config import preset
@@ -14,25 +14,41 @@ from catsgen.generate import SamplingParams, generate, make_decode_step
 assert torch.cuda.is_available(), "tests_gpu needs a CUDA GPU"
 
 
-def calibrated_model(dtype):
-    model = random_model(preset("tiny"), "cuda", dtype)
+def calibrated_model(dtype, quantize="none"):
+    model = random_model(preset("tiny"), "cuda", dtype, quantize=quantize)
     table = bench_thresholds(model, None, None, random_weights=True)
     return model, table
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 3, 8])
-def test_kernel_path_matches_torch_path(dtype, tokens):
-    model, table = calibrated_model(dtype)
-    cats.set_sparsity(model, table, 0.5)
-    mlp = model.mlps[0]
+@pytest.mark.parametrize("quantize,sparsity", [("none", 0.5), ("int8", 0.0), ("int8", 0.5)])
+def test_kernel_path_matches_torch_path(dtype, tokens, quantize, sparsity):
+    model, table = calibrated_model(dtype, quantize)
+    cats.set_sparsity(model, table, sparsity)
+    mlp, attention = model.mlps[0], model.layers[0].attention
     x = torch.randn(1, tokens, model.config.dim, device="cuda", dtype=dtype)
+    threshold = getattr(mlp.activation, "threshold", None)
     with torch.no_grad():
-        kernel = mlp(x)
-        with cats.counting(model, cats.SparsityCounter(model.config.n_layers, 0.5)):  # forces torch
-            reference = mlp(x)
+        kernel, qkv = mlp(x), attention.wqkv(x)
+        # an activate function forces the torch path
+        keep = (lambda v: v) if threshold is None else (lambda v: torch.where(v.float().abs() > threshold, v, 0))
+        reference = linear.mlp(x, mlp.w_gate, mlp.w_up, mlp.w_down_t, activate=keep)
+        qkv_reference = x @ linear.float_weight(attention.wqkv.weight, dtype).t()
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(kernel.float(), reference.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(qkv.float(), qkv_reference.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_compiled_int8_decode_matches_eager(sparsity):
+    model, table = calibrated_model(torch.float32, "int8")
+    model.setup_caches(1, 64)
+    cats.set_sparsity(model, table, sparsity)
+    prompt = list(range(10, 20))
+    eager = generate(model, prompt, 12, SamplingParams(), decode_step=make_decode_step(False, "cuda")).tokens
+    compiled = generate(model, prompt, 12, SamplingParams(), decode_step=make_decode_step(True, "cuda")).tokens
+    assert compiled == eager
 
 
 def test_compiled_decode_takes_a_new_sparsity_without_recompiling():

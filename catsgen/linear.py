@@ -1,0 +1,137 @@
+"""The one place that decides which kernel runs for a layer's weights: float or int8 weights,
+dense or CATS, decode on CUDA (Triton kernels) or prefill / CPU (torch).
+
+A linear weight is a float tensor or an Int8Weight (catsgen/quantize.py); the model holds either
+in the same slot (Linear.weight for W_qkv / W_o, MLP.w_gate / w_up / w_down_t) and calls
+`linear` and `mlp` here, so model.py never branches on dtype, quantization or device.
+
+  weights  slot            decode on CUDA (<= KERNEL_MAX_TOKENS tokens)    prefill, CPU
+  float    W_qkv, W_o      cuBLAS (F.linear)                               F.linear
+  int8     W_qkv, W_o      int8_gemv (Triton)                              int8_gemv op: cuBLAS on a
+                                                                           transient copy / torch
+  float    MLP, dense      cuBLAS (three F.linear)                         torch
+  float    MLP, CATS       cats_mlp (Triton)                               torch
+  int8     MLP, dense      three int8_gemv (W_down in its [d, f] rows)     torch, dequantized
+  int8     MLP, CATS       cats_mlp int8 (Triton)                          torch, dequantized
+The int8 dense MLP measured 64.5 us per 4096x11008 layer with three int8_gemv, 73.9 us through
+the CATS kernel at threshold -inf (notes/kernels.md, int8 section), so an int8 W_down^T also keeps
+its [d, f] rows (Int8Weight keep_rows: 1 byte more per W_down entry, in memory, never read twice).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from catsgen.kernels import cats_mlp, int8_gemv
+from catsgen.quantize import Int8Weight
+
+# Decode steps (at most this many tokens) go to the Triton kernels on CUDA; prefill stays in torch.
+KERNEL_MAX_TOKENS = 8
+# Tests set this to run the Triton kernels on CPU tensors (under TRITON_INTERPRET=1).
+FORCE_TRITON = False
+
+Weight = torch.Tensor | Int8Weight
+
+
+def _decode_kernels(x: torch.Tensor) -> bool:
+    tokens = x.numel() // x.shape[-1]
+    return tokens <= KERNEL_MAX_TOKENS and (x.is_cuda or FORCE_TRITON)
+
+
+def _use_triton() -> bool | None:
+    return True if FORCE_TRITON else None  # None: the custom op (Triton on CUDA, torch elsewhere)
+
+
+def float_weight(w: Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The weight as a float tensor in its stored layout (int8: dequantized, a transient copy)."""
+    return w.dequantize(dtype) if isinstance(w, Int8Weight) else w
+
+
+def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    """x @ W^T for a weight stored as W [out, in]."""
+    if not isinstance(w, Int8Weight):
+        return F.linear(x, w)
+    return int8_gemv(x, w.q, w.scale, use_triton=_use_triton() if _decode_kernels(x) else None)
+
+
+def mlp(x: torch.Tensor, w_gate: Weight, w_up: Weight, w_down_t: Weight, threshold: torch.Tensor | None = None,
+        activate: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """y = W_down (act(SiLU(W_gate x)) * (W_up x)), act = CATS at `threshold` (None: dense).
+    `activate` replaces act on the torch path (calibration recording, sparsity counting): it
+    forces that path, since the kernels can not call it."""
+    if activate is None and _decode_kernels(x):
+        y = _mlp_kernel(x, w_gate, w_up, w_down_t, threshold)
+        if y is not None:
+            return y
+    if activate is None:
+        activate = (lambda v: v) if threshold is None else (lambda v: torch.where(v.float().abs() > threshold, v, 0))
+    h = activate(F.silu(linear(x, w_gate))) * linear(x, w_up)
+    return h @ float_weight(w_down_t, x.dtype)
+
+
+def _mlp_kernel(x, w_gate, w_up, w_down_t, threshold):
+    """The decode MLP on the Triton kernels, or None where cuBLAS is the better choice (dense float)."""
+    int8 = isinstance(w_gate, Int8Weight)
+    if threshold is None and not int8:
+        return None
+    if threshold is None and w_down_t.q_rows is not None:  # int8 dense: three GEMVs
+        h = F.silu(linear(x, w_gate)) * linear(x, w_up)
+        return int8_gemv(h, w_down_t.q_rows, w_down_t.scale, use_triton=_use_triton())
+    if threshold is None:  # no [d, f] rows kept: the CATS kernel, skipping nothing
+        threshold = torch.full((), float("-inf"), dtype=torch.float32, device=x.device)
+    rows = x.reshape(-1, x.shape[-1])
+    if int8:
+        y = cats_mlp(rows, w_gate.q, w_up.q, w_down_t.q, threshold, use_triton=_use_triton(),
+                     scales=(w_gate.scale, w_up.scale, w_down_t.scale))
+    else:
+        y = cats_mlp(rows, w_gate, w_up, w_down_t, threshold, use_triton=_use_triton())
+    return y.view(x.shape)
+
+
+class Linear(nn.Module):
+    """A bias-free linear layer whose `weight` is a float Parameter [out, in] or an Int8Weight."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight: Weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+
+    def forward(self, x):
+        return linear(x, self.weight)
+
+
+# --- quantizing a model's decoder linears ---------------------------------------------------------
+
+def decoder_linear_names(n_layers: int) -> list[str]:
+    """Every weight quantize='int8' quantizes (the LM head and embeddings stay in the compute dtype)."""
+    return [f"layers.{i}.{name}" for i in range(n_layers)
+            for name in ("attention.wqkv.weight", "attention.wo.weight",
+                         "feed_forward.w_gate", "feed_forward.w_up", "feed_forward.w_down_t")]
+
+
+def set_weight(model: nn.Module, name: str, weight: Int8Weight):
+    """Put an Int8Weight where the float weight `name` was (the float one is dropped)."""
+    parent, attr = name.rsplit(".", 1)
+    module = model.get_submodule(parent)
+    delattr(module, attr)  # a Parameter's slot takes no module until it is gone
+    setattr(module, attr, weight)
+
+
+def quantized(name: str, w: torch.Tensor) -> Int8Weight:
+    """Weight `name` quantized from w [out, in] as the checkpoint stores it (W_down, not W_down^T):
+    W_down is kept transposed (CATS skips its rows) and in [d, f] rows (the dense GEMV)."""
+    down = name.endswith("w_down_t")
+    return Int8Weight.from_float(w, transpose=down, keep_rows=down)
+
+
+def quantize_model(model: nn.Module) -> nn.Module:
+    """Quantize every decoder linear of a float model in place, one tensor at a time, each float
+    weight freed once its int8 copy is in (peak: the float model plus one int8 tensor)."""
+    for name in decoder_linear_names(model.config.n_layers):
+        w = model.get_parameter(name)
+        set_weight(model, name, quantized(name, w.t() if name.endswith("w_down_t") else w))
+        del w
+    model.quantize = "int8"
+    return model
