@@ -142,7 +142,7 @@ class ThresholdsTable:
         return data
 
     def save(self, path: Path):
-        write_json_atomically(path, self.to_json())
+        write_json_atomically(path, self.to_json(), option="thresholds file")
 
     @classmethod
     def load(cls, path: Path) -> "ThresholdsTable":
