@@ -277,9 +277,10 @@ def main(argv: Optional[List[str]] = None, prog_name: Optional[str] = None, comm
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print(interrupted_message(args[0] if args else "catsgen"), file=sys.stderr)
-        sys.exit(130)
+    except SystemExit as e:  # typer turns Ctrl-C (and SIGTERM, above) into exit code 130, silently
+        if e.code == 130:
+            print(interrupted_message(args[0] if args else "catsgen"), file=sys.stderr)
+        raise
 
 
 WRITING_COMMANDS = ("calibrate", "bench", "convert")  # their outputs are written atomically at the end

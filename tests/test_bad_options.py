@@ -88,8 +88,8 @@ GREEDY, FISHER = ("allocations", "greedy"), ("allocations", "fisher")
     (set_at((*FISHER, "neuron_thresholds", 1, 0, 2), NAN), "allocations.fisher.neuron_thresholds[1][0][2] is NaN"),
     (set_at((*FISHER, "neuron_thresholds", 0, 1, 0), "x"), 'allocations.fisher.neuron_thresholds[0][1][0] is "x"'),
     (set_at((*FISHER, "neuron_thresholds", 0, 1), [0.1] * 4), "allocations.fisher.neuron_thresholds[0][1] is 4 entries"),
-    (set_at((*FISHER, "neuron_thresholds"), [[[0.1] * 3] * 2]), "one table per grid point (2)"),
-    (set_at((*FISHER, "grid"), [0.6, 0.3]), "grid [0.6, 0.3] is not strictly ascending"),
+    (set_at((*FISHER, "neuron_thresholds"), [[[0.1] * 3] * 2]), "allocations.fisher.neuron_thresholds: expected one table per grid point (2)"),
+    (set_at((*FISHER, "grid"), [0.6, 0.3]), "allocations.fisher.grid [0.6, 0.3] is not strictly ascending"),
     (set_at((*FISHER, "grid"), [0.3, 1.5]), "allocations.fisher.grid[1] is 1.5"),
     (set_at((*FISHER, "grid"), []), "allocations.fisher.grid is [], expected a non-empty list"),
 ])
@@ -261,7 +261,8 @@ def test_calibrate_interrupted_leaves_nothing(checkpoints, tmp_path, signum):
     out_dir.mkdir()
     process = subprocess.Popen([sys.executable, "calibrate.py", "--checkpoint", str(checkpoints["gqa"][0]),
                                 "--out", str(out_dir / "t.json"), "--device", "cpu", "--tokens", "10000000",
-                                "--seq-len", "64"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                                "--seq-len", "64"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not inherited ignored
     try:
         first = process.stderr.readline()
         assert first.startswith("no --text given: calibrating"), first
@@ -272,7 +273,7 @@ def test_calibrate_interrupted_leaves_nothing(checkpoints, tmp_path, signum):
     finally:
         process.kill()
         process.wait()
-    assert code == 130, err
+    assert code == 130, repr(err)
     assert err.strip().splitlines()[-1] == "interrupted: calibrate stopped, nothing written", err
     assert "Traceback" not in err
     assert listing(out_dir) == [] and not (checkpoints["gqa"][0] / "cats_thresholds.json").exists()
