@@ -137,6 +137,9 @@ class BenchSettings(RunSettings):
         _at_least("new_tokens", self.new_tokens, 3)
         _at_least("max_seq_len", self.max_seq_len, 2)
         _at_least("repeats", self.repeats, 1)
+        if self.prompt_len + self.new_tokens > self.max_seq_len:  # found now, not after building the model
+            raise UserError(f"--prompt-len {self.prompt_len} + --new-tokens {self.new_tokens} exceeds "
+                            f"--max-seq-len {self.max_seq_len}")
         for s in self.sparsities:
             check_sparsity(s)
         check_allocation(self.allocation)

@@ -154,6 +154,7 @@ def test_directory_as_thresholds_or_text(tmp_path):
     (PerplexitySettings(sparsities=[0.5, NAN]), "--sparsity nan is outside"),
     (BenchSettings(sparsities=[-0.1]), "--sparsity -0.1 is outside"),
     (BenchSettings(batch_size=0), "--batch-size must be in [1, 8]"),
+    (BenchSettings(prompt_len=100, new_tokens=100, max_seq_len=150), "--prompt-len 100 + --new-tokens 100 exceeds"),
 ])
 def test_bad_option_values(settings, message):
     with pytest.raises(UserError) as error:
