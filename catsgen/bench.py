@@ -14,8 +14,9 @@ import torch
 from catsgen import cats
 from catsgen.config import ModelConfig
 from catsgen.errors import UserError
-from catsgen.files import check_writable_parent, write_json_atomically
+from catsgen.files import check_output_file, write_json_atomically
 from catsgen.generate import SamplingParams, generate, make_decode_step
+from catsgen.memory import check_fits, kv_cache_bytes
 from catsgen.model import Transformer
 from catsgen.settings import BenchSettings
 from catsgen.thresholds import ThresholdsTable, check_sparsity, load_thresholds, resolve_allocation
@@ -51,16 +52,28 @@ def byte_ratio_limit(config: ModelConfig, sparsity: float, element_bytes: int = 
             / weight_bytes_per_token(config, element_bytes, 1.0 - sparsity, quantize, plan))
 
 
+def check_preset_fits(preset: str, config: ModelConfig, settings: BenchSettings, element_bytes: int):
+    """Weights (the whole embedding too, unless tied to the head) and the KV cache, before building."""
+    embedding = 0 if config.tie_word_embeddings else (config.vocab_size - 1) * config.dim
+    from catsgen.parallel import plan_for
+    weights = weight_bytes_per_token(config, element_bytes, plan=plan_for(config)) + embedding * element_bytes
+    cache = kv_cache_bytes(config.n_layers, settings.batch_size, settings.max_seq_len, config.n_kv_heads,
+                           config.head_dim, element_bytes)
+    check_fits(f"--preset {preset} (weights + KV cache for --max-seq-len {settings.max_seq_len}, batch "
+               f"{settings.batch_size})", weights + cache, settings.device,
+               ": try a smaller preset, --dtype bfloat16, or a smaller --max-seq-len / --batch-size")
+
+
 def build_model(settings: BenchSettings, checkpoint, preset) -> Transformer:
     from catsgen.checkpoint import random_model
     from catsgen.config import preset as preset_config
     from catsgen.parallel import load_shard, plan_for
     start = time.perf_counter()
     if preset is not None:
+        config, dtype = preset_config(preset), settings.torch_dtype() or torch.bfloat16
+        check_preset_fits(preset, config, settings, dtype.itemsize)
         logger.info(f"building {preset} with random weights on {settings.device} ...")
-        config = preset_config(preset)
-        model = random_model(config, settings.device, settings.torch_dtype() or torch.bfloat16,
-                             plan=plan_for(config), quantize=settings.quantize)
+        model = random_model(config, settings.device, dtype, plan=plan_for(config), quantize=settings.quantize)
     else:
         logger.info(f"loading {checkpoint} ...")
         model = load_shard(checkpoint, settings.device, settings.torch_dtype(), settings.quantize)
@@ -75,8 +88,6 @@ def bench_thresholds(model: Transformer, checkpoint_dir, thresholds_path, random
     from catsgen.calibrate import calibrate_in_memory
     if not random_weights:
         return load_thresholds(model, checkpoint_dir, thresholds_path)
-    if thresholds_path is not None:
-        raise UserError("--thresholds belongs to --checkpoint: random weights are calibrated on random tokens")
     return calibrate_in_memory(model)
 
 
@@ -110,8 +121,13 @@ def run_bench(settings: BenchSettings, checkpoint=None, preset=None, json_path: 
     sparsities = sorted(set([0.0] + [float(s) for s in settings.sparsities]))
     for s in sparsities:
         check_sparsity(s)
+    if preset is not None and settings.thresholds_path is not None:
+        raise UserError("--thresholds belongs to --checkpoint: random weights are calibrated on random tokens")
+    if preset is not None and settings.allocation not in (None, "uniform"):
+        raise UserError(f"--allocation {settings.allocation}: a --preset (random weights, calibrated in "
+                        "memory) has only the uniform allocation; use --checkpoint for greedy or fisher")
     if json_path is not None:
-        check_writable_parent(json_path, "--json")
+        check_output_file(json_path, "--json")
     torch.manual_seed(0)
     model = build_model(settings, checkpoint, preset)
     config = model.config
@@ -147,7 +163,7 @@ def run_bench(settings: BenchSettings, checkpoint=None, preset=None, json_path: 
               "tensor_parallel": {"ranks": model.plan.world, "all_reduce_us": all_reduce_s * 1e6}}
     print(format_table(report))
     if json_path is not None and is_main():
-        write_json_atomically(json_path, report, indent=2)
+        write_json_atomically(json_path, report, indent=2, option="--json")
         logger.info(f"wrote {json_path}")
     return report
 

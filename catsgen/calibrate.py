@@ -15,7 +15,7 @@ import torch
 
 from catsgen import allocations
 from catsgen.errors import UserError
-from catsgen.files import check_writable_parent
+from catsgen.files import check_output_file
 from catsgen.model import DenseSiLU, Transformer, swapped_activations
 from catsgen.progress import Progress
 from catsgen.settings import CalibrateSettings
@@ -108,8 +108,10 @@ def resolve_output(checkpoint: Path, out: Path | None) -> Path:
         if not os.access(checkpoint, os.W_OK):
             raise UserError(f"the checkpoint directory {checkpoint} is not writable: pass --out PATH "
                             "(and --thresholds PATH when you generate)")
-        return default_thresholds_path(checkpoint)
-    check_writable_parent(out, "--out")
+        out = default_thresholds_path(checkpoint)
+        check_output_file(out, "the thresholds file")
+        return out
+    check_output_file(out, "--out")
     return Path(out)
 
 

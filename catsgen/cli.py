@@ -13,6 +13,7 @@ from typing import List, Optional, TypeVar
 import typer
 
 from catsgen.errors import UserError
+from catsgen.files import sigterm_as_interrupt
 from catsgen.settings import BenchSettings, CalibrateSettings, GenerateSettings, PerplexitySettings, RunSettings
 from catsgen.thresholds import MAX_SPARSITY
 
@@ -133,7 +134,7 @@ def convert(
     from catsgen.gguf import convert_gguf
     if parse_dtype(dtype) == parse_dtype("float16"):
         raise UserError("--dtype: choose float32 or bfloat16")
-    convert_gguf(gguf, out, dtype=parse_dtype(dtype), progress=logger.info)
+    convert_gguf(gguf, out, dtype=parse_dtype(dtype))
     logger.info(f"wrote {out}")
 
 
@@ -286,14 +287,23 @@ def main(argv: Optional[List[str]] = None, prog_name: Optional[str] = None, comm
         args = [command] + args
     args = expand_multi_value_options(args)
     try:
-        app(args=args, prog_name=prog_name or "catsgen", standalone_mode=True)
+        with sigterm_as_interrupt():  # SIGTERM cleans up (temporary files) as Ctrl-C does
+            app(args=args, prog_name=prog_name or "catsgen", standalone_mode=True)
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank raised it: rank 0 says it
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except SystemExit as e:  # typer turns Ctrl-C (and SIGTERM, above) into exit code 130, silently
+        if e.code == 130:
+            print(interrupted_message(args[0] if args else "catsgen"), file=sys.stderr)
+        raise
+
+
+WRITING_COMMANDS = ("calibrate", "bench", "convert")  # their outputs are written atomically at the end
+
+
+def interrupted_message(command: str) -> str:
+    return f"interrupted: {command} stopped" + (", nothing written" if command in WRITING_COMMANDS else "")
 
 
 if __name__ == "__main__":

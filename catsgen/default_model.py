@@ -60,7 +60,7 @@ def default_checkpoint() -> Path:
     gguf_path = smollm2_gguf_path()
     logger.info(f"first use of the default model: converting {gguf_path.name} into {checkpoint} (once, a few seconds)")
     # overwrite: replaces a conversion made by an older converter version.
-    convert_gguf(gguf_path, checkpoint, progress=logger.info, overwrite=True)
+    convert_gguf(gguf_path, checkpoint, overwrite=True)
     logger.info(f"default model ready in {checkpoint}")
     return checkpoint
 

@@ -22,15 +22,34 @@ def check_writable_parent(path: Path, option: str):
         raise UserError(f"{option} {path}: directory {parent} does not exist or is not writable")
 
 
-def write_json_atomically(path: Path, data: dict, indent: int = 1):
-    """Temporary file beside the target, then os.replace: the target is whole or absent, never partial."""
+def check_output_file(path: Path, option: str):
+    """An output file can be written at the end of the run: its directory is writable, and the
+    target is absent or a regular file (a directory, FIFO, device or socket is never replaced)."""
+    check_not_special(path, option)
+    check_writable_parent(path, option)
+
+
+def check_not_special(path: Path, option: str):
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a directory: give a file path")
+    if path.exists() and not path.is_file():
+        raise UserError(f"{option} {path} exists and is not a regular file (FIFO, device or socket): "
+                        "refusing to replace it")
+
+
+def write_json_atomically(path: Path, data: dict, indent: int = 1, option: str = "output"):
+    """Temporary file beside the target, then os.replace: the target is whole or absent, never partial.
+    The target is checked again at the last moment: it may have become a FIFO during a long run."""
+    path = Path(path)
+    check_not_special(path, option)
     fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=indent)
             f.flush()
             os.fsync(f.fileno())
+        check_not_special(path, option)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -45,7 +64,11 @@ def write_directory_atomically(out_dir: Path, write: Callable[[Path], None], ove
         raise UserError(f"{out_dir}: exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise UserError(f"{out_dir}: already exists and is not empty; remove it or choose another output directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out_dir}: cannot create its parent directory ({e.strerror})") from None
+    check_writable_parent(out_dir, "--out")
     with sigterm_as_interrupt():
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
         old = None

@@ -185,6 +185,9 @@ def run_generation(checkpoint, settings: GenerateSettings, out=None) -> Generati
     if len(ids) >= max_seq_len:
         raise UserError(f"the prompt is {len(ids)} tokens, longer than --max-seq-len {max_seq_len}")
     max_new_tokens = min(settings.max_new_tokens, max_seq_len - len(ids))
+    if max_new_tokens < settings.max_new_tokens:
+        logger.warning(f"--max-new-tokens {settings.max_new_tokens} cut to {max_new_tokens}: the prompt "
+                       f"({len(ids)} tokens) and the new tokens must fit --max-seq-len {max_seq_len}")
     stream = StreamDecoder(tokenizer)
 
     def on_token(token_id):

@@ -15,6 +15,7 @@ from catsgen.errors import UserError
 from catsgen.kernels import decode_attention, prepare_workspaces
 from catsgen.linear import Linear, mlp
 from catsgen.parallel import ShardPlan
+from catsgen.memory import check_fits, kv_cache_bytes
 
 
 class KVCache(nn.Module):
@@ -175,6 +176,10 @@ class Transformer(nn.Module):
         """Allocate the static KV cache and the RoPE tables for up to max_seq_len positions."""
         c = self.config
         dtype, device = self.output.weight.dtype, self.output.weight.device
+        need = kv_cache_bytes(c.n_layers, batch_size, max_seq_len, self.plan.n_kv_heads, c.head_dim,
+                              self.output.weight.element_size())
+        check_fits(f"the KV cache for --max-seq-len {max_seq_len} (batch {batch_size})", need, device,
+                   ": lower --max-seq-len")
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch_size, max_seq_len, self.plan.n_kv_heads, c.head_dim, dtype, device)
         prepare_workspaces(device, batch_size, self.plan.n_kv_heads)  # now: before any CUDA-graph capture

@@ -6,6 +6,7 @@ Kept free of torch so that `catsgen --help` stays fast: dtypes are names, resolv
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,9 +14,28 @@ from catsgen.errors import UserError
 from catsgen.thresholds import check_allocation, check_sparsity
 
 
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _at_least(name: str, value: int, low: int):
     if value < low:
-        raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+        raise UserError(f"{_option(name)} must be >= {low}, got {value}")
+
+
+def _finite(name: str, value: float):
+    if not math.isfinite(value):  # NaN passes every comparison test below
+        raise UserError(f"{_option(name)} must be a finite number, got {value}")
+
+
+def _utf8(name: str, text: str):
+    """Arguments with bytes that are not UTF-8 arrive with surrogate escapes (PEP 383), which
+    tokenizers cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{_option(name)} has bytes that are not UTF-8 (at character {e.start}): "
+                        "pass UTF-8 text") from None
 
 
 QUANTIZATIONS = ("none", "int8")  # weight-only quantization at load (catsgen/linear.py)
@@ -54,12 +74,15 @@ class GenerateSettings(RunSettings):
     compile: bool | None = None  # None: on for cuda, off for cpu
 
     def validate(self):
-        if self.temperature < 0:
-            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise UserError(f"--top-k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
+        _utf8("prompt", self.prompt)
+        _finite("temperature", self.temperature)
+        _at_least("temperature", self.temperature, 0)
+        if self.top_k is not None:
+            _at_least("top_k", self.top_k, 1)
+        if self.top_p is not None and not 0 < self.top_p <= 1:  # also rejects NaN
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.seed < 2**64:  # what torch.manual_seed takes, without its negative range
+            raise UserError(f"--seed must be in [0, 2**64 - 1], got {self.seed}")
         _at_least("max_new_tokens", self.max_new_tokens, 1)
         _at_least("max_seq_len", self.max_seq_len, 1)
         check_sparsity(self.sparsity)
@@ -124,6 +147,9 @@ class BenchSettings(RunSettings):
         _at_least("new_tokens", self.new_tokens, 3)
         _at_least("max_seq_len", self.max_seq_len, 2)
         _at_least("repeats", self.repeats, 1)
+        if self.prompt_len + self.new_tokens > self.max_seq_len:  # found now, not after building the model
+            raise UserError(f"--prompt-len {self.prompt_len} + --new-tokens {self.new_tokens} exceeds "
+                            f"--max-seq-len {self.max_seq_len}")
         for s in self.sparsities:
             check_sparsity(s)
         check_allocation(self.allocation)

@@ -39,6 +39,8 @@ def builtin_source() -> TextSource:
 
 def file_source(path: Path) -> TextSource:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--text {path} is a directory, not a text file")
     if not path.is_file():
         raise UserError(f"--text {path}: no such file")
     return TextSource(path.name, path.stat().st_size, lambda: _file_chunks(path))

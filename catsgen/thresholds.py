@@ -8,6 +8,7 @@ allocations: how a target sparsity is spread over layers ("greedy") or neurons (
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -141,7 +142,7 @@ class ThresholdsTable:
         return data
 
     def save(self, path: Path):
-        write_json_atomically(path, self.to_json())
+        write_json_atomically(path, self.to_json(), option="thresholds file")
 
     @classmethod
     def load(cls, path: Path) -> "ThresholdsTable":
@@ -156,28 +157,83 @@ class ThresholdsTable:
                             f"reads version {FILE_VERSION}: {CALIBRATE_HINT}")
         table = cls(data.get("model", {}), data.get("calibration", {}), data.get("thresholds"), Path(path),
                     data.get("allocations"))
-        n_layers = table.model.get("n_layers")
-        if (data.get("levels") != LEVELS or not _is_table(table.per_layer, n_layers, len(LEVELS))
-                or not all(isinstance(a, dict) and _is_table(a.get("sparsity"), len(LEVELS), n_layers)
-                           and _neuron_tables_ok(a, n_layers, table.model.get("intermediate_size"))
-                           for a in (table.allocations or {}).values())):
-            raise UserError(f"{path} is damaged: expected {len(LEVELS)} thresholds per layer for "
-                            f"{n_layers} layers (and {len(LEVELS)} x {n_layers} sparsities per allocation)")
+        _check_file(path, data)
         return table
 
 
-def _neuron_tables_ok(entry: dict, n_layers: int, n_neurons: int) -> bool:
-    if "neuron_thresholds" not in entry:
-        return True
-    grid, tables = entry.get("grid"), entry["neuron_thresholds"]
-    return (isinstance(grid, list) and len(grid) > 0 and grid == sorted(grid) and 0 < grid[0]
-            and grid[-1] < MAX_SPARSITY and isinstance(tables, list) and len(tables) == len(grid)
-            and all(_is_table(t, n_layers, n_neurons) for t in tables))
+class _Damaged(Exception):
+    """One wrong entry of a thresholds file: its place (e.g. thresholds[3][17]) and what is wrong."""
 
 
-def _is_table(rows, n_rows: int, n_columns: int) -> bool:
-    return (isinstance(rows, list) and len(rows) == n_rows
-            and all(isinstance(row, list) and len(row) == n_columns for row in rows))
+def _check_file(path, data: dict):
+    """Shapes and values of a thresholds file, checked once at load: NaN, a string or a sparsity
+    of 5.0 would otherwise give garbage text (measured sparsity 1.000) or crash much later."""
+    try:
+        model = data.get("model")
+        if not isinstance(model, dict):
+            raise _Damaged("model: expected a JSON object")
+        n_layers = _count(model.get("n_layers"), "model.n_layers")
+        n_neurons = _count(model.get("intermediate_size"), "model.intermediate_size")
+        if data.get("levels") != LEVELS:
+            raise _Damaged(f"levels: expected the {len(LEVELS)} levels 0.00, 0.01, ..., {MAX_SPARSITY}")
+        _check_table(data.get("thresholds"), "thresholds", n_layers, len(LEVELS), _THRESHOLD, ascending=True)
+        allocations = data.get("allocations", {})
+        if not isinstance(allocations, dict):
+            raise _Damaged("allocations: expected a JSON object")
+        for name, entry in allocations.items():
+            where = f"allocations.{name}"
+            if name not in ALLOCATIONS[1:] or not isinstance(entry, dict):
+                raise _Damaged(f"{where}: expected greedy or fisher, each a JSON object")
+            _check_table(entry.get("sparsity"), f"{where}.sparsity", len(LEVELS), n_layers, _SPARSITY)
+            if "neuron_thresholds" in entry or name == "fisher":
+                _check_neuron_tables(entry, where, n_layers, n_neurons)
+    except _Damaged as e:
+        raise UserError(f"{path} is damaged: {e}: {CALIBRATE_HINT}") from None
+
+
+_THRESHOLD = ("a finite number >= 0", lambda x: math.isfinite(x) and x >= 0)
+_SPARSITY = (f"a sparsity in [0, {MAX_SPARSITY}]", lambda x: 0 <= x <= MAX_SPARSITY)
+_GRID = (f"a sparsity in (0, {MAX_SPARSITY})", lambda x: 0 < x < MAX_SPARSITY)
+
+
+def _count(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _Damaged(f"{where} is {json.dumps(value)}, expected a positive integer")
+    return value
+
+
+def _check_row(row, where: str, length: int, kind: tuple, ascending: bool = False):
+    if not isinstance(row, list) or len(row) != length:
+        got = f"{len(row)} entries" if isinstance(row, list) else json.dumps(row)[:40]
+        raise _Damaged(f"{where} is {got}, expected a list of {length}")
+    what, ok = kind
+    for i, x in enumerate(row):  # bool is an int in Python, not a number in the file
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not ok(x):
+            raise _Damaged(f"{where}[{i}] is {json.dumps(x)[:40]}, expected {what}")
+        if ascending and i > 0 and x < row[i - 1]:
+            raise _Damaged(f"{where}[{i}] is {x}, below {where}[{i - 1}] ({row[i - 1]}): thresholds "
+                           "must not decrease as the sparsity rises")
+
+
+def _check_table(rows, where: str, n_rows: int, n_columns: int, kind: tuple, ascending: bool = False):
+    if not isinstance(rows, list) or len(rows) != n_rows:
+        got = f"{len(rows)} rows" if isinstance(rows, list) else json.dumps(rows)[:40]
+        raise _Damaged(f"{where} is {got}, expected {n_rows} rows of {n_columns}")
+    for i, row in enumerate(rows):
+        _check_row(row, f"{where}[{i}]", n_columns, kind, ascending)
+
+
+def _check_neuron_tables(entry: dict, where: str, n_layers: int, n_neurons: int):
+    grid, tables = entry.get("grid"), entry.get("neuron_thresholds")
+    if not isinstance(grid, list) or not grid:
+        raise _Damaged(f"{where}.grid is {json.dumps(grid)[:40]}, expected a non-empty list")
+    _check_row(grid, f"{where}.grid", len(grid), _GRID)
+    if any(b <= a for a, b in zip(grid, grid[1:])):
+        raise _Damaged(f"{where}.grid {grid} is not strictly ascending")
+    if not isinstance(tables, list) or len(tables) != len(grid):
+        raise _Damaged(f"{where}.neuron_thresholds: expected one table per grid point ({len(grid)})")
+    for j, table in enumerate(tables):
+        _check_table(table, f"{where}.neuron_thresholds[{j}]", n_layers, n_neurons, _THRESHOLD)
 
 
 def bracket(points: list[float], x: float) -> tuple[int, float]:
@@ -199,6 +255,8 @@ def interpolate(row: list[float], sparsity: float) -> float:
 
 def load_thresholds(model, checkpoint_dir, thresholds_path=None, sparsity: float | None = None) -> ThresholdsTable:
     """The thresholds file for this checkpoint (default: next to it), checked against the model."""
+    if thresholds_path is not None and Path(thresholds_path).is_dir():
+        raise UserError(f"--thresholds {thresholds_path} is a directory, not a thresholds file")
     if thresholds_path is not None and not Path(thresholds_path).is_file():
         raise UserError(f"thresholds file {thresholds_path} does not exist: {CALIBRATE_HINT}")
     path = Path(thresholds_path) if thresholds_path is not None else default_thresholds_path(checkpoint_dir)
