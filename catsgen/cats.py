@@ -8,6 +8,7 @@ CATS_t(v) = v where |v| > t, else 0, applied to v = SiLU(W_gate x), one threshol
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from catsgen.model import DenseSiLU, Transformer, swapped_activations
 from catsgen.thresholds import ThresholdsTable, check_sparsity
@@ -33,7 +34,23 @@ class CATS(DenseSiLU):
         if x.is_cuda and tokens <= KERNEL_MAX_TOKENS:
             from catsgen.kernels import cats_mlp  # Triton; imported only where it runs
             return cats_mlp(x.reshape(tokens, x.shape[-1]), w_gate, w_up, w_down_t, self.threshold).view(x.shape)
+        if not x.is_cuda and tokens <= KERNEL_MAX_TOKENS and not torch.compiler.is_compiling():
+            return self.forward_active_rows(x.reshape(tokens, x.shape[-1]), w_gate, w_up, w_down_t).view(x.shape)
         return super().forward(x, w_gate, w_up, w_down_t)
+
+    def forward_active_rows(self, x, w_gate, w_up, w_down_t):
+        """Decode on the CPU: W_down^T is read only at the rows of neurons active for some token,
+        by embedding_bag (a weighted sum of the chosen rows, no copy of them). W_up stays a dense
+        GEMV: gathering its rows first (index_select) measured several times slower than reading
+        them all. The host sync of nonzero is free on the CPU, but breaks a compiled graph."""
+        v = F.silu(F.linear(x, w_gate))
+        keep = self.keep(v)
+        h = torch.where(keep, v * F.linear(x, w_up), 0)
+        active = keep.any(dim=0).nonzero()[:, 0]
+        if active.numel() in (0, w_down_t.shape[0]):  # nothing to skip, or nothing to sum
+            return h @ w_down_t
+        return F.embedding_bag(active.expand(x.shape[0], -1), w_down_t, per_sample_weights=h[:, active],
+                               mode="sum")
 
     def keep(self, v):
         # Compared in fp32 whatever the model dtype, as calibration measured |v| in fp32.
