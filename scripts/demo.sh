@@ -11,8 +11,8 @@ trap 'rm -rf "$logs"' EXIT
 for s in 0 0.5; do
     echo "=== sparsity $s ==="
     python generate.py --chat --prompt "$PROMPT" --max-new-tokens 80 --sparsity "$s" 2> >(tee "$logs/$s" >&2)
+    wait "$!" 2>/dev/null || true  # the tee, so that its file is complete
 done
-wait  # the tee processes
 echo
 echo "=== dense and CATS side by side (same prompt, this machine) ==="
 for s in 0 0.5; do
