@@ -166,8 +166,7 @@ def calibrate(checkpoint: Path, settings: CalibrateSettings = CalibrateSettings(
         with phases("greedy allocation"):
             table.allocations["greedy"] = find_greedy(model, table, head(settings.allocation_tokens))
     if settings.fisher_tokens > 0:
-        with phases("fisher"):
-            table.allocations["fisher"] = find_fisher(model, head(settings.fisher_tokens))
+        table.allocations["fisher"] = find_fisher(model, head(settings.fisher_tokens), phases)
     with phases("write"):
         table.save(out)
     half = table.for_sparsity(0.5)
@@ -200,13 +199,14 @@ def find_greedy(model, table: ThresholdsTable, head: list[list[int]]) -> dict:
             "kl": curves, "sparsity": allocations.greedy_allocation(curves, allocations.layer_bytes(model))}
 
 
-def find_fisher(model, head: list[list[int]]) -> dict:
+def find_fisher(model, head: list[list[int]], phases: Phases) -> dict:
     """The fisher allocation's file entry: per-neuron thresholds on a grid of levels."""
-    with Progress("fisher statistics", len(head), unit="windows") as progress:
+    with phases("fisher statistics"), Progress("fisher statistics", len(head), unit="windows") as progress:
         curves = allocations.fisher_curves(model, head, progress.update)
     tokens = sum(len(w) for w in head)
-    return {"method": allocations.describe_fisher(tokens), "tokens": tokens,
-            **allocations.fisher_allocation(curves, allocations.layer_bytes(model))}
+    with phases("fisher thresholds"):
+        return {"method": allocations.describe_fisher(tokens), "tokens": tokens,
+                **allocations.fisher_allocation(curves, allocations.layer_bytes(model))}
 
 
 @torch.no_grad()
