@@ -313,6 +313,8 @@ def test_calibrate_cli_short_text_and_default_output(checkpoints, capsys, tmp_pa
                             "--text", text, "--tokens", 100000, "--seq-len", 64)
     assert code == 0, err
     assert "the text ran out after" in err and "fewer than --tokens 100000" in err
+    summary = next(line for line in err.splitlines() if line.startswith("calibration took"))
+    assert all(f"{phase} " in summary for phase in ("load", "tokenize", "statistics", "thresholds", "write"))
     data = json.loads((directory / THRESHOLDS_FILENAME).read_text())
     assert data["calibration"]["texts"] == [{"name": "short.txt", "bytes": text.stat().st_size}] * 2
     assert data["calibration"]["tokens"] < 1000
