@@ -10,8 +10,9 @@ logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
 for s in 0 0.5; do
     echo "=== sparsity $s ==="
-    python generate.py --chat --prompt "$PROMPT" --max-new-tokens 80 --sparsity "$s" 2> >(tee "$logs/$s" >&2)
-    wait "$!" 2>/dev/null || true  # the tee, so that its file is complete
+    # stdout to the terminal, stderr through tee into the log as well (the pipeline waits for tee)
+    { python generate.py --chat --prompt "$PROMPT" --max-new-tokens 80 --sparsity "$s" 2>&1 1>&3 \
+        | tee "$logs/$s" >&2; } 3>&1
 done
 echo
 echo "=== dense and CATS side by side (same prompt, this machine) ==="
