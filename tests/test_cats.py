@@ -44,6 +44,22 @@ def test_cats_mlp_equals_independently_masked_dense_mlp():
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape, per_neuron", [((1, 1, D), False), ((2, 3, D), False), ((1, 1, D), True)])
+def test_cpu_decode_path_skipping_rows_equals_the_reference(shape, per_neuron):
+    """Few tokens on the CPU: W_down rows of inactive neurons are skipped (embedding_bag over the
+    active ones, a union over the tokens); the result is the masked dense MLP's."""
+    w_gate, w_up, w_down_t = mlp_weights()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+    t = torch.linspace(0.1, 0.8, FF) if per_neuron else torch.tensor(0.45)
+    act = cats.CATS(0, t)
+    v = F.silu(x @ w_gate.T)
+    assert 0.1 < (act.keep(v).flatten(0, 1).any(0) == 0).double().mean() < 0.9  # rows really skipped
+    reference = (torch.where(v.abs() > t, v, 0) * (x @ w_up.T)) @ w_down_t
+    torch.testing.assert_close(act(x, w_gate, w_up, w_down_t), reference, rtol=1e-5, atol=1e-6)
+    nothing = cats.CATS(0, float("inf"))(x, w_gate, w_up, w_down_t)  # every row skipped
+    assert nothing.shape == x.shape and not nothing.any()
+
+
 def test_never_masking_threshold_is_bit_identical_to_dense():
     w_gate, w_up, w_down_t = mlp_weights()
     x = torch.randn(1, 7, D)
@@ -298,6 +314,8 @@ def test_calibrate_cli_short_text_and_default_output(checkpoints, capsys, tmp_pa
                             "--text", text, "--tokens", 100000, "--seq-len", 64)
     assert code == 0, err
     assert "the text ran out after" in err and "fewer than --tokens 100000" in err
+    summary = next(line for line in err.splitlines() if line.startswith("calibration took"))
+    assert all(f"{phase} " in summary for phase in ("load", "tokenize", "statistics", "thresholds", "write"))
     data = json.loads((directory / THRESHOLDS_FILENAME).read_text())
     assert data["calibration"]["texts"] == [{"name": "short.txt", "bytes": text.stat().st_size}] * 2
     assert data["calibration"]["tokens"] < 1000

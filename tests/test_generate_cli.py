@@ -38,7 +38,7 @@ def test_cli_greedy_equals_transformers(checkpoints, name):
     assert result.returncode == 0, result.stderr
     expected = hf_greedy_text(directory, hf, PROMPT, NEW_TOKENS)
     assert result.stdout.rstrip("\n") == expected
-    assert f"{NEW_TOKENS} new tokens" in result.stderr
+    assert f"{NEW_TOKENS} new tokens" in result.stderr and "torch (CPU), eager]" in result.stderr
 
 
 def test_sampling_is_seeded_and_respects_top_k(checkpoints):

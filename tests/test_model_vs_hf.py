@@ -69,3 +69,31 @@ def test_low_precision_load_is_close(checkpoints, dtype):
     idx = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert rel_err(ours(idx).float(), hf(idx).logits) < 3e-2
+
+
+@pytest.mark.parametrize("name", ["gqa", "mistral_window"])
+def test_cpu_prefix_attention_equals_the_full_cache(checkpoints, name, monkeypatch):
+    """On the CPU, prefill and decode attend over the filled prefix only; reading the whole static
+    cache (what CUDA graphs need) gives the same logits."""
+    ours = load_model(checkpoints[name][0], dtype=torch.float32)
+    idx = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(5))
+
+    def run():
+        ours.setup_caches(batch_size=1, max_seq_len=64)
+        with torch.no_grad():
+            steps = [ours(idx[:, :10], torch.arange(10))]
+            return torch.cat(steps + [ours(idx[:, t:t + 1], torch.tensor([t])) for t in range(10, SEQ)], dim=1)
+
+    assert ours.cached_length(torch.tensor([SEQ - 1])) == SEQ  # the prefix path is the one under test
+    prefix = run()
+    monkeypatch.setattr(type(ours), "cached_length", lambda self, input_pos: self.max_seq_len)
+    torch.testing.assert_close(prefix, run(), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_without_head_returns_the_last_hidden_states(checkpoints):
+    ours = load_model(checkpoints["gqa"][0], dtype=torch.float32)
+    idx = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        hidden = ours(idx, head=False)
+        assert hidden.shape == (1, 8, ours.config.dim)
+        torch.testing.assert_close(ours.output(ours.norm(hidden)), ours(idx))
