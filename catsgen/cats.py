@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from catsgen.linear import mlp
+from catsgen.linear import cats_keep, mlp
 from catsgen.model import DenseSiLU, Transformer, swapped_activations
 from catsgen.thresholds import ThresholdsTable, check_sparsity
 
@@ -30,8 +30,7 @@ class CATS(DenseSiLU):
         return mlp(x, w_gate, w_up, w_down_t, self.threshold)  # catsgen/linear.py picks the kernel
 
     def keep(self, v):
-        # Compared in fp32 whatever the model dtype, as calibration measured |v| in fp32.
-        return v.float().abs() > self.threshold
+        return cats_keep(v, self.threshold)
 
     def activate(self, v):
         return torch.where(self.keep(v), v, 0)

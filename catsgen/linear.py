@@ -36,9 +36,18 @@ FORCE_TRITON = False
 Weight = torch.Tensor | Int8Weight
 
 
+def _few_tokens(x: torch.Tensor) -> bool:
+    return x.numel() // x.shape[-1] <= KERNEL_MAX_TOKENS
+
+
 def _decode_kernels(x: torch.Tensor) -> bool:
-    tokens = x.numel() // x.shape[-1]
-    return tokens <= KERNEL_MAX_TOKENS and (x.is_cuda or FORCE_TRITON)
+    return _few_tokens(x) and (x.is_cuda or FORCE_TRITON)
+
+
+def cats_keep(v: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Which activations CATS keeps: |v| > t, compared in fp32 whatever the model dtype, as
+    calibration measured |v| in fp32."""
+    return v.float().abs() > threshold
 
 
 def _use_triton() -> bool | None:
@@ -69,14 +78,14 @@ def mlp(x: torch.Tensor, w_gate: Weight, w_up: Weight, w_down_t: Weight, thresho
     if activate is None and threshold is not None and _cpu_decode(x) and not isinstance(w_down_t, Int8Weight):
         return _mlp_active_rows(x, w_gate, w_up, w_down_t, threshold)
     if activate is None:
-        activate = (lambda v: v) if threshold is None else (lambda v: torch.where(v.float().abs() > threshold, v, 0))
+        activate = (lambda v: v) if threshold is None else (lambda v: torch.where(cats_keep(v, threshold), v, 0))
     h = activate(F.silu(linear(x, w_gate))) * linear(x, w_up)
     return h @ float_weight(w_down_t, x.dtype)
 
 
 def _cpu_decode(x) -> bool:
     """A few tokens, eager, off CUDA: where a data-dependent row choice (a host sync) is free."""
-    return not x.is_cuda and x.numel() // x.shape[-1] <= KERNEL_MAX_TOKENS and not torch.compiler.is_compiling()
+    return not x.is_cuda and _few_tokens(x) and not torch.compiler.is_compiling()
 
 
 def _mlp_active_rows(x, w_gate, w_up, w_down_t, threshold):
@@ -86,7 +95,7 @@ def _mlp_active_rows(x, w_gate, w_up, w_down_t, threshold):
     them all."""
     shape, x = x.shape, x.reshape(-1, x.shape[-1])
     v = F.silu(linear(x, w_gate))
-    keep = v.float().abs() > threshold  # compared in fp32, as calibration measured |v|
+    keep = cats_keep(v, threshold)
     h = torch.where(keep, v * linear(x, w_up), 0)
     active = keep.any(dim=0).nonzero()[:, 0]
     if active.numel() in (0, w_down_t.shape[0]):  # nothing to skip, or nothing to sum
