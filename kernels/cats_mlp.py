@@ -34,7 +34,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .tiles import as_operand, dot, rows_times_x
+    from .tiles import as_f32, as_operand, dot, rows_times_x, rows_times_x1
 except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
     triton = None
 
@@ -59,11 +59,16 @@ if triton is not None:
     @triton.jit
     def _gate_kernel(x_ptr, wg_ptr, sg_ptr, t_ptr, v_ptr, idx_ptr, count_ptr, u_acc_ptr, y_acc_ptr, B, D, F,
                      T_PER_ROW: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, ZBLOCK: tl.constexpr,
-                     DOT_F32: tl.constexpr, INT8: tl.constexpr):
+                     DOT_F32: tl.constexpr, INT8: tl.constexpr, FMA: tl.constexpr, EVEN: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCK_F + tl.arange(0, BLOCK_F)
         row_ok = rows < F
-        g = rows_times_x(wg_ptr, x_ptr, rows, row_ok, B, D, 0, D, BLOCK_F, BLOCK_D, DOT_F32)
+        toks = tl.arange(0, 16)
+        if FMA:  # one token: fp32 FMA, no padding to 16 tokens
+            g1 = rows_times_x1(wg_ptr, x_ptr, rows, row_ok, D, 0, D, BLOCK_F, BLOCK_D, EVEN, INT8)
+            g = tl.where(toks[None, :] == 0, g1[:, None], 0.0)
+        else:
+            g = rows_times_x(wg_ptr, x_ptr, rows, row_ok, B, D, 0, D, BLOCK_F, BLOCK_D, DOT_F32)
         if INT8:  # per-row (= per-neuron) scales
             g = g * tl.load(sg_ptr + rows, mask=row_ok, other=0.0)[:, None]
         v = g * tl.sigmoid(g)
@@ -72,7 +77,6 @@ if triton is not None:
         else:
             t = tl.load(t_ptr)
         v = tl.where(tl.abs(v) > t, v, 0.0)  # padded tokens and rows: g = 0, so v = 0
-        toks = tl.arange(0, 16)
         tl.store(v_ptr + toks[None, :] * F + rows[:, None], v, mask=(toks < B)[None, :] & row_ok[:, None])
 
         active = (tl.max(tl.abs(v), axis=1) > 0).to(tl.int32)  # a row is read if any token needs it
@@ -97,7 +101,8 @@ if triton is not None:
 
     @triton.jit
     def _up_kernel(x_ptr, wu_ptr, su_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS,
-                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, INT8: tl.constexpr):
+                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, INT8: tl.constexpr,
+                   FMA: tl.constexpr, EVEN: tl.constexpr):
         item = tl.program_id(0)
         slots, rows, ok, n_active, n_items = _list_entries(idx_ptr, count_ptr, item, F, N_COLS, BLOCK_R)
         if item == 0:
@@ -105,8 +110,12 @@ if triton is not None:
         toks = tl.arange(0, 16)
         if item < n_items:
             c0 = (item % N_COLS) * COLS_PER_PROG
-            acc = rows_times_x(wu_ptr, x_ptr, rows, ok, B, D, c0, tl.minimum(c0 + COLS_PER_PROG, D), BLOCK_R,
-                               BLOCK_D, DOT_F32)
+            c1 = tl.minimum(c0 + COLS_PER_PROG, D)
+            if FMA:
+                acc1 = rows_times_x1(wu_ptr, x_ptr, rows, ok, D, c0, c1, BLOCK_R, BLOCK_D, EVEN, INT8)
+                acc = tl.where(toks[None, :] == 0, acc1[:, None], 0.0)
+            else:
+                acc = rows_times_x(wu_ptr, x_ptr, rows, ok, B, D, c0, c1, BLOCK_R, BLOCK_D, DOT_F32)
             if INT8:  # the scales of the listed rows only: a skipped neuron's scale is not read either
                 acc = acc * tl.load(su_ptr + rows, mask=ok, other=0.0)[:, None]
             tl.atomic_add(u_acc_ptr + toks[None, :] * F + slots[:, None], acc, mask=(toks < B)[None, :] & ok[:, None],
@@ -116,7 +125,7 @@ if triton is not None:
     @triton.jit
     def _down_kernel(x_ptr, v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, sd_ptr, y_acc_ptr, B, D, F,
                      COLS_PER_PROG, N_COLS, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
-                     INT8: tl.constexpr):
+                     INT8: tl.constexpr, FMA: tl.constexpr, EVEN: tl.constexpr):
         item = tl.program_id(0)
         slots, rows, ok, n_active, n_items = _list_entries(idx_ptr, count_ptr + 1, item, F, N_COLS, BLOCK_R)
         if item == 0:
@@ -127,14 +136,22 @@ if triton is not None:
             m = tok_ok[:, None] & ok[None, :]
             v = tl.load(v_ptr + toks[:, None] * F + rows[None, :], mask=m, other=0.0)
             u = tl.load(u_acc_ptr + toks[:, None] * F + slots[None, :], mask=m, other=0.0)
-            h = (v * u).to(x_ptr.dtype.element_ty)  # [16, BLOCK_R]; the dot's operands: x's dtype
+            if FMA:  # token 0's [BLOCK_R] in fp32
+                h1 = tl.sum(v * u, axis=0)  # the padded tokens' rows are 0
+            else:
+                h = (v * u).to(x_ptr.dtype.element_ty)  # [16, BLOCK_R]; the dot's operands: x's dtype
             c0 = (item % N_COLS) * COLS_PER_PROG
             for c in range(c0, c0 + COLS_PER_PROG, BLOCK_D):
                 cols = c + tl.arange(0, BLOCK_D)
                 col_ok = cols < D
-                w = tl.load(wd_ptr + rows[:, None] * D + cols[None, :], mask=ok[:, None] & col_ok[None, :],
+                w_mask = ok[:, None] if EVEN else ok[:, None] & col_ok[None, :]  # EVEN: no mask along a row
+                w = tl.load(wd_ptr + rows[:, None] * D + cols[None, :], mask=w_mask,
                             other=0, eviction_policy="evict_first")  # 0 of any dtype (int8 too)
-                y = dot(h, as_operand(w, h.dtype, DOT_F32), tl.zeros([16, BLOCK_D], tl.float32), DOT_F32)
+                if FMA:  # one token: the weighted sum of the listed rows on the FMA units
+                    y1 = tl.sum(as_f32(w, INT8) * h1[:, None], axis=0)
+                    y = tl.where(toks[:, None] == 0, y1[None, :], 0.0)
+                else:
+                    y = dot(h, as_operand(w, h.dtype, DOT_F32), tl.zeros([16, BLOCK_D], tl.float32), DOT_F32)
                 if INT8:  # W_down's output-channel scales (per column of W_down^T), on this program's row sum
                     y = y * tl.load(sd_ptr + cols, mask=col_ok, other=0.0)[None, :]
                 tl.atomic_add(y_acc_ptr + toks[:, None] * D + cols[None, :], y, mask=tok_ok[:, None] & col_ok[None, :],
@@ -156,6 +173,7 @@ class Blocks:
     down_steps: int = 2
     warps: int = 4
     stages: int = 3
+    fma_at_b1: bool = False  # B = 1: multiply-add in fp32 instead of tl.dot with x padded to 16 tokens
 
 
 # The H200 sweep's best for 4096x11008 (scripts/gpu_int8.py --sweep, benchmarks/h200/session4/int8.log).
@@ -198,7 +216,8 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     x = x.contiguous()
     cfg = blocks or pick_blocks(B, int8)
     dot_f32 = x.dtype == torch.float32 or not x.is_cuda
-    common = dict(DOT_F32=dot_f32, INT8=int8, num_warps=cfg.warps, num_stages=cfg.stages)
+    fma = cfg.fma_at_b1 and B == 1
+    common = dict(DOT_F32=dot_f32, INT8=int8, FMA=fma, num_warps=cfg.warps, num_stages=cfg.stages)
 
     f32 = dict(device=x.device, dtype=torch.float32)
     v, u_acc, y_acc = _empty(B, F, **f32), _empty(B, F, **f32), _empty(B, D, **f32)
@@ -209,14 +228,16 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     _gate_kernel[(n_gate,)](x, w_gate, s_gate, threshold, v, idx, count, u_acc, y_acc, B, D, F,
                             T_PER_ROW=threshold.numel() > 1, BLOCK_F=cfg.gate_f, BLOCK_D=cfg.gate_d,
                             ZBLOCK=triton.next_power_of_2(triton.cdiv(B * (F + D), n_gate)),
-                            DOT_F32=dot_f32, INT8=int8, num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
+                            DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % cfg.gate_d == 0,
+                            num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
     up_cols, down_cols = cfg.up_d * cfg.up_steps, cfg.down_d * cfg.down_steps
     n_up, n_down = triton.cdiv(D, up_cols), triton.cdiv(D, down_cols)  # column ranges
     _up_kernel[(n_up * triton.cdiv(F, cfg.up_r),)](
-        x, w_up, s_up, idx, count, u_acc, B, D, F, up_cols, n_up, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d, **common)
+        x, w_up, s_up, idx, count, u_acc, B, D, F, up_cols, n_up, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d,
+        EVEN=D % up_cols == 0, **common)
     _down_kernel[(n_down * triton.cdiv(F, cfg.down_r),)](
         x, v, u_acc, idx, count, w_down_t, s_down, y_acc, B, D, F, down_cols, n_down,
-        BLOCK_R=cfg.down_r, BLOCK_D=cfg.down_d, **common)
+        BLOCK_R=cfg.down_r, BLOCK_D=cfg.down_d, EVEN=D % down_cols == 0, **common)
     return y_acc if fp32_out or x.dtype == torch.float32 else y_acc.to(x.dtype)
 
 

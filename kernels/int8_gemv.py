@@ -22,7 +22,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .tiles import rows_times_x
+    from .tiles import rows_times_x, rows_times_x1
 except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
     triton = None
 
@@ -50,6 +50,7 @@ class GemvBlocks:
     split_k: int = 1
     warps_and_stages: tuple[int, int] = (4, 4)
     fma_at_b1: bool = False
+    magic: bool = True
 
 
 DEFAULT_GEMV_BLOCKS = GemvBlocks()
@@ -72,7 +73,7 @@ if triton is not None:
     @triton.jit
     def _int8_gemv_kernel(x_ptr, q_ptr, s_ptr, out_ptr, B, N, K, K_PER_SPLIT,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
-                          FMA: tl.constexpr):
+                          FMA: tl.constexpr, EVEN: tl.constexpr, MAGIC: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         split = tl.program_id(1)
         row_ok = rows < N
@@ -80,13 +81,7 @@ if triton is not None:
         k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
         toks = tl.arange(0, 16)
         if FMA:  # B = 1: one token, no tl.dot
-            acc1 = tl.zeros([BLOCK_N], tl.float32)
-            for k in range(k_lo, k_hi, BLOCK_K):
-                cols = k + tl.arange(0, BLOCK_K)
-                w = tl.load(q_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < k_hi)[None, :],
-                            other=0, eviction_policy="evict_first")
-                xv = tl.load(x_ptr + cols, mask=cols < k_hi, other=0.0).to(tl.float32)
-                acc1 += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+            acc1 = rows_times_x1(q_ptr, x_ptr, rows, row_ok, K, k_lo, k_hi, BLOCK_N, BLOCK_K, EVEN, MAGIC)
             acc = tl.where(toks[None, :] == 0, acc1[:, None], 0.0)  # [BLOCK_N, 16], token 0 only
         else:
             acc = rows_times_x(q_ptr, x_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N, BLOCK_K, DOT_F32)
@@ -114,6 +109,7 @@ def int8_gemv_triton(x, q, scale, blocks: GemvBlocks | None = None):
     _int8_gemv_kernel[(triton.cdiv(N, blocks.block_n), split_k)](
         x, q, scale, out, B, N, K, k_per_split, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
         DOT_F32=x.dtype == torch.float32 or not x.is_cuda, FMA=blocks.fma_at_b1 and B == 1,
+        EVEN=K % k_per_split == 0 and k_per_split % blocks.block_k == 0, MAGIC=blocks.magic,
         num_warps=blocks.warps_and_stages[0],
         num_stages=blocks.warps_and_stages[1])
     return out if split_k == 1 else out.sum(0).to(x.dtype)

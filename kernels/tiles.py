@@ -3,6 +3,8 @@
 Tokens are padded to 16 so each step is one tl.dot on the tensor cores (FMA units for fp32).
 Weights may be float or int8: a weight tile is converted to x's dtype in registers before the
 dot (exact for int8, |q| <= 127); the caller applies int8 scales to the fp32 result.
+One token (B = 1) can skip the padding: rows_times_x1 multiplies on the FMA units in fp32 and
+converts int8 without the I2F unit (int8_to_f32).
 """
 import triton
 import triton.language as tl
@@ -41,3 +43,42 @@ def rows_times_x(w_ptr, x_ptr, rows, row_mask, B, D, k_lo, k_hi,
                      other=0.0)
         acc = dot(as_operand(w, xt.dtype, DOT_F32), xt, acc, DOT_F32)
     return acc
+
+
+@triton.jit
+def int8_to_f32(w):
+    """int8 -> fp32, exact, on the integer and FMA pipes instead of the conversion unit (16 per clock
+    per SM on Hopper, fewer than the int8 weights HBM delivers): 2^23 has an fp32 ulp of 1, so the
+    bits of 2^23 + 128 + b, i.e. 0x4B000080 + b, read as fp32 are that number exactly."""
+    return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def as_f32(w, MAGIC: tl.constexpr):
+    if MAGIC:
+        return int8_to_f32(w)
+    else:
+        return w.to(tl.float32)
+
+
+@triton.jit
+def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+                  EVEN: tl.constexpr, MAGIC: tl.constexpr):
+    """[BLOCK_F] fp32 = w[rows, k_lo:k_hi] @ x[0, k_lo:k_hi] for one token, on the FMA units. The
+    products are summed across columns once, after the loop (a [BLOCK_F, BLOCK_D] accumulator),
+    not every step. EVEN: k_hi - k_lo is a multiple of BLOCK_D, so the loads need no column mask
+    (a mask whose value changes along a row can split the int8 loads into single bytes).
+    MAGIC: int8 weights converted by int8_to_f32."""
+    acc = tl.zeros([BLOCK_F, BLOCK_D], tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_D):
+        cols = k + tl.arange(0, BLOCK_D)
+        if EVEN:
+            w = tl.load(w_ptr + rows[:, None] * D + cols[None, :], mask=row_mask[:, None], other=0,
+                        eviction_policy="evict_first")
+            xv = tl.load(x_ptr + cols)
+        else:
+            w = tl.load(w_ptr + rows[:, None] * D + cols[None, :], mask=row_mask[:, None] & (cols < k_hi)[None, :],
+                        other=0, eviction_policy="evict_first")
+            xv = tl.load(x_ptr + cols, mask=cols < k_hi, other=0.0)
+        acc += as_f32(w, MAGIC) * xv.to(tl.float32)[None, :]
+    return tl.sum(acc, axis=1)

@@ -92,6 +92,19 @@ def check_kernels():
             ok = y.dtype == dt and not y.isnan().any() and (s < 1 or bool((y == 0).all()))
             err = 0.0 if s == 1 else rel_err(y, cats_mlp_reference(x, *qs, t, scales=scales))
             check(f"int8 cats_mlp B={B} s={s} {dt}", err, 1e-4 if dt == torch.float32 else 1e-2, ok)
+        fma = dataclasses.replace(cm.pick_blocks(1, int8=True), fma_at_b1=True)
+        for s, weights in ((0.5, "int8"), (0.7, "bf16"), (0.0, "int8")):  # B = 1 on the FMA units
+            x = torch.randn(1, D, device=DEV, dtype=torch.bfloat16)
+            t, _ = threshold(x, qs[0], scales[0], s)
+            if weights == "int8":
+                y, ref = (cm.cats_mlp_triton(x, *qs, t, blocks=fma, scales=scales),
+                          cats_mlp_reference(x, *qs, t, scales=scales))
+            else:
+                ws = [torch.randn(FF, D, device=DEV, dtype=torch.bfloat16) / D**0.5
+                      for _ in range(3)]
+                y, ref = (cm.cats_mlp_triton(x, *ws, t, blocks=dataclasses.replace(cm.Blocks(), fma_at_b1=True)),
+                          cats_mlp_reference(x, *ws, t))
+            check(f"{weights} cats_mlp FMA B=1 s={s}", rel_err(y, ref), 1e-2, not y.isnan().any())
         x = torch.randn(2, D, device=DEV, dtype=torch.bfloat16)
         t = torch.rand(FF, device=DEV) * 0.1  # per-neuron thresholds
         check("int8 cats_mlp per-neuron t", rel_err(cats_mlp(x, *qs, t, scales=scales),
@@ -153,18 +166,31 @@ def time_gemv(sweep):
                   f"{bf_bytes / bf / 1e3:>6.0f} {bf / i8:>6.2f}x")
 
 
+def gemv_candidates(k):
+    """B = 1 tilings tried by --sweep: FMA rows (few rows, long int8 steps, the int8_to_f32
+    conversion; two with the I2F conversion for comparison) and the tl.dot tiles."""
+    fma = [(1, 4096, 4, 1), (2, 2048, 4, 1), (4, 1024, 4, 1), (4, 2048, 4, 1), (4, 2048, 8, 1), (8, 512, 4, 2),
+           (8, 1024, 4, 1), (8, 1024, 8, 1), (16, 512, 4, 1), (16, 512, 4, 4), (4, 1024, 4, 3), (2, 1024, 2, 1),
+           (8, 2048, 8, 1), (16, 1024, 8, 1), (4, 512, 2, 1), (4, 256, 2, 1), (8, 256, 4, 1), (16, 256, 4, 1),
+           (16, 256, 4, 3), (32, 256, 4, 1), (32, 256, 8, 1)]
+    tries = [gm.GemvBlocks(n, bk, 1, (w, st), True) for n, bk, w, st in fma if bk <= k]
+    tries += [gm.GemvBlocks(4, 1024, 1, (4, 1), True, magic=False), gm.GemvBlocks(16, 512, 1, (4, 4), True, magic=False),
+              gm.GemvBlocks(32, 512, 1, (4, 4)), gm.GemvBlocks(32, 256, 1, (4, 4))]
+    return tries
+
+
 def sweep_gemv(n, k):
-    base = gm.DEFAULT_GEMV_BLOCKS
-    tries = [base] + [dataclasses.replace(base, **c) for c in (
-        dict(block_k=256), dict(block_k=1024), dict(block_n=32), dict(block_n=32, block_k=256),
-        dict(warps_and_stages=(4, 3)), dict(warps_and_stages=(4, 6)), dict(warps_and_stages=(8, 4)),
-        dict(warps_and_stages=(2, 4)), dict(split_k=2),
-        dict(fma_at_b1=True), dict(fma_at_b1=True, block_n=32, block_k=256),
-        dict(fma_at_b1=True, block_n=64, block_k=128), dict(block_n=64, split_k=4))]
-    times = {b: rotated_time_us(gemv_call(n, k, 1, b), n * k) for b in tries}
+    base = gm.pick_gemv_blocks(n, k)
+    tries = [base] + [b for b in gemv_candidates(k) if b != base]
+    times = {}
+    for b in tries:
+        try:
+            times[b] = rotated_time_us(gemv_call(n, k, 1, b), n * k)
+        except Exception as e:  # a tiling the compiler refuses (registers, shared memory) is skipped
+            print(f"sweep gemv {n}x{k} {b}: {type(e).__name__}")
     best = min(times, key=times.get)
     for b, us in sorted(times.items(), key=lambda item: item[1]):
-        print(f"sweep gemv {n}x{k} B=1: {us:6.1f} us {b}")
+        print(f"sweep gemv {n}x{k} B=1: {us:6.1f} us {n * k / us / 1e3:6.0f} GB/s {b}")
     print(f"sweep gemv {n}x{k} B=1: base {times[base]:.1f} us, BEST {times[best]:.1f} us {best}")
     return best
 
@@ -209,19 +235,44 @@ def sweep_mlp():
 
     def score(cfg):
         return sum(graph_time_us(lambda: cm.cats_mlp_triton(x, *qs, t, blocks=cfg, scales=scales)) for t in ts)
-    best = cm.pick_blocks(1, int8=True)
+    base = cm.pick_blocks(1, int8=True)
+    best = dataclasses.replace(base, fma_at_b1=True)
+    print(f"sweep int8 mlp tl.dot {base}: {score(base):.1f}")
     best_us = score(best)
-    print(f"sweep int8 mlp base {best}: {best_us:.1f}")
-    for change in (dict(gate_d=128), dict(gate_d=512), dict(gate_f=32), dict(gate_stages=3), dict(up_steps=8),
-                   dict(up_steps=2), dict(up_d=128, up_steps=8), dict(up_r=32), dict(down_steps=2),
-                   dict(down_d=128, down_steps=2), dict(down_d=512, down_steps=1), dict(stages=4), dict(warps=8)):
+    print(f"sweep int8 mlp base FMA {best}: {best_us:.1f}")
+    for change in (dict(gate_f=16, gate_d=512), dict(gate_f=8, gate_d=1024), dict(gate_f=16, gate_d=256),
+                   dict(gate_f=4, gate_d=1024), dict(gate_stages=1), dict(gate_warps=8), dict(up_r=16),
+                   dict(up_d=512, up_steps=2), dict(up_d=1024, up_steps=1), dict(up_r=16, up_d=512, up_steps=2),
+                   dict(up_r=8, up_d=1024, up_steps=1), dict(down_r=32), dict(down_r=16),
+                   dict(down_d=256, down_steps=1), dict(down_d=512, down_steps=1), dict(stages=1), dict(warps=8),
+                   dict(warps=2)):
         cfg = dataclasses.replace(best, **change)
-        us = score(cfg)
+        try:
+            us = score(cfg)
+        except Exception as e:
+            print(f"sweep {change}: {type(e).__name__}")
+            continue
         print(f"sweep {change}: {us:.1f}")
         if us < best_us:
             best, best_us = cfg, us
     print(f"sweep BEST {best}: {best_us:.1f}")
     return best
+
+
+def probe_bf16_fma():
+    """The bf16 CATS MLP at B = 1: tl.dot tiles against FMA tiles (µs, s=0.5 / s=0.7)."""
+    ws = [torch.randn(FF, D, device=DEV, dtype=torch.bfloat16) / D**0.5 for _ in range(3)]
+    x = torch.randn(1, D, device=DEV, dtype=torch.bfloat16)
+    v = F.silu(x.float() @ ws[0].float().t()).abs().flatten().sort().values
+    ts = [v[int(s * v.numel())].reshape(()) for s in (0.5, 0.7)]
+    base = cm.Blocks()
+    for cfg in (base, dataclasses.replace(base, fma_at_b1=True),
+                dataclasses.replace(base, fma_at_b1=True, gate_f=16, gate_d=256),
+                dataclasses.replace(base, fma_at_b1=True, gate_f=8, gate_d=512, gate_stages=1),
+                dataclasses.replace(base, fma_at_b1=True, up_r=16, up_d=256, up_steps=4, down_r=32, down_d=256,
+                                    down_steps=1, stages=1)):
+        us = [graph_time_us(lambda: cm.cats_mlp_triton(x, *ws, t, blocks=cfg)) for t in ts]
+        print(f"bf16 cats_mlp B=1 s=0.5 {us[0]:.1f} us, s=0.7 {us[1]:.1f} us: {cfg}")
 
 
 def main():
@@ -230,7 +281,8 @@ def main():
     a = p.parse_args()
     import triton
     print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())
-    for section in (check_kernels, check_compiled, lambda: time_gemv(a.sweep), lambda: time_mlp(a.sweep)):
+    for section in (check_kernels, check_compiled, lambda: time_gemv(a.sweep), lambda: time_mlp(a.sweep),
+                    probe_bf16_fma):
         try:
             section()
         except Exception:  # report and go on: one run on the device must give every answer it can

@@ -1,4 +1,5 @@
 """Helpers shared by the CATS MLP kernel tests (bf16 and int8 weights)."""
+import dataclasses
 import importlib
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 
 cm = importlib.import_module("catsgen.kernels.cats_mlp")  # the kernel's module, not the op of the same name
 SMALL = cm.Blocks(gate_f=16, gate_d=32, up_r=16, up_d=16, up_steps=2, down_r=16, down_d=16, down_steps=2)  # many steps, tails
+SMALL_FMA = dataclasses.replace(SMALL, fma_at_b1=True)  # B = 1 on the FMA units (B > 1: tl.dot as SMALL)
 
 
 def threshold(x, w_gate, sparsity):

@@ -8,7 +8,7 @@ import torch
 
 from catsgen.kernels import cats_mlp, cats_mlp_reference, int8_gemv, int8_gemv_reference
 from catsgen.quantize import dequantize_int8, quantize_int8
-from helpers_kernels import SMALL, poisoned_scratch, rel_err  # noqa: F401 (poisoned_scratch: a fixture)
+from helpers_kernels import SMALL, SMALL_FMA, poisoned_scratch, rel_err  # noqa: F401 (poisoned_scratch: a fixture)
 from helpers_kernels import threshold as float_threshold
 
 assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"  # conftest.py
@@ -32,7 +32,9 @@ def _quantized(n, k, seed, zero_rows=()):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B", [1, 3, 8])
 @pytest.mark.parametrize("n,k,blocks", [(37, 67, gm.GemvBlocks()), (50, 45, SMALL_GEMV),
-                                        (37, 67, gm.GemvBlocks(block_k=32, split_k=2, fma_at_b1=True))])
+                                        (37, 67, gm.GemvBlocks(block_k=32, split_k=2, fma_at_b1=True)),
+                                        (37, 64, gm.GemvBlocks(block_n=4, block_k=32, fma_at_b1=True)),  # no column mask
+                                        (37, 67, gm.GemvBlocks(block_k=32, fma_at_b1=True, magic=False))])
 def test_int8_gemv_matches_reference(dtype, B, n, k, blocks):
     q, scale = _quantized(n, k, seed=B, zero_rows=(3,))
     x = torch.randn(B, k, generator=torch.Generator().manual_seed(n)).to(DEV, dtype)
@@ -41,6 +43,19 @@ def test_int8_gemv_matches_reference(dtype, B, n, k, blocks):
     assert out.shape == (B, n) and out.dtype == dtype
     assert rel_err(out, ref) < TOL[dtype]
     assert (out[:, 3] == 0).all()  # a zero row (scale 0) gives exact zeros
+
+
+@pytest.mark.parametrize("magic", [True, False])
+def test_int8_to_float_conversion_is_exact_for_every_value(magic):
+    """One token picking one column (x one-hot, scales 1): the FMA path's output is that column
+    of q, converted, so every int8 value -128..127 must come back exactly."""
+    q = torch.zeros(256, 32, dtype=torch.int8)
+    q[:, 5] = torch.arange(-128, 128, dtype=torch.int8)
+    x = torch.zeros(1, 32)
+    x[0, 5] = 1.0
+    out = gm.int8_gemv_triton(x.to(DEV), q.to(DEV), torch.ones(256, device=DEV),
+                              gm.GemvBlocks(block_n=16, block_k=32, fma_at_b1=True, magic=magic))
+    assert torch.equal(out[0].cpu(), torch.arange(-128, 128, dtype=torch.float32))
 
 
 def test_int8_gemv_reference_is_dequantized_linear():
@@ -88,7 +103,9 @@ def int8_threshold(x, qs, scales, sparsity):
 @pytest.mark.parametrize("B", [1, 3, 8])
 @pytest.mark.parametrize("sparsity", [0, 0.4, 1])
 @pytest.mark.parametrize("d,f,blocks,dtype", [(37, 67, None, torch.bfloat16),  # the int8 tiles
-                                              (72, 150, SMALL, torch.float32)])  # many steps, tails
+                                              (72, 150, SMALL, torch.float32),  # many steps, tails
+                                              (72, 150, SMALL_FMA, torch.bfloat16),  # B = 1: FMA, tails
+                                              (64, 160, SMALL_FMA, torch.float16)])  # B = 1: FMA, no column mask
 def test_int8_cats_mlp_matches_reference(poisoned_scratch, dtype, B, sparsity, d, f, blocks):
     x, qs, scales = _int8_mlp(B, d, f, dtype, seed=B + f)
     t = int8_threshold(x, qs, scales, sparsity)

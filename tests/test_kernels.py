@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from catsgen.kernels import cats_mlp, cats_mlp_reference
-from helpers_kernels import SMALL, poisoned_scratch, rel_err, threshold  # noqa: F401 (poisoned_scratch: a fixture)
+from helpers_kernels import SMALL, SMALL_FMA, poisoned_scratch, rel_err, threshold  # noqa: F401 (poisoned_scratch: a fixture)
 
 # White-box: the kernel's module (tiles, scratch allocator, workspace), not the op of the same name.
 cm = importlib.import_module("catsgen.kernels.cats_mlp")
@@ -30,7 +30,7 @@ def _inputs(B, d, f, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B", [1, 3, 8])
 @pytest.mark.parametrize("sparsity", [0, 0.5, 1])
-@pytest.mark.parametrize("d,f,blocks", [(37, 67, None), (72, 150, SMALL)])
+@pytest.mark.parametrize("d,f,blocks", [(37, 67, None), (72, 150, SMALL), (64, 150, SMALL_FMA), (72, 150, SMALL_FMA)])
 def test_triton_matches_reference(poisoned_scratch, dtype, B, sparsity, d, f, blocks):
     seed = int(torch.randint(2**31, ()))
     x, w_gate, w_up, w_down_t = _inputs(B, d, f, dtype, seed)
