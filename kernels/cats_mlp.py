@@ -176,15 +176,20 @@ class Blocks:
     fma_at_b1: bool = False  # B = 1: multiply-add in fp32 instead of tl.dot with x padded to 16 tokens
 
 
-# The H200 sweep's best for 4096x11008 (scripts/gpu_int8.py --sweep, benchmarks/h200/session4/int8.log).
+# The H200 sweeps' best for 4096x11008 (scripts/gpu_int8.py --sweep, notes/kernels.md int8 v2):
+# B = 1 on the FMA units (few rows, long int8 steps); B > 1 through tl.dot (16-row tiles at least).
 INT8_BLOCKS = Blocks(gate_f=32, gate_d=128, gate_warps=4, gate_stages=4, up_r=32, up_d=256, up_steps=4,
                      down_r=64, down_d=128, down_steps=2, warps=4, stages=4)
+INT8_B1_BLOCKS = Blocks(gate_f=16, gate_d=256, gate_warps=4, gate_stages=1, up_r=16, up_d=256, up_steps=4,
+                        down_r=64, down_d=256, down_steps=1, warps=2, stages=1, fma_at_b1=True)
 
 
 def pick_blocks(B: int, int8: bool = False) -> Blocks:
-    """Tokens are padded to 16, so one table serves every B (how it was tuned: notes/kernels.md).
-    int8: its own tiles, from the H200 sweep (INT8_BLOCKS)."""
-    return INT8_BLOCKS if int8 else Blocks()
+    """Float weights: tokens are padded to 16, so one table serves every B (how it was tuned:
+    notes/kernels.md). int8: B = 1 on the FMA units, B > 1 through tl.dot, each its own tiles."""
+    if int8:
+        return INT8_B1_BLOCKS if B == 1 else INT8_BLOCKS
+    return Blocks()
 
 
 _empty = torch.empty  # scratch allocation; tests swap in a NaN-filling version to catch unwritten outputs

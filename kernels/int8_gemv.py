@@ -54,19 +54,24 @@ class GemvBlocks:
 
 
 DEFAULT_GEMV_BLOCKS = GemvBlocks()
-# (N, K) -> tiles: the H200 sweep (scripts/gpu_int8.py --sweep, benchmarks/h200/session4/int8.log).
-# fma_at_b1 applies at B = 1 only (the kernel checks B): at B = 4 the FMA variant measured 38 us
-# against 27 us for bf16 cuBLAS, so B > 1 always takes the tl.dot path.
-_FMA_ROWS = GemvBlocks(block_n=16, block_k=512, split_k=1, warps_and_stages=(4, 4), fma_at_b1=True)
-_DOT_ROWS = GemvBlocks(block_n=32, block_k=512, split_k=1, warps_and_stages=(4, 4), fma_at_b1=False)
+# B = 1: one token on the FMA units, (N, K) -> tiles from the H200 sweep (scripts/gpu_int8.py
+# --sweep, notes/kernels.md int8 v2); any other shape takes B1_GEMV_BLOCKS.
+B1_GEMV_BLOCKS = GemvBlocks(block_n=4, block_k=1024, split_k=1, warps_and_stages=(4, 1), fma_at_b1=True)
 TUNED_GEMV_BLOCKS: dict[tuple[int, int], GemvBlocks] = {
-    (12288, 4096): _FMA_ROWS, (11008, 4096): _FMA_ROWS,  # Llama-2-7B W_qkv, W_gate / W_up
-    (4096, 4096): _DOT_ROWS, (4096, 11008): _DOT_ROWS,  # W_o, W_down
+    (12288, 4096): GemvBlocks(block_n=2, block_k=1024, warps_and_stages=(2, 1), fma_at_b1=True),  # Llama-2-7B W_qkv
+    (11008, 4096): GemvBlocks(block_n=2, block_k=1024, warps_and_stages=(2, 1), fma_at_b1=True),  # W_gate, W_up
+    (4096, 4096): B1_GEMV_BLOCKS,  # W_o
+    (4096, 11008): GemvBlocks(block_n=4, block_k=1024, warps_and_stages=(4, 3), fma_at_b1=True),  # W_down
 }
+# B > 1: x padded to 16 tokens for tl.dot (the FMA variant measured 38 us against 27 us for bf16
+# cuBLAS at B = 4, session 4)
+DOT_GEMV_BLOCKS = GemvBlocks(block_n=32, block_k=512, split_k=1, warps_and_stages=(4, 4))
 
 
-def pick_gemv_blocks(N: int, K: int) -> GemvBlocks:
-    return TUNED_GEMV_BLOCKS.get((N, K), DEFAULT_GEMV_BLOCKS)
+def pick_gemv_blocks(N: int, K: int, B: int = 1) -> GemvBlocks:
+    if B > 1:
+        return DOT_GEMV_BLOCKS
+    return TUNED_GEMV_BLOCKS.get((N, K), B1_GEMV_BLOCKS)
 
 
 if triton is not None:
@@ -99,7 +104,7 @@ def int8_gemv_triton(x, q, scale, blocks: GemvBlocks | None = None):
     assert q.shape == (N, K) and q.dtype == torch.int8 and q.is_contiguous()
     assert scale.shape == (N,) and scale.dtype == torch.float32
     x = x.contiguous()
-    blocks = blocks or pick_gemv_blocks(N, K)
+    blocks = blocks or pick_gemv_blocks(N, K, B)
     split_k = max(1, min(blocks.split_k, triton.cdiv(K, blocks.block_k)))
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), blocks.block_k) * blocks.block_k
     split_k = triton.cdiv(K, k_per_split)  # no empty split

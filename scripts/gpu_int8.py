@@ -7,8 +7,8 @@ kernels/cats_mlp.py) at the Llama-2-7B shapes:
      (50 MB on the H200) holds none of them: the int8 GEMV against bf16 cuBLAS of the same shape;
      the int8 CATS MLP at s = 0, 0.5, 0.7 against the int8 dense MLP (the int8 GEMV three times)
      and the bf16 cuBLAS dense MLP. GB/s counts the bytes read, scales included.
-`--sweep` also tries a few tilings of each kernel and prints the best (about a minute more).
-    python3 scripts/gpu_int8.py [--sweep]
+`--sweep [gemv] [mlp]` also tries tilings of those kernels (all: --sweep alone) and prints the best.
+    python3 scripts/gpu_int8.py [--sweep [gemv] [mlp]]
 Every section runs even if one before it failed; the exit code says whether all checks passed.
 """
 import argparse
@@ -92,7 +92,7 @@ def check_kernels():
             ok = y.dtype == dt and not y.isnan().any() and (s < 1 or bool((y == 0).all()))
             err = 0.0 if s == 1 else rel_err(y, cats_mlp_reference(x, *qs, t, scales=scales))
             check(f"int8 cats_mlp B={B} s={s} {dt}", err, 1e-4 if dt == torch.float32 else 1e-2, ok)
-        fma = dataclasses.replace(cm.pick_blocks(1, int8=True), fma_at_b1=True)
+        fma = cm.pick_blocks(1, int8=True)
         for s, weights in ((0.5, "int8"), (0.7, "bf16"), (0.0, "int8")):  # B = 1 on the FMA units
             x = torch.randn(1, D, device=DEV, dtype=torch.bfloat16)
             t, _ = threshold(x, qs[0], scales[0], s)
@@ -159,7 +159,7 @@ def time_gemv(sweep):
         if sweep:  # the best tiles serve the rest of the run (the int8 dense MLP too)
             best = gm.TUNED_GEMV_BLOCKS[n, k] = sweep_gemv(n, k)
         for B in (1, 4):
-            i8 = rotated_time_us(gemv_call(n, k, B, best), n * k)
+            i8 = rotated_time_us(gemv_call(n, k, B, best if B == 1 else gm.pick_gemv_blocks(n, k, B)), n * k)
             bf = rotated_time_us(gemv_call(n, k, B), 2 * n * k)
             i8_bytes, bf_bytes = n * k + 4 * n, 2 * n * k
             print(f"{name:>8} {n:>5}x{k:<5} {B:>2} {i8:>8.1f} {i8_bytes / i8 / 1e3:>6.0f} {bf:>8.1f} "
@@ -235,17 +235,18 @@ def sweep_mlp():
 
     def score(cfg):
         return sum(graph_time_us(lambda: cm.cats_mlp_triton(x, *qs, t, blocks=cfg, scales=scales)) for t in ts)
-    base = cm.pick_blocks(1, int8=True)
-    best = dataclasses.replace(base, fma_at_b1=True)
-    print(f"sweep int8 mlp tl.dot {base}: {score(base):.1f}")
+    best = cm.pick_blocks(1, int8=True)
     best_us = score(best)
-    print(f"sweep int8 mlp base FMA {best}: {best_us:.1f}")
-    for change in (dict(gate_f=16, gate_d=512), dict(gate_f=8, gate_d=1024), dict(gate_f=16, gate_d=256),
-                   dict(gate_f=4, gate_d=1024), dict(gate_stages=1), dict(gate_warps=8), dict(up_r=16),
-                   dict(up_d=512, up_steps=2), dict(up_d=1024, up_steps=1), dict(up_r=16, up_d=512, up_steps=2),
-                   dict(up_r=8, up_d=1024, up_steps=1), dict(down_r=32), dict(down_r=16),
-                   dict(down_d=256, down_steps=1), dict(down_d=512, down_steps=1), dict(stages=1), dict(warps=8),
-                   dict(warps=2)):
+    print(f"sweep int8 mlp base {best}: {best_us:.1f}")
+    for change in (dict(gate_f=2, gate_d=1024, gate_warps=2), dict(gate_f=4, gate_d=1024, gate_warps=4),
+                   dict(gate_f=4, gate_d=1024, gate_warps=2), dict(gate_f=8, gate_d=512, gate_warps=2),
+                   dict(gate_f=16, gate_d=256, gate_warps=2), dict(gate_f=8, gate_d=1024, gate_warps=4),
+                   dict(gate_stages=3), dict(up_r=8, up_d=512, up_steps=2), dict(up_r=8, up_d=1024, up_steps=1),
+                   dict(up_r=16, up_d=512, up_steps=1), dict(up_r=32, up_d=256, up_steps=2),
+                   dict(up_r=16, up_d=256, up_steps=2), dict(up_r=16, up_d=256, up_steps=8),
+                   dict(up_r=4, up_d=1024, up_steps=2), dict(down_r=32, down_d=256), dict(down_r=128, down_d=256),
+                   dict(down_r=64, down_d=512), dict(down_r=32, down_d=512), dict(down_d=128, down_steps=2),
+                   dict(down_steps=2), dict(warps=1), dict(warps=4), dict(stages=2), dict(stages=3)):
         cfg = dataclasses.replace(best, **change)
         try:
             us = score(cfg)
@@ -259,30 +260,16 @@ def sweep_mlp():
     return best
 
 
-def probe_bf16_fma():
-    """The bf16 CATS MLP at B = 1: tl.dot tiles against FMA tiles (µs, s=0.5 / s=0.7)."""
-    ws = [torch.randn(FF, D, device=DEV, dtype=torch.bfloat16) / D**0.5 for _ in range(3)]
-    x = torch.randn(1, D, device=DEV, dtype=torch.bfloat16)
-    v = F.silu(x.float() @ ws[0].float().t()).abs().flatten().sort().values
-    ts = [v[int(s * v.numel())].reshape(()) for s in (0.5, 0.7)]
-    base = cm.Blocks()
-    for cfg in (base, dataclasses.replace(base, fma_at_b1=True),
-                dataclasses.replace(base, fma_at_b1=True, gate_f=16, gate_d=256),
-                dataclasses.replace(base, fma_at_b1=True, gate_f=8, gate_d=512, gate_stages=1),
-                dataclasses.replace(base, fma_at_b1=True, up_r=16, up_d=256, up_steps=4, down_r=32, down_d=256,
-                                    down_steps=1, stages=1)):
-        us = [graph_time_us(lambda: cm.cats_mlp_triton(x, *ws, t, blocks=cfg)) for t in ts]
-        print(f"bf16 cats_mlp B=1 s=0.5 {us[0]:.1f} us, s=0.7 {us[1]:.1f} us: {cfg}")
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sweep", action="store_true", help="also try a few tilings per kernel")
+    p.add_argument("--sweep", nargs="*", choices=("gemv", "mlp"), default=(),
+                   help="also try a few tilings of these kernels (no value: both)")
     a = p.parse_args()
+    if a.sweep == []:  # --sweep alone
+        a.sweep = ("gemv", "mlp")
     import triton
     print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())
-    for section in (check_kernels, check_compiled, lambda: time_gemv(a.sweep), lambda: time_mlp(a.sweep),
-                    probe_bf16_fma):
+    for section in (check_kernels, check_compiled, lambda: time_gemv("gemv" in a.sweep), lambda: time_mlp("mlp" in a.sweep)):
         try:
             section()
         except Exception:  # report and go on: one run on the device must give every answer it can

@@ -1,7 +1,7 @@
 """Where a decode step's time goes: the compiled (CUDA-graph) step of a preset with random
 weights, profiled at each sparsity; prints the kernels of one step, their time and count.
 
-    python3 scripts/gpu_profile.py [--preset llama-2-7b] [--sparsity 0 0.7] [--steps 20]
+    python3 scripts/gpu_profile.py [--preset llama-2-7b] [--sparsity 0 0.7] [--steps 20] [--quantize int8]
 """
 import argparse
 import collections
@@ -47,9 +47,10 @@ def main():
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.0, 0.7])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--pos", type=int, default=256, help="cache position of the profiled steps")
+    p.add_argument("--quantize", default="none", choices=("none", "int8"))
     a = p.parse_args()
     torch.manual_seed(0)
-    model = build_model(BenchSettings(device="cuda", dtype="bfloat16"), None, a.preset)
+    model = build_model(BenchSettings(device="cuda", dtype="bfloat16", quantize=a.quantize), None, a.preset)
     table = bench_thresholds(model, None, None, True)
     step = make_decode_step(True, "cuda")
     for s in a.sparsity:
