@@ -16,7 +16,8 @@ result, so the cast to x.dtype fuses into the model's residual add):
      counter per program), and zeroes the fp32 accumulators of u and y.
   2. _up_kernel:   u[slot] += W_up[idx[slot], cols] x[cols]: a program takes BLOCK_R consecutive
      entries of the list and a range of columns, so every tile it loads is full of needed rows.
-  3. _down_kernel: y[cols] += sum over slots of (v u)[slot] W_down^T[idx[slot], cols].
+  3. _down_kernel: y[cols] += sum over slots of (v u)[slot] W_down^T[idx[slot], cols]
+     (_down1_kernel for one token on the FMA units, see Blocks.fma_at_b1).
 The grid of the sparse launches is sized for "all rows active"; programs past the list's end
 return at once. The list's order varies between runs, so fp32 sums may differ in the last bits
 (as the atomics of split reductions make them anyway). Tokens are padded to 16 so each step is
@@ -125,7 +126,7 @@ if triton is not None:
     @triton.jit
     def _down_kernel(x_ptr, v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, sd_ptr, y_acc_ptr, B, D, F,
                      COLS_PER_PROG, N_COLS, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
-                     INT8: tl.constexpr, FMA: tl.constexpr, EVEN: tl.constexpr):
+                     INT8: tl.constexpr):
         item = tl.program_id(0)
         slots, rows, ok, n_active, n_items = _list_entries(idx_ptr, count_ptr + 1, item, F, N_COLS, BLOCK_R)
         if item == 0:
@@ -136,31 +137,58 @@ if triton is not None:
             m = tok_ok[:, None] & ok[None, :]
             v = tl.load(v_ptr + toks[:, None] * F + rows[None, :], mask=m, other=0.0)
             u = tl.load(u_acc_ptr + toks[:, None] * F + slots[None, :], mask=m, other=0.0)
-            if FMA:  # token 0's [BLOCK_R] in fp32
-                h1 = tl.sum(v * u, axis=0)  # the padded tokens' rows are 0
-            else:
-                h = (v * u).to(x_ptr.dtype.element_ty)  # [16, BLOCK_R]; the dot's operands: x's dtype
+            h = (v * u).to(x_ptr.dtype.element_ty)  # [16, BLOCK_R]; the dot's operands: x's dtype
             c0 = (item % N_COLS) * COLS_PER_PROG
             for c in range(c0, c0 + COLS_PER_PROG, BLOCK_D):
                 cols = c + tl.arange(0, BLOCK_D)
                 col_ok = cols < D
-                w_mask = ok[:, None] if EVEN else ok[:, None] & col_ok[None, :]  # EVEN: no mask along a row
-                w = tl.load(wd_ptr + rows[:, None] * D + cols[None, :], mask=w_mask,
+                w = tl.load(wd_ptr + rows[:, None] * D + cols[None, :], mask=ok[:, None] & col_ok[None, :],
                             other=0, eviction_policy="evict_first")  # 0 of any dtype (int8 too)
-                if FMA:  # one token: the weighted sum of the listed rows on the FMA units
-                    y1 = tl.sum(as_f32(w, INT8) * h1[:, None], axis=0)
-                    y = tl.where(toks[:, None] == 0, y1[None, :], 0.0)
-                else:
-                    y = dot(h, as_operand(w, h.dtype, DOT_F32), tl.zeros([16, BLOCK_D], tl.float32), DOT_F32)
+                y = dot(h, as_operand(w, h.dtype, DOT_F32), tl.zeros([16, BLOCK_D], tl.float32), DOT_F32)
                 if INT8:  # W_down's output-channel scales (per column of W_down^T), on this program's row sum
                     y = y * tl.load(sd_ptr + cols, mask=col_ok, other=0.0)[None, :]
                 tl.atomic_add(y_acc_ptr + toks[:, None] * D + cols[None, :], y, mask=tok_ok[:, None] & col_ok[None, :],
                               sem="relaxed")
 
 
+    @triton.jit
+    def _down1_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, sd_ptr, y_acc_ptr, D, F, N_COLS,
+                      BLOCK_R: tl.constexpr, STEPS: tl.constexpr, BLOCK_D: tl.constexpr, INT8: tl.constexpr,
+                      EVEN: tl.constexpr):
+        """The down launch for one token (B = 1) on the FMA units: a program takes STEPS x BLOCK_R
+        consecutive list entries and BLOCK_D columns, and sums its rows in a [BLOCK_R, BLOCK_D]
+        accumulator: one reduction across rows and one atomic add per program, where a program of
+        _down_kernel without a tl.dot would need one per column step."""
+        item = tl.program_id(0)
+        n_active = tl.minimum(tl.load(count_ptr + 1), F)
+        if item == 0:
+            tl.store(count_ptr, 0)  # the list is empty again for the next call's gate launch
+        if item < tl.cdiv(n_active, BLOCK_R * STEPS) * N_COLS:
+            cols = (item % N_COLS) * BLOCK_D + tl.arange(0, BLOCK_D)
+            col_ok = cols < D
+            first = (item // N_COLS) * (BLOCK_R * STEPS)
+            acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+            for step in range(STEPS):
+                slots = first + step * BLOCK_R + tl.arange(0, BLOCK_R)
+                ok = slots < n_active
+                rows = tl.load(idx_ptr + slots, mask=ok, other=0)
+                h = tl.load(v_ptr + rows, mask=ok, other=0.0) * tl.load(u_acc_ptr + slots, mask=ok, other=0.0)
+                w_mask = ok[:, None] if EVEN else ok[:, None] & col_ok[None, :]  # EVEN: no mask along a row
+                w = tl.load(wd_ptr + rows[:, None] * D + cols[None, :], mask=w_mask, other=0,
+                            eviction_policy="evict_first")
+                acc += as_f32(w, INT8) * h[:, None]
+            y = tl.sum(acc, axis=0)
+            if INT8:
+                y = y * tl.load(sd_ptr + cols, mask=col_ok, other=0.0)
+            tl.atomic_add(y_acc_ptr + cols, y, mask=col_ok, sem="relaxed")
+
+
 @dataclass(frozen=True)
 class Blocks:
-    """Tile sizes (rows x columns per step), steps per program, warps, pipeline depth."""
+    """Tile sizes (rows x columns per step), steps per program, warps, pipeline depth.
+    fma_at_b1 (B = 1 only): gate and up multiply-add in fp32 instead of a tl.dot with x padded to
+    16 tokens, and the down launch is _down1_kernel, whose down_steps are row steps (a program:
+    down_r x down_steps list entries, down_d columns)."""
     gate_f: int = 64
     gate_d: int = 128
     gate_warps: int = 4
@@ -173,7 +201,7 @@ class Blocks:
     down_steps: int = 2
     warps: int = 4
     stages: int = 3
-    fma_at_b1: bool = False  # B = 1: multiply-add in fp32 instead of tl.dot with x padded to 16 tokens
+    fma_at_b1: bool = False
 
 
 # The H200 sweeps' best for 4096x11008 (scripts/gpu_int8.py --sweep, notes/kernels.md int8 v2):
@@ -181,7 +209,7 @@ class Blocks:
 INT8_BLOCKS = Blocks(gate_f=32, gate_d=128, gate_warps=4, gate_stages=4, up_r=32, up_d=256, up_steps=4,
                      down_r=64, down_d=128, down_steps=2, warps=4, stages=4)
 INT8_B1_BLOCKS = Blocks(gate_f=16, gate_d=256, gate_warps=4, gate_stages=1, up_r=16, up_d=256, up_steps=4,
-                        down_r=64, down_d=256, down_steps=1, warps=2, stages=1, fma_at_b1=True)
+                        down_r=32, down_d=256, down_steps=4, warps=2, stages=3, fma_at_b1=True)
 
 
 def pick_blocks(B: int, int8: bool = False) -> Blocks:
@@ -222,7 +250,6 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     cfg = blocks or pick_blocks(B, int8)
     dot_f32 = x.dtype == torch.float32 or not x.is_cuda
     fma = cfg.fma_at_b1 and B == 1
-    common = dict(DOT_F32=dot_f32, INT8=int8, FMA=fma, num_warps=cfg.warps, num_stages=cfg.stages)
 
     f32 = dict(device=x.device, dtype=torch.float32)
     v, u_acc, y_acc = _empty(B, F, **f32), _empty(B, F, **f32), _empty(B, D, **f32)
@@ -239,10 +266,17 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     n_up, n_down = triton.cdiv(D, up_cols), triton.cdiv(D, down_cols)  # column ranges
     _up_kernel[(n_up * triton.cdiv(F, cfg.up_r),)](
         x, w_up, s_up, idx, count, u_acc, B, D, F, up_cols, n_up, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d,
-        EVEN=D % up_cols == 0, **common)
-    _down_kernel[(n_down * triton.cdiv(F, cfg.down_r),)](
-        x, v, u_acc, idx, count, w_down_t, s_down, y_acc, B, D, F, down_cols, n_down,
-        BLOCK_R=cfg.down_r, BLOCK_D=cfg.down_d, EVEN=D % down_cols == 0, **common)
+        DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % up_cols == 0, num_warps=cfg.warps, num_stages=cfg.stages)
+    if fma:  # down_steps counts row steps here: a program covers down_r x down_steps entries, down_d columns
+        n_down = triton.cdiv(D, cfg.down_d)
+        _down1_kernel[(n_down * triton.cdiv(F, cfg.down_r * cfg.down_steps),)](
+            v, u_acc, idx, count, w_down_t, s_down, y_acc, D, F, n_down, BLOCK_R=cfg.down_r, STEPS=cfg.down_steps,
+            BLOCK_D=cfg.down_d, INT8=int8, EVEN=D % cfg.down_d == 0, num_warps=cfg.warps, num_stages=cfg.stages)
+    else:
+        _down_kernel[(n_down * triton.cdiv(F, cfg.down_r),)](
+            x, v, u_acc, idx, count, w_down_t, s_down, y_acc, B, D, F, down_cols, n_down,
+            BLOCK_R=cfg.down_r, BLOCK_D=cfg.down_d, DOT_F32=dot_f32, INT8=int8, num_warps=cfg.warps,
+            num_stages=cfg.stages)
     return y_acc if fp32_out or x.dtype == torch.float32 else y_acc.to(x.dtype)
 
 

@@ -238,15 +238,13 @@ def sweep_mlp():
     best = cm.pick_blocks(1, int8=True)
     best_us = score(best)
     print(f"sweep int8 mlp base {best}: {best_us:.1f}")
-    for change in (dict(gate_f=2, gate_d=1024, gate_warps=2), dict(gate_f=4, gate_d=1024, gate_warps=4),
-                   dict(gate_f=4, gate_d=1024, gate_warps=2), dict(gate_f=8, gate_d=512, gate_warps=2),
-                   dict(gate_f=16, gate_d=256, gate_warps=2), dict(gate_f=8, gate_d=1024, gate_warps=4),
-                   dict(gate_stages=3), dict(up_r=8, up_d=512, up_steps=2), dict(up_r=8, up_d=1024, up_steps=1),
-                   dict(up_r=16, up_d=512, up_steps=1), dict(up_r=32, up_d=256, up_steps=2),
-                   dict(up_r=16, up_d=256, up_steps=2), dict(up_r=16, up_d=256, up_steps=8),
-                   dict(up_r=4, up_d=1024, up_steps=2), dict(down_r=32, down_d=256), dict(down_r=128, down_d=256),
-                   dict(down_r=64, down_d=512), dict(down_r=32, down_d=512), dict(down_d=128, down_steps=2),
-                   dict(down_steps=2), dict(warps=1), dict(warps=4), dict(stages=2), dict(stages=3)):
+    for change in (dict(down_r=16, down_d=256, down_steps=8), dict(down_r=16, down_d=512, down_steps=4),
+                   dict(down_r=32, down_d=128, down_steps=8), dict(down_r=64, down_d=128, down_steps=4),
+                   dict(down_r=32, down_d=512, down_steps=2), dict(down_r=16, down_d=1024, down_steps=2),
+                   dict(down_r=8, down_d=512, down_steps=8), dict(down_r=32, down_d=256, down_steps=2),
+                   dict(down_r=32, down_d=256, down_steps=8), dict(warps=4), dict(stages=1), dict(stages=4),
+                   dict(gate_f=8, gate_d=512), dict(gate_warps=2), dict(up_r=32, up_d=256, up_steps=4),
+                   dict(up_r=8, up_d=512, up_steps=4), dict(up_r=16, up_d=512, up_steps=2)):
         cfg = dataclasses.replace(best, **change)
         try:
             us = score(cfg)
