@@ -11,7 +11,7 @@ in the same slot (Linear.weight for W_qkv / W_o, MLP.w_gate / w_up / w_down_t) a
                                                                            transient copy / torch
   float    MLP, dense      cuBLAS (three F.linear)                         torch
   float    MLP, CATS       cats_mlp (Triton)                               torch
-  int8     MLP, dense      int8_mlp: B=1 two launches, else three GEMVs   torch, dequantized
+  int8     MLP, dense      three int8_gemv (W_down in its [d, f] rows)     torch, dequantized
   int8     MLP, CATS       cats_mlp int8 (Triton)                          torch, dequantized
 The int8 dense MLP measured 64.5 us per 4096x11008 layer with three int8_gemv, 73.9 us through
 the CATS kernel at threshold -inf (notes/kernels.md, int8 section), so an int8 W_down^T also keeps
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from catsgen.kernels import cats_mlp, int8_gemv, int8_mlp
+from catsgen.kernels import cats_mlp, int8_gemv
 from catsgen.quantize import Int8Weight
 
 # Decode steps (at most this many tokens) go to the Triton kernels on CUDA; prefill stays in torch.
@@ -109,11 +109,9 @@ def _mlp_kernel(x, w_gate, w_up, w_down_t, threshold):
     int8 = isinstance(w_gate, Int8Weight)
     if threshold is None and not int8:
         return None
-    if threshold is None and w_down_t.q_rows is not None:  # int8 dense: int8_mlp (W_down [d, f] rows)
-        rows = x.reshape(-1, x.shape[-1])
-        y = int8_mlp(rows, w_gate.q, w_gate.scale, w_up.q, w_up.scale, w_down_t.q_rows, w_down_t.scale,
-                     use_triton=_use_triton())
-        return y.view(x.shape)
+    if threshold is None and w_down_t.q_rows is not None:  # int8 dense: three GEMVs
+        h = F.silu(linear(x, w_gate)) * linear(x, w_up)
+        return int8_gemv(h, w_down_t.q_rows, w_down_t.scale, use_triton=_use_triton())
     if threshold is None:  # no [d, f] rows kept: the CATS kernel, skipping nothing
         threshold = torch.full((), float("-inf"), dtype=torch.float32, device=x.device)
     rows = x.reshape(-1, x.shape[-1])

@@ -16,10 +16,10 @@ tiles and Triton path (importlib.import_module: the module and its op share a na
 """
 from .cats_mlp import cats_mlp, cats_mlp_reference, list_counter
 from .decode_attention import arrival_counters, decode_attention, decode_attention_reference
-from .int8_gemv import int8_gemv, int8_gemv_reference, int8_mlp, int8_mlp_reference
+from .int8_gemv import int8_gemv, int8_gemv_reference
 
 __all__ = ["cats_mlp", "cats_mlp_reference", "decode_attention", "decode_attention_reference",
-           "int8_gemv", "int8_gemv_reference", "int8_mlp", "int8_mlp_reference", "prepare_workspaces"]
+           "int8_gemv", "int8_gemv_reference", "prepare_workspaces"]
 
 
 def prepare_workspaces(device, batch_size: int, n_kv_heads: int) -> None:

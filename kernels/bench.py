@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..quantize import quantize_int8
 from .cats_mlp import cats_mlp, cats_mlp_reference
-from .int8_gemv import int8_mlp
+from .int8_gemv import int8_gemv
 
 SHAPES = ((4096, 11008), (4096, 14336))  # (d, f): Llama-2-7B, Mistral-7B
 
@@ -56,9 +56,8 @@ def dense_mlp_wdown(x, w_gate, w_up, w_down):  # W_down in its [d, f] layout, as
 
 
 def int8_dense_mlp(x, q_gate, q_up, q_down, s_gate, s_up, s_down):
-    """The dense MLP on int8 weights (q_down [d, f], as checkpoints store W_down), as the model runs
-    it: int8_mlp (B = 1: two launches)."""
-    return int8_mlp(x, q_gate, s_gate, q_up, s_up, q_down, s_down)
+    """The dense MLP on int8 weights (q_down [d, f], as checkpoints store W_down): three int8 GEMVs."""
+    return int8_gemv(F.silu(int8_gemv(x, q_gate, s_gate)) * int8_gemv(x, q_up, s_up), q_down, s_down)
 
 
 def _mlp_setup(x, w_gate, w_up, w_down_t, w_down, int8):

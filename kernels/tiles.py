@@ -63,27 +63,22 @@ def as_f32(w, MAGIC: tl.constexpr):
 
 @triton.jit
 def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-                  EVEN: tl.constexpr, MAGIC: tl.constexpr, GATED: tl.constexpr = False):
+                  EVEN: tl.constexpr, MAGIC: tl.constexpr):
     """[BLOCK_F] fp32 = w[rows, k_lo:k_hi] @ x[0, k_lo:k_hi] for one token, on the FMA units. The
     products are summed across columns once, after the loop (a [BLOCK_F, BLOCK_D] accumulator),
     not every step. EVEN: k_hi - k_lo is a multiple of BLOCK_D, so the loads need no column mask
     (a mask whose value changes along a row can split the int8 loads into single bytes).
-    MAGIC: int8 weights converted by int8_to_f32. GATED: x is [SiLU(a), b] stored as [a, b] (2D
-    numbers), so the dense MLP's SiLU(W_gate x) * (W_up x) needs no launch of its own."""
+    MAGIC: int8 weights converted by int8_to_f32."""
     acc = tl.zeros([BLOCK_F, BLOCK_D], tl.float32)
     for k in range(k_lo, k_hi, BLOCK_D):
         cols = k + tl.arange(0, BLOCK_D)
         if EVEN:
             w = tl.load(w_ptr + rows[:, None] * D + cols[None, :], mask=row_mask[:, None], other=0,
                         eviction_policy="evict_first")
-            xv = tl.load(x_ptr + cols).to(tl.float32)
-            if GATED:
-                xv = xv * tl.sigmoid(xv) * tl.load(x_ptr + D + cols).to(tl.float32)
+            xv = tl.load(x_ptr + cols)
         else:
             w = tl.load(w_ptr + rows[:, None] * D + cols[None, :], mask=row_mask[:, None] & (cols < k_hi)[None, :],
                         other=0, eviction_policy="evict_first")
-            xv = tl.load(x_ptr + cols, mask=cols < k_hi, other=0.0).to(tl.float32)
-            if GATED:
-                xv = xv * tl.sigmoid(xv) * tl.load(x_ptr + D + cols, mask=cols < k_hi, other=0.0).to(tl.float32)
-        acc += as_f32(w, MAGIC) * xv[None, :]
+            xv = tl.load(x_ptr + cols, mask=cols < k_hi, other=0.0)
+        acc += as_f32(w, MAGIC) * xv.to(tl.float32)[None, :]
     return tl.sum(acc, axis=1)

@@ -168,37 +168,3 @@ def test_int8_dense_mlp_baseline_is_the_dequantized_mlp():
     assert rel_err(int8_dense_mlp(x, qg, qu, qd, sg, su, sd), expected) < 1e-5
     t = torch.tensor(-1.0, device=DEV)
     assert rel_err(cats_mlp(x, qg, qu, qd_t, t, scales=(sg, su, sd)), expected) < 1e-5
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n1,n2,k,blocks", [(37, 21, 64, gm.GemvBlocks(block_n=4, block_k=32, fma_at_b1=True)),
-                                            (20, 45, 67, gm.GemvBlocks(block_n=16, block_k=16, split_k=2)),
-                                            (16, 16, 32, gm.GemvBlocks(block_n=16, block_k=16))])
-def test_int8_gemv_pair_is_two_gemvs_side_by_side(dtype, n1, n2, k, blocks):
-    """PAIR: one launch, the programs past q's rows take q2; y = [x q^T, x q2^T]."""
-    (q, s), (q2, s2) = _quantized(n1, k, seed=1), _quantized(n2, k, seed=2)
-    for B in (1, 3):
-        x = torch.randn(B, k, generator=torch.Generator().manual_seed(B)).to(DEV, dtype)
-        out = gm.int8_gemv_triton(x, q, s, blocks, q2=q2, scale2=s2)
-        ref = torch.cat([int8_gemv_reference(x, q, s), int8_gemv_reference(x, q2, s2)], dim=1)
-        assert out.shape == (B, n1 + n2) and rel_err(out, ref) < TOL[dtype]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d,f", [(37, 67), (32, 64)])  # ragged and even columns
-def test_int8_mlp_two_launches_match_the_reference(dtype, d, f):
-    """B = 1: [gate, up] as one PAIR launch (g, u rounded to x's dtype as the reference's GEMVs
-    round them), then W_down on SiLU(g) * u in fp32 as a GATED launch; B = 3 takes three tl.dot
-    GEMVs, SiLU * mul in x's dtype as int8_mlp_reference."""
-    (qg, sg), (qu, su), (qd, sd) = _quantized(f, d, seed=3), _quantized(f, d, seed=4), _quantized(d, f, seed=5)
-    small = gm.GemvBlocks(block_n=4, block_k=16, fma_at_b1=True)
-    x = torch.randn(3, d, generator=torch.Generator().manual_seed(d)).to(DEV, dtype)
-    g, u = int8_gemv_reference(x[:1], qg, sg), int8_gemv_reference(x[:1], qu, su)
-    ref1 = int8_gemv_reference(torch.nn.functional.silu(g.float()) * u.float(), qd, sd).to(dtype)
-    gu = gm.int8_gemv_triton(x[:1], qg, sg, small, q2=qu, scale2=su)
-    for out in (gm.int8_gemv_triton(gu, qd, sd, small, gated=True), gm.int8_mlp(x[:1], qg, sg, qu, su, qd, sd, use_triton=True)):
-        assert out.shape == (1, d) and out.dtype == dtype
-        assert rel_err(out, ref1) < TOL[dtype]
-    out3 = gm.int8_mlp(x, qg, sg, qu, su, qd, sd, use_triton=True)
-    # g and u rounded to x's dtype on both sides, at values that differ in their last bits: twice the tolerance
-    assert out3.shape == (3, d) and rel_err(out3, gm.int8_mlp_reference(x, qg, sg, qu, su, qd, sd)) < 2 * TOL[dtype]
