@@ -51,7 +51,6 @@ class GemvBlocks:
     warps_and_stages: tuple[int, int] = (4, 4)
     fma_at_b1: bool = False
     magic: bool = True
-    asm: bool = False  # tl.dot tiles: int8 -> bf16 by tiles.int8_to_bf16 (bf16 x on a GPU only)
 
 
 DEFAULT_GEMV_BLOCKS = GemvBlocks()
@@ -79,7 +78,7 @@ if triton is not None:
     @triton.jit
     def _int8_gemv_kernel(x_ptr, q_ptr, s_ptr, out_ptr, B, N, K, K_PER_SPLIT,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
-                          FMA: tl.constexpr, EVEN: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
+                          FMA: tl.constexpr, EVEN: tl.constexpr, MAGIC: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         split = tl.program_id(1)
         row_ok = rows < N
@@ -90,7 +89,7 @@ if triton is not None:
             acc1 = rows_times_x1(q_ptr, x_ptr, rows, row_ok, K, k_lo, k_hi, BLOCK_N, BLOCK_K, EVEN, MAGIC)
             acc = tl.where(toks[None, :] == 0, acc1[:, None], 0.0)  # [BLOCK_N, 16], token 0 only
         else:
-            acc = rows_times_x(q_ptr, x_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N, BLOCK_K, DOT_F32, ASM)
+            acc = rows_times_x(q_ptr, x_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N, BLOCK_K, DOT_F32)
         acc = acc * tl.load(s_ptr + rows, mask=row_ok, other=0.0)[:, None]
         tl.store(out_ptr + split * B * N + toks[None, :] * N + rows[:, None], acc.to(out_ptr.dtype.element_ty),
                  mask=(toks < B)[None, :] & row_ok[:, None])
@@ -116,7 +115,6 @@ def int8_gemv_triton(x, q, scale, blocks: GemvBlocks | None = None):
         x, q, scale, out, B, N, K, k_per_split, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
         DOT_F32=x.dtype == torch.float32 or not x.is_cuda, FMA=blocks.fma_at_b1 and B == 1,
         EVEN=K % k_per_split == 0 and k_per_split % blocks.block_k == 0, MAGIC=blocks.magic,
-        ASM=blocks.asm and x.is_cuda and x.dtype == torch.bfloat16,
         num_warps=blocks.warps_and_stages[0],
         num_stages=blocks.warps_and_stages[1])
     return out if split_k == 1 else out.sum(0).to(x.dtype)

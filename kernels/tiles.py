@@ -19,46 +19,18 @@ def dot(a, b, acc, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def as_operand(w, dtype, DOT_F32: tl.constexpr, ASM: tl.constexpr = False):
+def as_operand(w, dtype, DOT_F32: tl.constexpr):
     """A weight tile as a dot operand of `dtype` (int8 -> float is exact); straight to fp32 under
-    DOT_F32 (the interpreter's int8 -> bf16 conversion gives NaNs, triton 3.9). ASM: int8 -> bf16
-    by int8_to_bf16 (the caller sets it for int8 weights and bf16 x on a GPU only)."""
+    DOT_F32 (the interpreter's int8 -> bf16 conversion gives NaNs, triton 3.9)."""
     if DOT_F32:
         return w.to(tl.float32)
-    elif ASM:
-        return int8_to_bf16(w)
     else:
         return w.to(dtype)
 
 
 @triton.jit
-def int8_to_bf16(w):
-    """int8 -> bf16, exact, four at a time on the integer pipes (PTX for sm_90; Triton's own
-    conversion goes through the 16-per-clock I2F unit). Each byte is spread into a 16-bit lane;
-    bf16 0x4300 | (b & 0x7F) is 128 + (b & 0x7F) and 0x4300 | (b & 0x80) is 128 or 256 (the sign
-    bit's weight), so their difference is b, exactly (|b| <= 128 fits bf16's 8 bits)."""
-    return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 z, lo_mask, hi_mask, magic, t0, t1, l0, h0, l1, h1;
-        mov.b32 z, 0;
-        mov.b32 lo_mask, 0x007F007F;
-        mov.b32 hi_mask, 0x00800080;
-        mov.b32 magic, 0x43004300;
-        prmt.b32 t0, $2, z, 0x4140;
-        prmt.b32 t1, $2, z, 0x4342;
-        lop3.b32 l0, t0, lo_mask, magic, 0xEA;
-        lop3.b32 h0, t0, hi_mask, magic, 0xEA;
-        lop3.b32 l1, t1, lo_mask, magic, 0xEA;
-        lop3.b32 h1, t1, hi_mask, magic, 0xEA;
-        sub.rn.bf16x2 $0, l0, h0;
-        sub.rn.bf16x2 $1, l1, h1;
-        }""",
-        constraints="=r,=r,r", args=[w], dtype=tl.bfloat16, is_pure=True, pack=4)
-
-
-@triton.jit
 def rows_times_x(w_ptr, x_ptr, rows, row_mask, B, D, k_lo, k_hi,
-                 BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ASM: tl.constexpr = False):
+                 BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
     """[BLOCK_F, 16] fp32 = w[rows, k_lo:k_hi] @ x[:, k_lo:k_hi]^T (w rows of length D, tokens
     padded to 16); rows outside row_mask are not read."""
     toks = tl.arange(0, 16)
@@ -69,7 +41,7 @@ def rows_times_x(w_ptr, x_ptr, rows, row_mask, B, D, k_lo, k_hi,
                     other=0, eviction_policy="evict_first")  # weights are read once: leave L2 to x, v, h, y
         xt = tl.load(x_ptr + toks[None, :] * D + cols[:, None], mask=(toks < B)[None, :] & (cols < k_hi)[:, None],
                      other=0.0)
-        acc = dot(as_operand(w, xt.dtype, DOT_F32, ASM), xt, acc, DOT_F32)
+        acc = dot(as_operand(w, xt.dtype, DOT_F32), xt, acc, DOT_F32)
     return acc
 
 
