@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from catsgen.cats import CATS
+from catsgen.linear import Weight, float_weight, linear
 from catsgen.model import DenseSiLU, Transformer, swapped_activations
+from catsgen.quantize import Int8Weight
 from catsgen.thresholds import LEVELS, interpolate, interpolate_between
 
 GRID = (0.3, 0.5, 0.7, 0.9)  # sparsities at which each layer's KL is measured; linear in between
@@ -28,7 +30,11 @@ STEP = 0.01
 
 def layer_bytes(model: Transformer) -> list[int]:
     """Bytes of W_up and W_down per layer: what a skipped neuron saves (all equal in Llama)."""
-    return [(mlp.w_up.numel() + mlp.w_down_t.numel()) * mlp.w_up.element_size() for mlp in model.mlps]
+    return [_bytes(mlp.w_up) + _bytes(mlp.w_down_t) for mlp in model.mlps]
+
+
+def _bytes(w: Weight) -> int:
+    return w.nbytes() if isinstance(w, Int8Weight) else w.numel() * w.element_size()
 
 
 def weighted_mean(sparsities: list[float], weights: list[int]) -> float:
@@ -111,13 +117,13 @@ class _FisherRecorder(DenseSiLU):
     so h_i dL/dh_i = v_i u_i (g . W_down[i]) needs no product of its own."""
 
     def forward(self, x, w_gate, w_up, w_down_t):
-        v = F.silu(F.linear(x, w_gate))
+        v = F.silu(linear(x, w_gate))  # int8 weights: the int8 GEMV op, whose backward is registered
         self.v = v.detach()
-        self.h = v * F.linear(x, w_up)
+        self.h = v * linear(x, w_up)
         if not self.h.requires_grad:  # the first layer: nothing before it needs a gradient
             self.h.requires_grad_()
         self.h.retain_grad()
-        return self.h @ w_down_t
+        return self.h @ float_weight(w_down_t, self.h.dtype)
 
 
 def fisher_curves(model: Transformer, windows: list[list[int]],

@@ -18,6 +18,7 @@ import torch
 from catsgen import allocations
 from catsgen.errors import UserError
 from catsgen.files import check_output_file
+from catsgen.linear import quantize_model
 from catsgen.model import DenseSiLU, Transformer, swapped_activations
 from catsgen.progress import Progress
 from catsgen.settings import CalibrateSettings
@@ -94,9 +95,9 @@ def engine_version() -> str:
         return "unknown"
 
 
-def calibration_record(texts: list[dict], tokens: int, seq_len: int, dtype, device) -> dict:
+def calibration_record(texts: list[dict], tokens: int, seq_len: int, dtype, device, quantize: str) -> dict:
     return {"texts": texts, "tokens": tokens, "seq_len": seq_len,
-            "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."), "quantize": quantize, "device": str(device),
             "engine_version": engine_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "statistic": ActivationSample.describe()}
@@ -148,6 +149,8 @@ def calibrate(checkpoint: Path, settings: CalibrateSettings = CalibrateSettings(
     with phases("load"):
         tokenizer = Tokenizer(checkpoint)
         model = load_model(checkpoint, device=device, dtype=settings.torch_dtype())
+        if settings.quantize == "int8":  # the statistics of the model that will run (fisher: its gradients)
+            quantize_model(model)
     with phases("tokenize"):  # once: the statistics and the allocations read the same text
         wanted = max(settings.tokens, settings.allocation_tokens, settings.fisher_tokens)
         ids = next(windows(token_stream(sources, tokenizer), wanted, wanted), [])
@@ -159,7 +162,7 @@ def calibrate(checkpoint: Path, settings: CalibrateSettings = CalibrateSettings(
         logger.info(f"the text ran out after {seen} tokens, fewer than --tokens {settings.tokens}: calibrated on {seen}")
     with phases("thresholds"):
         record = calibration_record([s.record() for s in sources], seen, settings.seq_len,
-                                    model.output.weight.dtype, device)
+                                    model.output.weight.dtype, device, settings.quantize)
         table = ThresholdsTable(model_info(model.config, checkpoint), record, sample.thresholds(), out)
     # The allocations come from the start of the same text: part of the calibration, same source.
     head = lambda n: list(windows(iter([ids[:n]]), min(settings.seq_len, n), n))  # noqa: E731
@@ -223,5 +226,5 @@ def calibrate_in_memory(model: Transformer, tokens: int = 512) -> ThresholdsTabl
     with recording(model, sample):
         model(idx)
     record = calibration_record([{"name": "random token ids", "bytes": 0}], tokens, tokens,
-                                model.output.weight.dtype, device)
+                                model.output.weight.dtype, device, model.quantize)
     return ThresholdsTable(model_info(model.config, None), record, sample.thresholds())

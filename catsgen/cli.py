@@ -210,6 +210,7 @@ def calibrate(
                                       "7B model at 4096); 0 = none."),
     device: Optional[str] = typer.Option(C.device, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(C.dtype, help=DTYPE_HELP),
+    quantize: str = typer.Option(C.quantize, help=QUANTIZE_HELP + " Calibrates on the int8 model."),
 ):
     """Run the dense model over a text and write the CATS thresholds of every layer for every
     sparsity 0.00..0.99 (one file serves every --sparsity), the greedy per-layer allocation and

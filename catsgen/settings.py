@@ -106,6 +106,7 @@ class CalibrateSettings(RunSettings):
         _at_least("seq_len", self.seq_len, 1)
         _at_least("allocation_tokens", self.allocation_tokens, 0)
         _at_least("fisher_tokens", self.fisher_tokens, 0)
+        self.check_quantize()
 
 
 @dataclass

@@ -132,7 +132,8 @@ class ThresholdsTable:
     def describe(self) -> str:
         c = self.calibration
         texts = ", ".join(t["name"] for t in c.get("texts", [])) or "?"
-        return f"calibrated on {c.get('tokens')} tokens of {texts} on {c.get('date', '?')[:10]}"
+        model = " (int8 model)" if c.get("quantize") == "int8" else ""  # files before --quantize: float
+        return f"calibrated{model} on {c.get('tokens')} tokens of {texts} on {c.get('date', '?')[:10]}"
 
     def to_json(self) -> dict:
         data = {"format": FILE_FORMAT, "version": FILE_VERSION, "model": self.model,

@@ -150,3 +150,19 @@ def int8_gemv(x, q, scale, use_triton: bool | None = None):
     else:
         y = torch.ops.catsgen.int8_gemv(rows, q, scale)
     return y.reshape(*x.shape[:-1], q.shape[0])
+
+
+# Autograd, so that a backward runs through the int8 linears (calibrate --quantize int8: the
+# fisher allocation's gradients of the MLP outputs). Only x gets a gradient: q and scale are
+# frozen weights. d x = grad @ (q * scale[:, None]), dequantized in fp32, in grad's dtype.
+def _int8_gemv_setup_context(ctx, inputs, output):
+    _, q, scale = inputs
+    ctx.save_for_backward(q, scale)
+
+
+def _int8_gemv_backward(ctx, grad):
+    q, scale = ctx.saved_tensors
+    return (grad.float() @ (q.float() * scale.float()[:, None])).to(grad.dtype), None, None
+
+
+torch.library.register_autograd("catsgen::int8_gemv", _int8_gemv_backward, setup_context=_int8_gemv_setup_context)
