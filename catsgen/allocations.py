@@ -140,7 +140,7 @@ def fisher_curves(model: Transformer, windows: list[list[int]],
                 F.cross_entropy(model(idx)[0, :-1].float(), idx[0, 1:], reduction="sum").backward()
             for layer, r in enumerate(recorders):
                 absv[layer].append(r.v[0, :-1].float().abs())
-                cost[layer].append((r.h[0, :-1].float() * r.h.grad[0, :-1].float()) ** 2)
+                cost[layer].append((r.h[0, :-1].detach().float() * r.h.grad[0, :-1].float()) ** 2)
             progress(n + 1)
     return [_curve(torch.cat(a), torch.cat(c)) for a, c in zip(absv, cost)]
 
