@@ -69,11 +69,11 @@ def test_calibrate_int8_through_the_cli_writes_a_valid_file(checkpoints, tmp_pat
     out = tmp_path / "int8.json"
     code, _, err = run_main(capsys, "calibrate", "--checkpoint", directory, "--out", out, "--device", "cpu",
                             "--quantize", "int8", "--tokens", 256, "--seq-len", 128,
-                            "--allocation-tokens", 0, "--fisher-tokens", 128)
+                            "--allocation-tokens", 64, "--fisher-tokens", 128)
     assert code == 0, err
     table = ThresholdsTable.load(out)
     assert table.calibration["quantize"] == "int8" and "(int8 model)" in table.describe()
-    assert table.has_neuron_thresholds("fisher")
+    assert table.has_neuron_thresholds("fisher") and "greedy" in table.allocations
     # not the float model's thresholds: the int8 model's activations differ slightly
     float_table = calibrated_float(directory, tmp_path, capsys)
     assert float_table.calibration["quantize"] == "none" and "int8" not in float_table.describe()
