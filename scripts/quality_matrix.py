@@ -165,13 +165,14 @@ def summary(cells: list[dict], methods: list[str], sparsities: list[float], tole
 
 def markdown(result: dict) -> str:
     methods = [m for m in result["allocations"] if m != "uniform"]
-    lines = ["| S | method | mean removed | worst pair (calibration -> evaluation) | best | pairs worse than uniform |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| S | method | mean removed | worst pair (calibration -> evaluation) | best | pairs worse than uniform "
+             f"| cells with actual sparsity off uniform's by > {result['settings']['match']} |",
+             "|---|---|---|---|---|---|---|"]
     for r in result["summary"]:
         cal, ev = r["worst_pair"]
         lines.append(f"| {r['sparsity']:.1f} | {r['method']} | {r['mean_removed']:.0f}% | {r['worst_removed']:.0f}% "
                      f"({cal} -> {ev}) | {r['best_removed']:.0f}% | {r['pairs_worse_than_uniform']} of "
-                     f"{r['off_diagonal_pairs']} |")
+                     f"{r['off_diagonal_pairs']} | {r['unmatched_cells']} |")
     lines += ["", "| calibration -> evaluation | dense | S | uniform (actual) | "
               + " | ".join(f"{m} (actual, requested) | {m} removed" for m in methods) + " |",
               "|---|---|---|---|" + "---|---|" * len(methods)]
