@@ -19,6 +19,7 @@ its [d, f] rows (Int8Weight keep_rows: 1 byte more per W_down entry, in memory, 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -32,6 +33,9 @@ from catsgen.quantize import Int8Weight
 KERNEL_MAX_TOKENS = 8
 # Tests set this to run the Triton kernels on CPU tensors (under TRITON_INTERPRET=1).
 FORCE_TRITON = False
+# CATS decode on the CPU gathers W_up's active rows below this fraction of active neurons and
+# reads all of W_up above it (measured break-even, notes/cpu.md).
+GATHER_UP_BELOW = 0.6
 
 Weight = torch.Tensor | Int8Weight
 
@@ -75,8 +79,8 @@ def mlp(x: torch.Tensor, w_gate: Weight, w_up: Weight, w_down_t: Weight, thresho
         y = _mlp_kernel(x, w_gate, w_up, w_down_t, threshold)
         if y is not None:
             return y
-    if activate is None and threshold is not None and _cpu_decode(x) and not isinstance(w_down_t, Int8Weight):
-        return _mlp_active_rows(x, w_gate, w_up, w_down_t, threshold)
+    if activate is None and _cpu_decode(x) and not isinstance(w_down_t, Int8Weight):
+        return _mlp_cpu_decode(x, w_gate, w_up, w_down_t, threshold)
     if activate is None:
         activate = (lambda v: v) if threshold is None else (lambda v: torch.where(cats_keep(v, threshold), v, 0))
     h = activate(F.silu(linear(x, w_gate))) * linear(x, w_up)
@@ -88,20 +92,48 @@ def _cpu_decode(x) -> bool:
     return not x.is_cuda and _few_tokens(x) and not torch.compiler.is_compiling()
 
 
-def _mlp_active_rows(x, w_gate, w_up, w_down_t, threshold):
-    """CATS decode on the CPU: W_down^T is read only at the rows of neurons active for some token,
-    by embedding_bag (a weighted sum of the chosen rows, no copy of them). W_up stays a dense
-    GEMV: gathering its rows first (index_select) measured several times slower than reading
-    them all."""
+@contextmanager
+def one_thread():
+    """Small CPU work (a gather, attention over a short prefix) on one thread: a second thread
+    saves little there, and waking it on a shared machine can cost milliseconds (notes/cpu.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _rows_sum(h, w_down_t, rows):
+    """h @ W_down^T[rows] (h [tokens, len(rows)]) as embedding_bag: a weighted sum of the chosen
+    rows, read in place. On the CPU it also beats the matmul over all rows (notes/cpu.md)."""
+    return F.embedding_bag(rows.expand(h.shape[0], -1), w_down_t, per_sample_weights=h, mode="sum")
+
+
+def _mlp_cpu_decode(x, w_gate, w_up, w_down_t, threshold):
+    """Decode on the CPU, dense (threshold None) or CATS. CATS reads W_down^T only at the rows of
+    neurons active for some token, and W_up only at those rows (gathered, then a GEMV) when few
+    enough are active for the copy to beat reading all of W_up."""
     shape, x = x.shape, x.reshape(-1, x.shape[-1])
     v = F.silu(linear(x, w_gate))
+    every = torch.arange(w_down_t.shape[0], device=x.device)
+    if threshold is None:
+        return _rows_sum(v * linear(x, w_up), w_down_t, every).view(shape)
     keep = cats_keep(v, threshold)
-    h = torch.where(keep, v * linear(x, w_up), 0)
-    active = keep.any(dim=0).nonzero()[:, 0]
-    if active.numel() in (0, w_down_t.shape[0]):  # nothing to skip, or nothing to sum
-        return (h @ w_down_t).view(shape)
-    y = F.embedding_bag(active.expand(x.shape[0], -1), w_down_t, per_sample_weights=h[:, active], mode="sum")
-    return y.view(shape)
+    v = torch.where(keep, v, 0)
+    active = (keep[0] if x.shape[0] == 1 else keep.any(dim=0)).nonzero()[:, 0]
+    if active.numel() == 0:
+        return x.new_zeros(shape)
+    if active.numel() == every.numel():  # nothing to skip: the dense arithmetic, bit for bit
+        return _rows_sum(v * linear(x, w_up), w_down_t, every).view(shape)
+    v = v[:, active]  # [tokens, active]: 0 where a token drops a neuron another token keeps
+    if active.numel() < GATHER_UP_BELOW * every.numel():
+        with one_thread():
+            rows = F.embedding(active, w_up)
+        h = v * linear(x, rows)
+    else:
+        h = v * linear(x, w_up)[:, active]
+    return _rows_sum(h, w_down_t, active).view(shape)
 
 
 def _mlp_kernel(x, w_gate, w_up, w_down_t, threshold):
