@@ -19,7 +19,6 @@ its [d, f] rows (Int8Weight keep_rows: 1 byte more per W_down entry, in memory, 
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -33,9 +32,6 @@ from catsgen.quantize import Int8Weight
 KERNEL_MAX_TOKENS = 8
 # Tests set this to run the Triton kernels on CPU tensors (under TRITON_INTERPRET=1).
 FORCE_TRITON = False
-# CATS decode on the CPU gathers W_up's active rows below this fraction of active neurons and
-# reads all of W_up above it (measured break-even, notes/cpu.md).
-GATHER_UP_BELOW = 0.6
 
 Weight = torch.Tensor | Int8Weight
 
@@ -61,6 +57,21 @@ def _use_triton() -> bool | None:
 def float_weight(w: Weight, dtype: torch.dtype) -> torch.Tensor:
     """The weight as a float tensor in its stored layout (int8: dequantized, a transient copy)."""
     return w.dequantize(dtype) if isinstance(w, Int8Weight) else w
+
+
+# Float weights kept column-major on the CPU (the same [out, in] tensor, transposed in memory):
+# there a GEMV x @ W^T reads W 1.5-1.9x faster that way (MKL's x @ B over a row-major B [in, out]),
+# and prefill's matmuls are as fast either way (notes/cpu.md). W_down^T keeps its rows: CATS
+# skips them.
+CPU_COLUMN_MAJOR = ("attention.wqkv.weight", "attention.wo.weight", "feed_forward.w_gate", "feed_forward.w_up",
+                    "output.weight")
+
+
+def cpu_layout(name: str, w: torch.Tensor) -> torch.Tensor:
+    """Weight `name` in the memory layout its device reads fastest (a copy where that changes)."""
+    if w.device.type != "cpu" or not name.endswith(CPU_COLUMN_MAJOR):
+        return w
+    return w.t().contiguous().t()
 
 
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
@@ -92,18 +103,6 @@ def _cpu_decode(x) -> bool:
     return not x.is_cuda and _few_tokens(x) and not torch.compiler.is_compiling()
 
 
-@contextmanager
-def one_thread():
-    """Small CPU work (a gather, attention over a short prefix) on one thread: a second thread
-    saves little there, and waking it on a shared machine can cost milliseconds (notes/cpu.md)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _rows_sum(h, w_down_t, rows):
     """h @ W_down^T[rows] (h [tokens, len(rows)]) as embedding_bag: a weighted sum of the chosen
     rows, read in place. On the CPU it also beats the matmul over all rows (notes/cpu.md)."""
@@ -112,28 +111,21 @@ def _rows_sum(h, w_down_t, rows):
 
 def _mlp_cpu_decode(x, w_gate, w_up, w_down_t, threshold):
     """Decode on the CPU, dense (threshold None) or CATS. CATS reads W_down^T only at the rows of
-    neurons active for some token, and W_up only at those rows (gathered, then a GEMV) when few
-    enough are active for the copy to beat reading all of W_up."""
+    neurons active for some token. W_up stays one GEMV: in its column-major CPU layout all of it
+    reads faster than a gather of half its rows (notes/cpu.md)."""
     shape, x = x.shape, x.reshape(-1, x.shape[-1])
     v = F.silu(linear(x, w_gate))
     every = torch.arange(w_down_t.shape[0], device=x.device)
     if threshold is None:
         return _rows_sum(v * linear(x, w_up), w_down_t, every).view(shape)
     keep = cats_keep(v, threshold)
-    v = torch.where(keep, v, 0)
     active = (keep[0] if x.shape[0] == 1 else keep.any(dim=0)).nonzero()[:, 0]
     if active.numel() == 0:
         return x.new_zeros(shape)
+    h = torch.where(keep, v, 0) * linear(x, w_up)
     if active.numel() == every.numel():  # nothing to skip: the dense arithmetic, bit for bit
-        return _rows_sum(v * linear(x, w_up), w_down_t, every).view(shape)
-    v = v[:, active]  # [tokens, active]: 0 where a token drops a neuron another token keeps
-    if active.numel() < GATHER_UP_BELOW * every.numel():
-        with one_thread():
-            rows = F.embedding(active, w_up)
-        h = v * linear(x, rows)
-    else:
-        h = v * linear(x, w_up)[:, active]
-    return _rows_sum(h, w_down_t, active).view(shape)
+        return _rows_sum(h, w_down_t, every).view(shape)
+    return _rows_sum(h[:, active], w_down_t, active).view(shape)
 
 
 def _mlp_kernel(x, w_gate, w_up, w_down_t, threshold):
