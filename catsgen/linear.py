@@ -103,9 +103,11 @@ def _cpu_decode(x) -> bool:
     return not x.is_cuda and _few_tokens(x) and not torch.compiler.is_compiling()
 
 
-def _rows_sum(h, w_down_t, rows):
-    """h @ W_down^T[rows] (h [tokens, len(rows)]) as embedding_bag: a weighted sum of the chosen
-    rows, read in place. On the CPU it also beats the matmul over all rows (notes/cpu.md)."""
+def _rows_sum(h, w_down_t, rows=None):
+    """h @ W_down^T[rows] (h [tokens, len(rows)]; rows None: all) as embedding_bag, a weighted sum
+    of the chosen rows read in place: on the CPU it also beats the matmul over all rows
+    (notes/cpu.md)."""
+    rows = torch.arange(w_down_t.shape[0], device=h.device) if rows is None else rows
     return F.embedding_bag(rows.expand(h.shape[0], -1), w_down_t, per_sample_weights=h, mode="sum")
 
 
@@ -115,16 +117,17 @@ def _mlp_cpu_decode(x, w_gate, w_up, w_down_t, threshold):
     reads faster than a gather of half its rows (notes/cpu.md)."""
     shape, x = x.shape, x.reshape(-1, x.shape[-1])
     v = F.silu(linear(x, w_gate))
-    every = torch.arange(w_down_t.shape[0], device=x.device)
+    h = v * linear(x, w_up)
     if threshold is None:
-        return _rows_sum(v * linear(x, w_up), w_down_t, every).view(shape)
+        return _rows_sum(h, w_down_t).view(shape)
     keep = cats_keep(v, threshold)
-    active = (keep[0] if x.shape[0] == 1 else keep.any(dim=0)).nonzero()[:, 0]
+    if x.shape[0] > 1:  # a row is read if any token keeps it; zero it for the tokens that do not
+        h, keep = torch.where(keep, h, 0), keep.any(dim=0, keepdim=True)
+    active = keep.nonzero()[:, 1]
     if active.numel() == 0:
         return x.new_zeros(shape)
-    h = torch.where(keep, v, 0) * linear(x, w_up)
-    if active.numel() == every.numel():  # nothing to skip: the dense arithmetic, bit for bit
-        return _rows_sum(h, w_down_t, every).view(shape)
+    if active.numel() == w_down_t.shape[0]:  # nothing to skip: the dense arithmetic, bit for bit
+        return _rows_sum(h, w_down_t).view(shape)
     return _rows_sum(h[:, active], w_down_t, active).view(shape)
 
 
