@@ -9,8 +9,8 @@ in the same slot (Linear.weight for W_qkv / W_o, MLP.w_gate / w_up / w_down_t) a
   float    W_qkv, W_o      cuBLAS (F.linear)                               F.linear
   int8     W_qkv, W_o      int8_gemv (Triton)                              int8_gemv op: cuBLAS on a
                                                                            transient copy / torch
-  float    MLP, dense      cuBLAS (three F.linear)                         torch
-  float    MLP, CATS       cats_mlp (Triton)                               torch
+  float    MLP, dense      cuBLAS (three F.linear)                         torch; CPU decode: W_down^T
+  float    MLP, CATS       cats_mlp (Triton)                               rows by embedding_bag
   int8     MLP, dense      three int8_gemv (W_down in its [d, f] rows)     torch, dequantized
   int8     MLP, CATS       cats_mlp int8 (Triton)                          torch, dequantized
 The int8 dense MLP measured 64.5 us per 4096x11008 layer with three int8_gemv, 73.9 us through
