@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from catsgen.config import ModelConfig, read_json_object
 from catsgen.errors import UserError
-from catsgen.linear import decoder_linear_names, quantize_model, quantized, set_weight
+from catsgen.linear import cpu_layout, decoder_linear_names, quantize_model, quantized, set_weight
 from catsgen.model import Transformer
 from catsgen.parallel import ShardPlan
 
@@ -220,7 +220,7 @@ def load_model(checkpoint_dir: str | Path, device="cpu", dtype: torch.dtype | No
             continue
         if target.endswith("w_down_t"):
             tensor = tensor.t()
-        state[target] = place(tensor.contiguous(), hf_name)
+        state[target] = cpu_layout(target, place(tensor.contiguous(), hf_name))
     for i in range(config.n_layers):
         names = [f"model.layers.{i}.{n}" for n in _QKV]
         wqkv = torch.cat([place(reader.get(n), n) for n in names])
@@ -228,9 +228,10 @@ def load_model(checkpoint_dir: str | Path, device="cpu", dtype: torch.dtype | No
         if target in to_quantize:
             put_int8(target, wqkv)
         else:
-            state[target] = wqkv
-    if config.tie_word_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
+            state[target] = cpu_layout(target, wqkv)
+    if config.tie_word_embeddings:  # the LM head's layout wins: one GEMV a token against one row read
+        state["output.weight"] = state["tok_embeddings.weight"] = cpu_layout("output.weight",
+                                                                             state["tok_embeddings.weight"])
     model.load_state_dict(state, assign=True)
     if config.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight

@@ -90,7 +90,7 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model: Transformer, prompt: list[int] | torch.Tensor, max_new_tokens: int,
              params: SamplingParams = SamplingParams(), eos_ids: set[int] = frozenset(),
              decode_step: Callable = decode_one, on_token: Callable[[int], None] | None = None,

@@ -9,8 +9,8 @@ in the same slot (Linear.weight for W_qkv / W_o, MLP.w_gate / w_up / w_down_t) a
   float    W_qkv, W_o      cuBLAS (F.linear)                               F.linear
   int8     W_qkv, W_o      int8_gemv (Triton)                              int8_gemv op: cuBLAS on a
                                                                            transient copy / torch
-  float    MLP, dense      cuBLAS (three F.linear)                         torch
-  float    MLP, CATS       cats_mlp (Triton)                               torch
+  float    MLP, dense      cuBLAS (three F.linear)                         torch; CPU decode: W_down^T
+  float    MLP, CATS       cats_mlp (Triton)                               rows by embedding_bag
   int8     MLP, dense      three int8_gemv (W_down in its [d, f] rows)     torch, dequantized
   int8     MLP, CATS       cats_mlp int8 (Triton)                          torch, dequantized
 The int8 dense MLP measured 64.5 us per 4096x11008 layer with three int8_gemv, 73.9 us through
@@ -59,6 +59,21 @@ def float_weight(w: Weight, dtype: torch.dtype) -> torch.Tensor:
     return w.dequantize(dtype) if isinstance(w, Int8Weight) else w
 
 
+# Float weights kept column-major on the CPU (the same [out, in] tensor, transposed in memory):
+# there a GEMV x @ W^T reads W 1.5-1.9x faster that way (MKL's x @ B over a row-major B [in, out]),
+# and prefill's matmuls are as fast either way (notes/cpu.md). W_down^T keeps its rows: CATS
+# skips them.
+CPU_COLUMN_MAJOR = ("attention.wqkv.weight", "attention.wo.weight", "feed_forward.w_gate", "feed_forward.w_up",
+                    "output.weight")
+
+
+def cpu_layout(name: str, w: torch.Tensor) -> torch.Tensor:
+    """Weight `name` in the memory layout its device reads fastest (a copy where that changes)."""
+    if w.device.type != "cpu" or not name.endswith(CPU_COLUMN_MAJOR):
+        return w
+    return w.t().contiguous().t()
+
+
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """x @ W^T for a weight stored as W [out, in]."""
     if not isinstance(w, Int8Weight):
@@ -75,8 +90,8 @@ def mlp(x: torch.Tensor, w_gate: Weight, w_up: Weight, w_down_t: Weight, thresho
         y = _mlp_kernel(x, w_gate, w_up, w_down_t, threshold)
         if y is not None:
             return y
-    if activate is None and threshold is not None and _cpu_decode(x) and not isinstance(w_down_t, Int8Weight):
-        return _mlp_active_rows(x, w_gate, w_up, w_down_t, threshold)
+    if activate is None and _cpu_decode(x) and not isinstance(w_down_t, Int8Weight):
+        return _mlp_cpu_decode(x, w_gate, w_up, w_down_t, threshold)
     if activate is None:
         activate = (lambda v: v) if threshold is None else (lambda v: torch.where(cats_keep(v, threshold), v, 0))
     h = activate(F.silu(linear(x, w_gate))) * linear(x, w_up)
@@ -88,20 +103,32 @@ def _cpu_decode(x) -> bool:
     return not x.is_cuda and _few_tokens(x) and not torch.compiler.is_compiling()
 
 
-def _mlp_active_rows(x, w_gate, w_up, w_down_t, threshold):
-    """CATS decode on the CPU: W_down^T is read only at the rows of neurons active for some token,
-    by embedding_bag (a weighted sum of the chosen rows, no copy of them). W_up stays a dense
-    GEMV: gathering its rows first (index_select) measured several times slower than reading
-    them all."""
+def _rows_sum(h, w_down_t, rows=None):
+    """h @ W_down^T[rows] (h [tokens, len(rows)]; rows None: all) as embedding_bag, a weighted sum
+    of the chosen rows read in place: on the CPU it also beats the matmul over all rows
+    (notes/cpu.md)."""
+    rows = torch.arange(w_down_t.shape[0], device=h.device) if rows is None else rows
+    return F.embedding_bag(rows.expand(h.shape[0], -1), w_down_t, per_sample_weights=h, mode="sum")
+
+
+def _mlp_cpu_decode(x, w_gate, w_up, w_down_t, threshold):
+    """Decode on the CPU, dense (threshold None) or CATS. CATS reads W_down^T only at the rows of
+    neurons active for some token. W_up stays one GEMV: in its column-major CPU layout all of it
+    reads faster than a gather of half its rows (notes/cpu.md)."""
     shape, x = x.shape, x.reshape(-1, x.shape[-1])
     v = F.silu(linear(x, w_gate))
+    h = v * linear(x, w_up)
+    if threshold is None:
+        return _rows_sum(h, w_down_t).view(shape)
     keep = cats_keep(v, threshold)
-    h = torch.where(keep, v * linear(x, w_up), 0)
-    active = keep.any(dim=0).nonzero()[:, 0]
-    if active.numel() in (0, w_down_t.shape[0]):  # nothing to skip, or nothing to sum
-        return (h @ w_down_t).view(shape)
-    y = F.embedding_bag(active.expand(x.shape[0], -1), w_down_t, per_sample_weights=h[:, active], mode="sum")
-    return y.view(shape)
+    if x.shape[0] > 1:  # a row is read if any token keeps it; zero it for the tokens that do not
+        h, keep = torch.where(keep, h, 0), keep.any(dim=0, keepdim=True)
+    active = keep.nonzero()[:, 1]
+    if active.numel() == 0:
+        return x.new_zeros(shape)
+    if active.numel() == w_down_t.shape[0]:  # nothing to skip: the dense arithmetic, bit for bit
+        return _rows_sum(h, w_down_t).view(shape)
+    return _rows_sum(h[:, active], w_down_t, active).view(shape)
 
 
 def _mlp_kernel(x, w_gate, w_up, w_down_t, threshold):

@@ -18,6 +18,18 @@ from catsgen.parallel import ShardPlan
 from catsgen.memory import check_fits, kv_cache_bytes
 
 
+@contextmanager
+def one_thread():
+    """CPU work too small for a second thread (one token's attention over the prefix): waking
+    that thread saves little, and on a shared machine can cost milliseconds (notes/cpu.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class KVCache(nn.Module):
     """Static cache, keys and values in one buffer [2, B, n_kv_heads, max_seq_len, head_dim]:
     fixed shapes keep CUDA graphs valid, and one buffer takes a decode step's new key and value
@@ -41,6 +53,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32 and not x.is_cuda:  # one fused op on the CPU (7 small ones below)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Same order of operations as HF: normalise in fp32, cast back, then scale.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -107,23 +121,27 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, input_pos=None):
         B, T, _ = x.shape
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        heads = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim).transpose(1, 2)
+        qk, v = heads.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=1)
+        q, k = apply_rotary(qk, cos, sin).split([self.n_heads, self.n_kv_heads], dim=1)  # RoPE once for both
 
         if input_pos is not None and self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
             if mask.shape[-1] < k.shape[2]:  # the mask covers the filled prefix only (CPU, eager)
                 k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
+                if T == 1:  # one new token over the prefix: small work, one thread does it best
+                    with one_thread():
+                        y = self._attend(q, k, v, None if self.sliding_window is None else mask)
+                    return self.wo(y)
             if T == 1 and q.is_cuda and self.decode_kernel:  # decode: reads only the allowed positions
                 y = decode_attention(q, k, v, input_pos, self.sliding_window)
-                return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
+                return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.wo(self._attend(q, k, v, mask))
+
+    def _attend(self, q, k, v, mask):
+        """SDPA; q [B, H, T, D] -> [B, T, H * D]. mask None: every query sees every key."""
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        return y.transpose(1, 2).flatten(2)
 
 
 def attention_mask(q_positions, kv_positions, sliding_window):

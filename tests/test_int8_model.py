@@ -21,10 +21,11 @@ from helpers_kernels import rel_err
 
 def dequantized_reference(directory, int8_model):
     """The float model of `directory` with every decoder linear replaced by the int8 model's
-    dequantized weight (in the float model's layout)."""
+    dequantized weight (in the float model's layout, row-major as on CUDA: with FORCE_TRITON the
+    kernels run on these CPU tensors, where load_model keeps GEMV weights column-major)."""
     ref = load_model(directory, dtype=torch.float32)
     for name in decoder_linear_names(ref.config.n_layers):
-        ref.get_parameter(name).copy_(int8_model.get_submodule(name).dequantize(torch.float32))
+        ref.get_parameter(name).data = int8_model.get_submodule(name).dequantize(torch.float32).contiguous()
     return ref
 
 
