@@ -7,7 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parent.parent
+# `python -m pytest` puts the repository root on sys.path, where kernels/ (installed as
+# catsgen.kernels) would shadow Hugging Face's `kernels` package, which transformers imports.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+
+import torch  # noqa: E402
 
 # On a machine without CUDA the Triton kernels run in Triton's interpreter, which must be chosen
 # before triton is first imported (catsgen.model imports the kernels): set it here, first.
@@ -16,7 +21,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 320
 TRAINING_TEXT = ("The quick brown fox jumps over the lazy dog. Sparse activations skip weights. "
                  "Once upon a time, in a land of static caches and fused kernels, a model decoded "
