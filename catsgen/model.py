@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from catsgen.config import ModelConfig
 from catsgen.errors import UserError
-from catsgen.kernels import decode_attention, prepare_workspaces
+from catsgen import linear
+from catsgen.kernels import decode_attention_rope, prepare_workspaces, split_heads
 from catsgen.linear import Linear, mlp
 from catsgen.parallel import ShardPlan
 from catsgen.memory import check_fits, kv_cache_bytes
@@ -106,8 +107,8 @@ def swapped_activations(model: "Transformer", make: Callable[[int, nn.Module], n
 
 
 class Attention(nn.Module):
-    # Decode on CUDA reads the cache through the flash-decoding kernel; False keeps SDPA over the
-    # whole cache (the baseline scripts/gpu_attention.py measures the kernel against).
+    # Decode on CUDA goes through the flash-decoding kernel (RoPE and the cache write fused in);
+    # False keeps SDPA over the whole cache (the baseline scripts/gpu_attention.py measures against).
     decode_kernel = True
 
     def __init__(self, config: ModelConfig, plan: ShardPlan):
@@ -121,11 +122,16 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, input_pos=None):
         B, T, _ = x.shape
-        heads = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim).transpose(1, 2)
-        qk, v = heads.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=1)
-        q, k = apply_rotary(qk, cos, sin).split([self.n_heads, self.n_kv_heads], dim=1)  # RoPE once for both
+        qkv = self.wqkv(x)
+        cached = input_pos is not None and self.kv_cache is not None
+        if cached and T == 1 and self.decode_kernel and (qkv.is_cuda or linear.FORCE_TRITON):
+            # decode: RoPE, the cache write and attention over the allowed positions in one launch
+            y = decode_attention_rope(qkv, cos, sin, self.kv_cache.kv, input_pos, self.n_heads, self.sliding_window,
+                                      use_triton=True if linear.FORCE_TRITON else None)
+            return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        q, k, v = split_heads(qkv, self.n_heads, self.n_kv_heads, cos, sin)
 
-        if input_pos is not None and self.kv_cache is not None:
+        if cached:
             k, v = self.kv_cache.update(input_pos, k, v)
             if mask.shape[-1] < k.shape[2]:  # the mask covers the filled prefix only (CPU, eager)
                 k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
@@ -133,9 +139,6 @@ class Attention(nn.Module):
                     with one_thread():
                         y = self._attend(q, k, v, None if self.sliding_window is None else mask)
                     return self.wo(y)
-            if T == 1 and q.is_cuda and self.decode_kernel:  # decode: reads only the allowed positions
-                y = decode_attention(q, k, v, input_pos, self.sliding_window)
-                return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         return self.wo(self._attend(q, k, v, mask))
 
     def _attend(self, q, k, v, mask):
@@ -239,14 +242,6 @@ class Transformer(nn.Module):
         if input_pos.is_cuda or torch.compiler.is_compiling():
             return self.max_seq_len
         return int(input_pos.max()) + 1
-
-
-def apply_rotary(x, cos, sin):
-    """HF's rotate-half RoPE, computed in fp32. x [B, H, T, D], cos/sin [T, D]."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:

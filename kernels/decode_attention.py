@@ -19,6 +19,11 @@ repeats), and writes an unnormalised fp32 partial output and its running max / s
 arrive combines the partials of all parts, writes the output in q.dtype, and sets the counter
 back to zero (a workspace kept across calls, see arrival_counters). Why this design, with
 measurements: notes/kernels.md.
+
+decode_attention_rope takes the W_qkv output of the new token instead of q and a filled cache:
+the same launch applies RoPE to q (each program, for its heads) and to the new key, and the part
+holding position pos writes the new key and value into the cache before it reads its keys, so
+q/k/v make one trip (no RoPE or cache-write kernels between W_qkv and attention).
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ except ImportError:  # no Triton (e.g. macOS): the op still runs, through the re
     triton = None
 
 __all__ = ["decode_attention", "decode_attention_reference", "decode_attention_triton", "Blocks",
-           "arrival_counters"]
+           "arrival_counters", "decode_attention_rope", "decode_attention_rope_reference", "rope_reference"]
 
 
 def decode_attention_reference(q, k_cache, v_cache, pos, sliding_window: int | None = None):
@@ -56,6 +61,33 @@ def decode_attention_reference(q, k_cache, v_cache, pos, sliding_window: int | N
         k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
     out = torch.nn.functional.scaled_dot_product_attention(q.float(), k, v, attn_mask=allowed[None, None])
     return out.to(q.dtype)
+
+
+def rope_reference(x, cos, sin):
+    """HF's rotate-half RoPE, computed in fp32, returned in x.dtype. x [..., T, D], cos/sin [T, D]."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def split_heads(qkv, n_heads: int, n_kv_heads: int, cos, sin):
+    """qkv [B, T, (H + 2 Hkv) * D] -> q [B, H, T, D], k, v [B, Hkv, T, D], RoPE applied to q and k
+    (in one call over both)."""
+    B, T, _ = qkv.shape
+    heads = qkv.view(B, T, n_heads + 2 * n_kv_heads, -1).transpose(1, 2)
+    qk, v = heads.split([n_heads + n_kv_heads, n_kv_heads], dim=1)
+    q, k = rope_reference(qk, cos, sin).split([n_heads, n_kv_heads], dim=1)
+    return q, k, v
+
+
+def decode_attention_rope_reference(qkv, cos, sin, kv, pos, n_heads: int, sliding_window: int | None = None):
+    """The fused contract in torch: qkv [B, 1, (H + 2 Hkv) * D] (one new token), cos/sin [1, D]
+    fp32 (RoPE at pos), kv [2, B, Hkv, S, D] the cache, pos int64 [1]. Writes the rotated key and
+    the value at pos into kv, then attends as decode_attention_reference. Returns [B, H, 1, D]."""
+    q, k, v = split_heads(qkv, n_heads, kv.shape[2], cos, sin)
+    kv.index_copy_(3, pos, torch.stack((k, v)))
+    return decode_attention_reference(q, kv[0], kv[1], pos, sliding_window)
 
 
 @dataclass(frozen=True)
@@ -82,14 +114,15 @@ if triton is not None:
     def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, arrivals_ptr, out_ptr,
                       sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h,
                       H_KV, S, window, n_splits, scale_log2,
+                      cos_ptr, sin_ptr, new_k_offset,
                       D: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_N: tl.constexpr, GRANULE: tl.constexpr, MIN_PART: tl.constexpr, BLOCK_C: tl.constexpr,
-                      USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+                      USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, ROPE: tl.constexpr):
         c = tl.program_id(0)
         bkv = tl.program_id(1)
         b = bkv // H_KV
         kvh = bkv % H_KV
-        lo, hi, part = _allowed_parts(pos_ptr, S, window, n_splits, GRANULE, MIN_PART)
+        pos, lo, hi, part = _allowed_parts(pos_ptr, S, window, n_splits, GRANULE, MIN_PART)
         start = lo + c * part
         end = tl.minimum(start + part, hi)
         if end > start:  # else: nothing to read, nothing to write
@@ -98,10 +131,23 @@ if triton is not None:
             g_ok = g < G
             d_ok = d < D
             heads = kvh * G + g
-            q = tl.load(q_ptr + b.to(tl.int64) * sq_b + heads[:, None] * sq_h + d[None, :],
-                        mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+            q_rows = q_ptr + b.to(tl.int64) * sq_b + heads[:, None] * sq_h
             k_base = k_ptr + b.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h
             v_base = v_ptr + b.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h
+            if ROPE:  # q_ptr is the W_qkv output: rotate q here; new_k_offset: its k, then v, of head 0
+                cos = tl.load(cos_ptr + d, mask=d_ok, other=0.0)
+                sin = tl.load(sin_ptr + d, mask=d_ok, other=0.0)
+                q = _rotated(q_rows, d[None, :], g_ok[:, None] & d_ok[None, :], cos[None, :], sin[None, :], D)
+                q = q.to(q_ptr.dtype.element_ty)
+                if end == hi:  # the part holding pos writes the new key and value, then reads them back
+                    new_k = q_ptr + b.to(tl.int64) * sq_b + new_k_offset + kvh * D
+                    k_new = _rotated(new_k, d, d_ok, cos, sin, D)
+                    v_new = tl.load(new_k + H_KV * D + d, mask=d_ok, other=0.0)
+                    tl.store(k_base + pos.to(tl.int64) * sk_s + d, k_new.to(k_ptr.dtype.element_ty), mask=d_ok)
+                    tl.store(v_base + pos.to(tl.int64) * sv_s + d, v_new.to(v_ptr.dtype.element_ty), mask=d_ok)
+                    tl.debug_barrier()  # the CTA's stores are visible to its own loads below
+            else:
+                q = tl.load(q_rows + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
             m = tl.full([GP], -1.0e30, tl.float32)  # finite: a fully masked step gives p = 0, not NaN
             l = tl.zeros([GP], tl.float32)
             acc = tl.zeros([GP, BLOCK_D], tl.float32)
@@ -146,12 +192,19 @@ if triton is not None:
 
     @triton.jit
     def _allowed_parts(pos_ptr, S, window, n_splits, GRANULE: tl.constexpr, MIN_PART: tl.constexpr):
-        """The allowed key range [lo, hi) and the length of its parts (at most n_splits of them)."""
+        """pos, the allowed key range [lo, hi) and the length of its parts (at most n_splits of them)."""
         pos = tl.load(pos_ptr)
         hi = tl.minimum(pos + 1, S)
         lo = tl.where(window > 0, tl.maximum(pos - window + 1, 0), 0)
         part = tl.maximum(tl.cdiv(tl.cdiv(hi - lo, n_splits), GRANULE) * GRANULE, MIN_PART)
-        return lo, hi, part
+        return pos, lo, hi, part
+
+    @triton.jit
+    def _rotated(rows, d, mask, cos, sin, D: tl.constexpr):
+        """rope_reference on the head vectors at rows + d (d < D): x * cos + rotate_half(x) * sin in fp32."""
+        x = tl.load(rows + d, mask=mask, other=0.0).to(tl.float32)
+        partner = tl.load(rows + (d + D // 2) % D, mask=mask, other=0.0).to(tl.float32)
+        return x * cos + tl.where(d < D // 2, -partner, partner) * sin
 
     @triton.jit
     def _combine_parts(o_ptr, m_ptr, l_ptr, out_ptr, so_b, so_h, b, kvh, H, n_splits, n_parts,
@@ -199,10 +252,28 @@ def decode_attention_triton(q, k_cache, v_cache, pos, sliding_window: int | None
     """The Triton path (same contract as decode_attention_reference). On CPU tensors it needs
     TRITON_INTERPRET=1 set before this module was imported."""
     B, H, T, D = q.shape
-    _, Hkv, S, Dk = k_cache.shape
     assert T == 1, "decode attention takes one query token"
-    assert v_cache.shape == k_cache.shape and Dk == D and H % Hkv == 0
+    assert v_cache.shape == k_cache.shape and k_cache.shape[3] == D and H % k_cache.shape[1] == 0
     q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
+    return _launch(q, (q.stride(0), q.stride(1)), H, k_cache, v_cache, pos, sliding_window, blocks)
+
+
+def decode_attention_rope_triton(qkv, cos, sin, kv, pos, n_heads: int, sliding_window: int | None = None,
+                                 blocks: Blocks = DEFAULT_BLOCKS):
+    """The Triton path of decode_attention_rope (contract: decode_attention_rope_reference)."""
+    B, T, width = qkv.shape
+    _, _, Hkv, S, D = kv.shape
+    assert T == 1 and width == (n_heads + 2 * Hkv) * D and n_heads % Hkv == 0
+    assert kv.stride(-1) == 1 and cos.shape[-1] == D and sin.shape[-1] == D
+    qkv, cos, sin = (t.contiguous() for t in (qkv, cos.float(), sin.float()))
+    return _launch(qkv, (qkv.stride(0), D), n_heads, kv[0], kv[1], pos, sliding_window, blocks,
+                   rope=(cos, sin, n_heads * D))
+
+
+def _launch(q, q_strides, H, k_cache, v_cache, pos, sliding_window, blocks, rope=None):
+    """One _split_kernel launch; q_strides: (sequence, head) strides of q's [B, H, D] elements."""
+    B, D = q.shape[0], k_cache.shape[3]
+    _, Hkv, S, _ = k_cache.shape
     G = H // Hkv
     block_d = max(16, triton.next_power_of_2(D))
     use_dot = G > 1
@@ -217,14 +288,15 @@ def decode_attention_triton(q, k_cache, v_cache, pos, sliding_window: int | None
     dot_f32 = use_dot and not q.is_cuda and q.dtype == torch.bfloat16  # interpreter only, see the kernel
     precision = "ieee" if q.dtype == torch.float32 or dot_f32 else "tf32"  # unused for 16-bit inputs
     gr = triton.next_power_of_2(G)
+    cos, sin, new_k_offset = rope if rope is not None else (q, q, 0)  # unused without RoPE
     _split_kernel[(n_splits, B * Hkv)](
         q, k_cache, v_cache, pos, o_part, m_part, l_part, arrival_counters(dev, B * Hkv), out,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q_strides[0], q_strides[1], k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        Hkv, S, window, n_splits, math.log2(math.e) / math.sqrt(D),
+        Hkv, S, window, n_splits, math.log2(math.e) / math.sqrt(D), cos, sin, new_k_offset,
         D=D, G=G, GP=gp, GR=gr, BLOCK_D=block_d, BLOCK_N=blocks.block_n, GRANULE=blocks.granule,
         MIN_PART=blocks.min_part, BLOCK_C=max(1, blocks.block_c // gr), USE_DOT=use_dot, DOT_PRECISION=precision,
-        DOT_F32=dot_f32, num_warps=blocks.warps, num_stages=blocks.stages)
+        DOT_F32=dot_f32, ROPE=rope is not None, num_warps=blocks.warps, num_stages=blocks.stages)
     return out
 
 
@@ -239,6 +311,32 @@ def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 @_decode_attention_op.register_fake
 def _(q, k_cache, v_cache, pos, sliding_window):
     return q.new_empty(q.shape[0], q.shape[1], 1, q.shape[3])
+
+
+@torch.library.custom_op("catsgen::decode_attention_rope", mutates_args=("kv",))
+def _decode_attention_rope_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor,
+                              pos: torch.Tensor, n_heads: int, sliding_window: int) -> torch.Tensor:
+    if qkv.is_cuda:
+        return decode_attention_rope_triton(qkv, cos, sin, kv, pos, n_heads, sliding_window)
+    return decode_attention_rope_reference(qkv, cos, sin, kv, pos, n_heads, sliding_window)
+
+
+@_decode_attention_rope_op.register_fake
+def _(qkv, cos, sin, kv, pos, n_heads, sliding_window):
+    return qkv.new_empty(qkv.shape[0], n_heads, 1, kv.shape[-1])
+
+
+def decode_attention_rope(qkv, cos, sin, kv, pos, n_heads: int, sliding_window: int | None = None,
+                          use_triton: bool | None = None):
+    """decode_attention for the new token's W_qkv output qkv [B, 1, (H + 2 Hkv) * D]: RoPE (cos,
+    sin [1, D] at pos) on q and k, the new key and value written into the cache kv [2, B, Hkv, S, D]
+    at pos, then attention over the allowed keys; all in one launch on the Triton path.
+    Returns [B, H, 1, D]. use_triton as in decode_attention."""
+    if use_triton:
+        return decode_attention_rope_triton(qkv, cos, sin, kv, pos, n_heads, sliding_window)
+    if use_triton is False:
+        return decode_attention_rope_reference(qkv, cos, sin, kv, pos, n_heads, sliding_window)
+    return torch.ops.catsgen.decode_attention_rope(qkv, cos, sin, kv, pos, n_heads, int(sliding_window or 0))
 
 
 def decode_attention(q, k_cache, v_cache, pos, sliding_window: int | None = None,

@@ -3,11 +3,13 @@
      calls at random positions (the last part of each head combines: a race would show here);
   2. a small model decoding with the kernel vs the same model with the old SDPA path
      (Attention.decode_kernel = False);
-  3. time: kernel (a few tilings) vs SDPA over the whole cache with a boolean mask, each call
-     captured in a CUDA graph, rotating over 8 layers' caches so L2 holds none of them.
+  3. time: the decode step's attention part before (RoPE + cache write + the attention op) and
+     fused (decode_attention_rope, a few tilings); with --all also the kernel vs SDPA over the
+     whole cache with a boolean mask. Each call captured in a CUDA graph, rotating over 8
+     layers' caches so L2 holds none of them.
 `--bench-baseline BENCH_ARGS...` instead runs bench.py with the decode step on the old SDPA
 path (Attention.decode_kernel = False: the baseline, on the same card).
-    python3 scripts/gpu_attention.py
+    python3 scripts/gpu_attention.py [--all]
 """
 import importlib
 import sys
@@ -62,7 +64,27 @@ def check_kernel():
         good = not out.isnan().any() and err < (1e-4 if dt == torch.float32 else 1e-2)
         ok &= good
         print(f"check Hkv={Hkv} pos={p} window={window} {dt}: rel_err={err:.2e} {'OK' if good else 'FAIL'}")
-    return ok & check_repeated_calls()
+    return ok & check_repeated_calls() & check_fused()
+
+
+def check_fused(calls=100):
+    """decode_attention_rope (RoPE + cache write + attention in one launch) against its reference,
+    output and cache, at random positions, with and without a sliding window."""
+    worst = 0.0
+    for Hkv, window in ((32, 0), (8, 0), (8, 512)):
+        qkv = torch.randn(1, 1, (32 + 2 * Hkv) * 128, device="cuda", dtype=torch.bfloat16)
+        cos, sin = torch.randn(1, 128, device="cuda"), torch.randn(1, 128, device="cuda")
+        kv = torch.randn(2, 1, Hkv, 2048, 128, device="cuda", dtype=torch.bfloat16)
+        for _ in range(calls):
+            pos = torch.randint(0, 2048, (1,), device="cuda")
+            kv_ref = kv.clone()
+            out = da.decode_attention_rope(qkv, cos, sin, kv, pos, 32, window)
+            ref = da.decode_attention_rope_reference(qkv, cos, sin, kv_ref, pos, 32, window)
+            cache_err = (kv.float() - kv_ref.float()).abs().max().item() / kv_ref.float().abs().max().item()
+            worst = max(worst, rel_err(out, ref), cache_err)
+    good = worst < 1e-2
+    print(f"check fused rope+cache+attention, {3 * calls} calls: worst rel_err={worst:.2e} {'OK' if good else 'FAIL'}")
+    return good
 
 
 def check_repeated_calls(calls=150):
@@ -115,6 +137,34 @@ def check_model():
     return ok
 
 
+def fused_timings():
+    """The decode step's attention part as the model ran it before (RoPE on q and k, the cache
+    write, the attention launch: torch ops compiled + the op) against the one fused launch."""
+    split_heads, rope_op = da.split_heads, da.decode_attention_rope
+
+    def unfused(qkv, cos, sin, kv, pos, window):
+        q, k, v = split_heads(qkv, 32, kv.shape[2], cos, sin)
+        kv.index_copy_(3, pos, torch.stack((k, v)))
+        return decode_attention(q, kv[0], kv[1], pos, window)
+
+    variants = {"unfused": torch.compile(unfused, fullgraph=True), "fused": torch.compile(rope_op, fullgraph=True)}
+    for blk in (Blocks(programs=128), Blocks(min_part=128), Blocks(block_n=32), Blocks(warps=8)):
+        variants[f"fused p{blk.programs}/m{blk.min_part}/n{blk.block_n}/w{blk.warps}"] = (
+            lambda qkv, cos, sin, kv, pos, window, blk=blk: da.decode_attention_rope_triton(
+                qkv, cos, sin, kv, pos, 32, window, blocks=blk))
+    print(f"\n{torch.cuda.get_device_name()}, bf16, B=1, 32 heads, D=128, S=4096: attention part of a decode "
+          "step (us per layer, CUDA graphs over 8 layers' caches)")
+    for Hkv in (32, 8):
+        layers = [torch.randn(2, 1, Hkv, 4096, 128, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+        qkv = torch.randn(1, 1, (32 + 2 * Hkv) * 128, device="cuda", dtype=torch.bfloat16)
+        cos, sin = torch.randn(1, 128, device="cuda"), torch.randn(1, 128, device="cuda")
+        for p in (100, 300, 1000, 3000):
+            pos = torch.tensor([p], device="cuda")
+            times = {name: graph_time_us([lambda kv=kv, fn=fn: fn(qkv, cos, sin, kv, pos, 0) for kv in layers])
+                     for name, fn in variants.items()}
+            print(f"Hkv={Hkv:2} pos={p:4} " + "  ".join(f"{n} {t:.2f}" for n, t in times.items()), flush=True)
+
+
 def timings():
     rows = []
     variants = [DEFAULT_BLOCKS, Blocks(min_part=16), Blocks(programs=128), Blocks(programs=512),
@@ -151,5 +201,7 @@ if __name__ == "__main__":
     print("torch", torch.__version__, "triton", __import__("triton").__version__, torch.cuda.get_device_name())
     ok = check_kernel()
     ok &= check_model()
-    timings()
+    fused_timings()
+    if "--all" in sys.argv:
+        timings()
     sys.exit(0 if ok else 1)

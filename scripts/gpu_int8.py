@@ -8,7 +8,7 @@ kernels/cats_mlp.py) at the Llama-2-7B shapes:
      the int8 CATS MLP at s = 0, 0.5, 0.7 against the int8 dense MLP (the int8 GEMV three times)
      and the bf16 cuBLAS dense MLP. GB/s counts the bytes read, scales included.
 `--sweep [gemv] [mlp]` also tries tilings of those kernels (all: --sweep alone) and prints the best.
-    python3 scripts/gpu_int8.py [--sweep [gemv] [mlp]]
+    python3 scripts/gpu_int8.py [--sweep [gemv] [mlp]] | --float-gemv
 Every section runs even if one before it failed; the exit code says whether all checks passed.
 """
 import argparse
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, as for bench.py
 from catsgen.kernels import (cats_mlp, cats_mlp_reference, int8_gemv, int8_gemv_reference,  # noqa: E402
@@ -195,6 +196,41 @@ def sweep_gemv(n, k):
     return best
 
 
+def float_gemv_call(n, k, blocks):
+    """A maker of calls: the int8 GEMV kernel reading bf16 weights (unit scales, no int8
+    conversion) with `blocks`: whether a Triton GEMV beats cuBLAS for the float projections."""
+    def make():
+        w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16)
+        x, ones = torch.randn(1, k, device=DEV, dtype=torch.bfloat16), torch.ones(n, device=DEV)
+        out = torch.empty(1, n, device=DEV, dtype=torch.bfloat16)
+        grid = (triton.cdiv(n, blocks.block_n), 1)
+        return lambda: gm._int8_gemv_kernel[grid](
+            x, w, ones, out, 1, n, k, k, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, DOT_F32=False, FMA=True,
+            EVEN=k % blocks.block_k == 0, MAGIC=False, num_warps=blocks.warps_and_stages[0],
+            num_stages=blocks.warps_and_stages[1])
+    return make
+
+
+def sweep_float_gemv():
+    """bf16 weights, B = 1: cuBLAS (F.linear) against the Triton FMA GEMV over a few tilings."""
+    tiles = [(1, 1024, 4, 1), (2, 512, 4, 2), (2, 1024, 4, 1), (4, 512, 4, 2), (4, 256, 4, 3), (4, 512, 8, 2),
+             (8, 256, 4, 2), (8, 512, 8, 2), (2, 512, 2, 3), (4, 1024, 8, 1), (16, 128, 4, 3)]
+    print(f"\n{'float':>8} {'shape':>11} {'cuBLAS_us':>9} {'GB/s':>6} {'best_us':>8} {'GB/s':>6} best tiles")
+    for name, (n, k) in GEMV_SHAPES.items():
+        cublas = rotated_time_us(gemv_call(n, k, 1), 2 * n * k)
+        times = {}
+        for bn, bk, w, st in tiles:
+            b = gm.GemvBlocks(bn, bk, 1, (w, st), True, magic=False)
+            try:
+                times[b] = rotated_time_us(float_gemv_call(n, k, b), 2 * n * k)
+            except Exception as e:  # a tiling the compiler refuses is skipped
+                print(f"float gemv {n}x{k} {b}: {type(e).__name__}")
+        best = min(times, key=times.get)
+        print(f"{name:>8} {n:>5}x{k:<5} {cublas:>9.1f} {2 * n * k / cublas / 1e3:>6.0f} {times[best]:>8.1f} "
+              f"{2 * n * k / times[best] / 1e3:>6.0f} {best}")
+        print("   all: " + ", ".join(f"{b.block_n}x{b.block_k}/{b.warps_and_stages}: {t:.1f}" for b, t in times.items()))
+
+
 def time_mlp(sweep):
     int8_blocks = cm.pick_blocks(1, int8=True)
     if sweep:
@@ -262,10 +298,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweep", nargs="*", choices=("gemv", "mlp"), default=(),
                    help="also try a few tilings of these kernels (no value: both)")
+    p.add_argument("--float-gemv", action="store_true", help="only: bf16 weights, Triton GEMV vs cuBLAS")
     a = p.parse_args()
+    if a.float_gemv:
+        sweep_float_gemv()
+        return
     if a.sweep == []:  # --sweep alone
         a.sweep = ("gemv", "mlp")
-    import triton
     print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())
     for section in (check_kernels, check_compiled, lambda: time_gemv("gemv" in a.sweep), lambda: time_mlp("mlp" in a.sweep)):
         try:

@@ -2,6 +2,7 @@
 weights, profiled at each sparsity; prints the kernels of one step, their time and count.
 
     python3 scripts/gpu_profile.py [--preset llama-2-7b] [--sparsity 0 0.7] [--steps 20] [--quantize int8]
+                                   [--unfused]   (also the decode attention before issue 14's fusion)
 """
 import argparse
 import collections
@@ -12,6 +13,8 @@ from torch.profiler import ProfilerActivity, profile
 from catsgen import cats
 from catsgen.bench import BenchSettings, bench_thresholds, build_model
 from catsgen.generate import SamplingParams, make_decode_step
+from catsgen.kernels import decode_attention, split_heads
+from catsgen.model import Attention
 
 
 @torch.no_grad()
@@ -40,6 +43,16 @@ def profile_steps(model, step, steps: int, pos: int):
     return step_us, kernels
 
 
+def unfused_attention(self, x, cos, sin, mask, input_pos=None):
+    """Attention.forward's decode before RoPE and the cache write moved into the attention launch
+    (issue 14): torch ops for RoPE and the cache write, then catsgen::decode_attention."""
+    B, T, _ = x.shape
+    q, k, v = split_heads(self.wqkv(x), self.n_heads, self.n_kv_heads, cos, sin)
+    k, v = self.kv_cache.update(input_pos, k, v)
+    y = decode_attention(q, k, v, input_pos, self.sliding_window)
+    return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
 @torch.no_grad()
 def main():
     p = argparse.ArgumentParser()
@@ -48,10 +61,20 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--pos", type=int, default=256, help="cache position of the profiled steps")
     p.add_argument("--quantize", default="none", choices=("none", "int8"))
+    p.add_argument("--unfused", action="store_true", help="also profile the decode attention before the fusion")
     a = p.parse_args()
     torch.manual_seed(0)
     model = build_model(BenchSettings(device="cuda", dtype="bfloat16", quantize=a.quantize), None, a.preset)
     table = bench_thresholds(model, None, None, True)
+    fused = Attention.forward
+    for variant in ("fused", "unfused") if a.unfused else ("fused",):
+        Attention.forward = fused if variant == "fused" else unfused_attention
+        torch._dynamo.reset()
+        profile_sparsities(model, table, a, variant)
+    Attention.forward = fused
+
+
+def profile_sparsities(model, table, a, variant):
     step = make_decode_step(True, "cuda")
     for s in a.sparsity:
         if s > 0:
@@ -60,7 +83,7 @@ def main():
             cats.set_dense(model)
         step_us, kernels = profile_steps(model, step, a.steps, a.pos)
         busy = sum(t for t, _ in kernels.values())
-        print(f"\n== {a.preset} s={s}: step {step_us:.1f} us (events), kernels busy {busy:.1f} us, "
+        print(f"\n== {a.preset} {variant} s={s}: step {step_us:.1f} us (events), kernels busy {busy:.1f} us, "
               f"gaps {step_us - busy:.1f} us, {sum(n for _, n in kernels.values()):.0f} kernels")
         for name, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]:
             print(f"{t:9.1f} us {n:6.1f}x {t / max(n, 1e-9):7.2f} us/call  {name[:110]}")

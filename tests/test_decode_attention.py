@@ -111,3 +111,67 @@ def test_custom_op_under_torch_compile():
         assert _rel_err(out, expected) < 1e-6
         pos = pos + 17
     torch.library.opcheck(torch.ops.catsgen.decode_attention.default, (q, k, v, torch.tensor([30], device=DEV), 0))
+
+
+def _qkv_inputs(B, H, Hkv, S, D, dtype, seed):
+    """A new token's W_qkv output, RoPE cos/sin rows at some angle, and a cache of random contents."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, 1, (H + 2 * Hkv) * D, generator=g).to(DEV, dtype)
+    angle = torch.rand(D // 2, generator=g) * 6.3
+    cos, sin = torch.cat((angle, angle)).cos()[None].to(DEV), torch.cat((angle, angle)).sin()[None].to(DEV)
+    kv = torch.randn(2, B, Hkv, S, D, generator=g).to(DEV, dtype)
+    return qkv, cos, sin, kv
+
+
+@pytest.mark.parametrize("B,H,Hkv,S,D,dtype", [(1, 4, 4, 83, 16, torch.float32), (3, 6, 2, 83, 32, torch.float32),
+                                               (2, 8, 1, 70, 16, torch.bfloat16), (1, 6, 3, 77, 24, torch.float32)])
+@pytest.mark.parametrize("window", [0, 40])
+def test_fused_rope_and_cache_write_match_reference(B, H, Hkv, S, D, dtype, window):
+    """One launch: RoPE on q and the new key, the new key and value written at pos (every other
+    cache entry untouched), attention over the allowed keys including the new one."""
+    qkv, cos, sin, kv = _qkv_inputs(B, H, Hkv, S, D, dtype, seed=B + H + S + D)
+    for p in (0, 31, 32, 47, S - 1):
+        pos = torch.tensor([p], device=DEV)
+        kv_ref = kv.clone()
+        out = da.decode_attention_rope_triton(qkv, cos, sin, kv, pos, H, window, blocks=SMALL)
+        ref = da.decode_attention_rope_reference(qkv, cos, sin, kv_ref, pos, H, window)
+        assert out.shape == (B, H, 1, D) and out.dtype == dtype
+        assert _rel_err(out, ref) < (1e-5 if dtype == torch.float32 else TOL[dtype]), p
+        exact = dtype == torch.float32  # bf16: the kernel's fused multiply-add may round one ulp apart
+        assert torch.allclose(kv.float(), kv_ref.float(), rtol=1e-6 if exact else 1e-2, atol=1e-6 if exact else 1e-5)
+        assert not torch.equal(kv[:, :, :, p], torch.zeros_like(kv[:, :, :, p]))
+        assert (da.arrival_counters(DEV, B * Hkv)[:B * Hkv] == 0).all()
+
+
+def test_fused_reference_is_rope_then_cache_write_then_attention():
+    """The fused reference against the unfused steps written out: HF rotate-half by hand on q and
+    k, the cache written by index assignment, decode_attention_reference over it."""
+    B, H, Hkv, S, D = 2, 4, 2, 30, 8
+    qkv, cos, sin, kv = _qkv_inputs(B, H, Hkv, S, D, torch.float32, seed=9)
+    heads = qkv.view(B, H + 2 * Hkv, D)
+    rot = lambda x: x * cos[0] + torch.cat((-x[..., D // 2:], x[..., :D // 2]), -1) * sin[0]  # noqa: E731
+    q, k, v = rot(heads[:, :H]), rot(heads[:, H:H + Hkv]), heads[:, H + Hkv:]
+    kv_ref = kv.clone()
+    kv_ref[0, :, :, 12], kv_ref[1, :, :, 12] = k, v
+    pos = torch.tensor([12], device=DEV)
+    expected = da.decode_attention_reference(q[:, :, None], kv_ref[0], kv_ref[1], pos, None)
+    out = da.decode_attention_rope_reference(qkv, cos, sin, kv, pos, H, None)
+    assert torch.equal(kv, kv_ref)
+    assert _rel_err(out, expected) < 1e-6
+
+
+def test_fused_op_under_torch_compile():
+    """The mutating custom op inside a fullgraph-compiled step: the cache written in place."""
+    B, H, Hkv, S, D = 1, 4, 2, 50, 16
+    qkv, cos, sin, kv = _qkv_inputs(B, H, Hkv, S, D, torch.float32, seed=6)
+    step = lambda qkv, kv, pos: da.decode_attention_rope(qkv * 2, cos, sin, kv, pos, H, 8) + 1  # noqa: E731
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    pos = torch.tensor([10], device=DEV)
+    for _ in range(2):
+        kv_ref = kv.clone()
+        out = compiled(qkv, kv, pos)
+        expected = step(qkv, kv_ref, pos)
+        assert torch.equal(kv, kv_ref)
+        assert _rel_err(out, expected) < 1e-6
+        pos = pos + 17
+    torch.library.opcheck(torch.ops.catsgen.decode_attention_rope.default, (qkv, cos, sin, kv.clone(), torch.tensor([30], device=DEV), H, 0))

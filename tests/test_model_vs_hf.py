@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from catsgen import linear
 from catsgen.checkpoint import load_model
 from conftest import CONFIGS, VOCAB
 
@@ -22,8 +23,12 @@ def test_full_forward_matches_transformers(checkpoints, name):
         assert rel_err(ours(idx), hf(idx).logits) < 1e-4
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_cached_prefill_and_decode_match_transformers(checkpoints, name):
+@pytest.mark.parametrize("name,kernels", [(name, False) for name in CONFIGS] +
+                         [("gqa", True), ("mistral_window", True), ("llama31_rope", True)])
+def test_cached_prefill_and_decode_match_transformers(checkpoints, name, kernels, monkeypatch):
+    """kernels: decode steps through the CUDA path's Triton kernels (here the interpreter): RoPE,
+    the cache write and attention in one launch (decode_attention_rope)."""
+    monkeypatch.setattr(linear, "FORCE_TRITON", kernels)
     directory, hf = checkpoints[name]
     ours = load_model(directory, dtype=torch.float32)
     ours.setup_caches(batch_size=2, max_seq_len=64)
