@@ -21,9 +21,10 @@ back to zero (a workspace kept across calls, see arrival_counters). Why this des
 measurements: notes/kernels.md.
 
 decode_attention_rope takes the W_qkv output of the new token instead of q and a filled cache:
-the same launch applies RoPE to q (each program, for its heads) and to the new key, and the part
-holding position pos writes the new key and value into the cache before it reads its keys, so
-q/k/v make one trip (no RoPE or cache-write kernels between W_qkv and attention).
+the same launch applies RoPE to q (each program, for its heads) and to the new key; the part
+holding position pos writes the new key and value into the cache and takes them from registers
+for that position, so q/k/v make one trip (no RoPE or cache-write kernels between W_qkv and
+attention).
 """
 from __future__ import annotations
 
@@ -139,13 +140,14 @@ if triton is not None:
                 sin = tl.load(sin_ptr + d, mask=d_ok, other=0.0)
                 q = _rotated(q_rows, d[None, :], g_ok[:, None] & d_ok[None, :], cos[None, :], sin[None, :], D)
                 q = q.to(q_ptr.dtype.element_ty)
-                if end == hi:  # the part holding pos writes the new key and value, then reads them back
-                    new_k = q_ptr + b.to(tl.int64) * sq_b + new_k_offset + kvh * D
-                    k_new = _rotated(new_k, d, d_ok, cos, sin, D)
-                    v_new = tl.load(new_k + H_KV * D + d, mask=d_ok, other=0.0)
-                    tl.store(k_base + pos.to(tl.int64) * sk_s + d, k_new.to(k_ptr.dtype.element_ty), mask=d_ok)
-                    tl.store(v_base + pos.to(tl.int64) * sv_s + d, v_new.to(v_ptr.dtype.element_ty), mask=d_ok)
-                    tl.debug_barrier()  # the CTA's stores are visible to its own loads below
+                # The new key and value, in the cache's dtype: the part holding pos writes them, and
+                # uses them from registers in place of the cache row at pos (no wait on the store).
+                new_k = q_ptr + b.to(tl.int64) * sq_b + new_k_offset + kvh * D
+                k_new = _rotated(new_k, d, d_ok, cos, sin, D).to(k_ptr.dtype.element_ty)
+                v_new = tl.load(new_k + H_KV * D + d, mask=d_ok, other=0.0).to(v_ptr.dtype.element_ty)
+                if end == hi:
+                    tl.store(k_base + pos.to(tl.int64) * sk_s + d, k_new, mask=d_ok)
+                    tl.store(v_base + pos.to(tl.int64) * sv_s + d, v_new, mask=d_ok)
             else:
                 q = tl.load(q_rows + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
             m = tl.full([GP], -1.0e30, tl.float32)  # finite: a fully masked step gives p = 0, not NaN
@@ -161,6 +163,9 @@ if triton is not None:
                             eviction_policy="evict_first")
                 v = tl.load(v_base + n[:, None].to(tl.int64) * sv_s + d[None, :], mask=kv_mask, other=0.0,
                             eviction_policy="evict_first")
+                if ROPE:
+                    k = tl.where(n[:, None] == pos, k_new[None, :], k)
+                    v = tl.where(n[:, None] == pos, v_new[None, :], v)
                 if DOT_F32:  # the interpreter's tl.dot misreads bf16 operands (triton 3.9)
                     k = k.to(tl.float32)
                     v = v.to(tl.float32)
