@@ -145,7 +145,7 @@ if triton is not None:
                 new_k = q_ptr + b.to(tl.int64) * sq_b + new_k_offset + kvh * D
                 k_new = _rotated(new_k, d, d_ok, cos, sin, D).to(k_ptr.dtype.element_ty)
                 v_new = tl.load(new_k + H_KV * D + d, mask=d_ok, other=0.0).to(v_ptr.dtype.element_ty)
-                if end == hi:
+                if end == hi and pos < S:  # (pos >= S: a caller's error; never write past the cache)
                     tl.store(k_base + pos.to(tl.int64) * sk_s + d, k_new, mask=d_ok)
                     tl.store(v_base + pos.to(tl.int64) * sv_s + d, v_new, mask=d_ok)
             else:
