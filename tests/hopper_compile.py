@@ -1,0 +1,92 @@
+"""Compile every Triton decode kernel for an H100/H200 (sm_90) without a GPU: what Triton's
+interpreter (the CPU tests) accepts but the real compiler may refuse. Run as a script by
+tests/test_hopper_compile.py, without TRITON_INTERPRET (this process never launches a kernel).
+
+Each kernel is launched by its own host code on small CPU tensors with `run` replaced by a
+recorder; the recorded arguments give the signature and constexprs that triton.compile needs.
+DOT_F32 is set as on the GPU for 16-bit inputs (False): on CPU tensors the host code picks the
+interpreter's workaround."""
+import importlib
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+da = importlib.import_module("catsgen.kernels.decode_attention")
+cm = importlib.import_module("catsgen.kernels.cats_mlp")
+gm = importlib.import_module("catsgen.kernels.int8_gemv")
+HOPPER = GPUTarget("cuda", 90, 32)
+POINTEE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "i8",
+           torch.int32: "i32", torch.int64: "i64"}
+launches = []  # (label, kernel, args by name, options)
+
+
+def record(kernel, label):
+    def run(*args, grid, warmup, **kwargs):
+        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        named = dict(zip(kernel.arg_names, args)) | kwargs
+        if "DOT_F32" in named and any(getattr(a, "dtype", None) in (torch.bfloat16, torch.float16) for a in args):
+            named["DOT_F32"] = False
+        launches.append((f"{label} {kernel.fn.__name__}", kernel, named, options))
+    kernel.run = run
+
+
+def arg_type(value):
+    if isinstance(value, torch.Tensor):
+        return "*" + POINTEE[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if abs(value) < 2**31 else "i64"
+    return "fp32"
+
+
+def compile_for_hopper(kernel, named, options):
+    constexpr = set(kernel.constexprs)
+    signature = {name: "constexpr" if i in constexpr else arg_type(named[name])
+                 for i, name in enumerate(kernel.arg_names)}
+    constexprs = {(i,): named[name] for i, name in enumerate(kernel.arg_names) if i in constexpr}
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=HOPPER,
+                          options=options)
+
+
+def launch_all():
+    bf16 = dict(dtype=torch.bfloat16)
+    for label, Hkv in (("MHA", 4), ("GQA", 1)):
+        q, (k, v) = torch.randn(1, 4, 1, 128, **bf16), torch.randn(2, 1, Hkv, 64, 128, **bf16)
+        da.decode_attention_triton(q, k, v, torch.tensor([9]), 0)
+        qkv = torch.randn(1, 1, (4 + 2 * Hkv) * 128, **bf16)
+        da.decode_attention_rope_triton(qkv, torch.randn(1, 128), torch.randn(1, 128), torch.stack((k, v)),
+                                        torch.tensor([9]), 4, 16)
+    D, F = 256, 512
+    for B in (1, 4):
+        x = torch.randn(B, D, **bf16)
+        cm.cats_mlp_triton(x, *(torch.randn(F, D, **bf16) for _ in range(3)), torch.tensor(0.1))
+        q8 = [torch.randint(-127, 128, (F, D), dtype=torch.int8) for _ in range(3)]
+        scales = (torch.rand(F), torch.rand(F), torch.rand(D))
+        cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales)
+        gm.int8_gemv_triton(x, q8[0], scales[0])
+
+
+def main():
+    for module, names in ((da, ["_split_kernel"]), (cm, ["_gate_kernel", "_up_kernel", "_down_kernel", "_down1_kernel"]),
+                          (gm, ["_int8_gemv_kernel"])):
+        for name in names:
+            record(getattr(module, name), module.__name__.rsplit(".", 1)[1])
+    launch_all()
+    failed = 0
+    for label, kernel, named, options in launches:
+        try:
+            compiled = compile_for_hopper(kernel, named, options)
+            print(f"ok {label} ({len(compiled.asm['ptx'].splitlines())} PTX lines)")
+        except Exception as e:  # every launch is tried; the exit code says whether all compiled
+            failed += 1
+            print(f"FAILED {label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    print(f"{len(launches) - failed} of {len(launches)} launches compiled for sm_90")
+    sys.exit(1 if failed or not launches else 0)
+
+
+if __name__ == "__main__":
+    main()
