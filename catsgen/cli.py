@@ -303,6 +303,16 @@ def main(argv: Optional[List[str]] = None, prog_name: Optional[str] = None, comm
         if e.code == 130:
             print(interrupted_message(args[0] if args else "catsgen"), file=sys.stderr)
         raise
+    finally:
+        leave_process_group()
+
+
+def leave_process_group():
+    """Under torchrun, destroy the process group before the interpreter exits: gloo's worker
+    threads outliving it abort the process ("terminate called without an active exception")."""
+    parallel = sys.modules.get("catsgen.parallel")  # imported only by commands that may shard
+    if parallel is not None:
+        parallel.shutdown()
 
 
 WRITING_COMMANDS = ("calibrate", "bench", "convert")  # their outputs are written atomically at the end

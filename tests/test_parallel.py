@@ -188,3 +188,18 @@ def test_a_split_tensor_of_the_wrong_size_is_named(checkpoints, tmp_path):
     config = ModelConfig.from_checkpoint(directory)
     with pytest.raises(UserError, match=r"up_proj.weight has shape \(98, 64\), expected \(96, 64\)"):
         load_model(directory, dtype=torch.float32, plan=ShardPlan.make(config, 0, 2))
+
+
+def test_a_command_leaves_the_process_group(capsys):
+    """Every command destroys the process group before exiting: gloo's threads outliving it
+    abort the process at exit (SIGABRT, "terminate called without an active exception")."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        code, out, err = run_main(capsys, "bench", "--preset", "tiny", "--device", "cpu", "--no-compile",
+                                  "--new-tokens", 4, "--repeats", 1, "--prompt-len", 4, "--sparsity", 0)
+        assert code == 0, err
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
