@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from catsgen.linear import cats_keep, mlp
+from catsgen.linear import UP_GATHER_SPARSITY, cats_keep, cpu_up_layout, mlp
 from catsgen.model import DenseSiLU, Transformer, swapped_activations
 from catsgen.thresholds import ThresholdsTable, check_sparsity
 
@@ -39,18 +39,24 @@ class CATS(DenseSiLU):
 def set_dense(model: Transformer):
     for mlp in model.mlps:
         mlp.activation = DenseSiLU()
+        mlp.w_up = cpu_up_layout(mlp.w_up, gather=False)
 
 
-def set_thresholds(model: Transformer, threshold_vectors: list[float] | list[torch.Tensor]):
+def set_thresholds(model: Transformer, threshold_vectors: list[float] | list[torch.Tensor],
+                   sparsities: list[float] | None = None):
     """Install CATS in every layer (a threshold per layer, or an [F] vector per layer: one per
-    neuron), or update the thresholds in place where a CATS of that shape already is."""
+    neuron), or update the thresholds in place where a CATS of that shape already is. sparsities:
+    each layer's (the thresholds table's); on the CPU, W_up becomes row-major in the layers sparse
+    enough that the decode gathers its active rows (catsgen/linear.py UP_GATHER_SPARSITY)."""
     device = model.output.weight.device
-    for i, (mlp, t) in enumerate(zip(model.mlps, threshold_vectors, strict=True)):
+    sparsities = sparsities or [0.0] * len(model.mlps)
+    for i, (mlp, t, s) in enumerate(zip(model.mlps, threshold_vectors, sparsities, strict=True)):
         t = model.plan.local_thresholds(torch.as_tensor(t, dtype=torch.float32))  # this rank's neurons
         if isinstance(mlp.activation, CATS) and mlp.activation.threshold.shape == t.shape:
             mlp.activation.threshold.copy_(t)
         else:
             mlp.activation = CATS(i, t, device)
+        mlp.w_up = cpu_up_layout(mlp.w_up, gather=s >= UP_GATHER_SPARSITY)
 
 
 def set_sparsity(model: Transformer, table: ThresholdsTable, sparsity: float, allocation: str = "uniform"):
@@ -59,7 +65,8 @@ def set_sparsity(model: Transformer, table: ThresholdsTable, sparsity: float, al
     if sparsity == 0:
         set_dense(model)
     else:
-        set_thresholds(model, table.threshold_vectors(sparsity, allocation))
+        vectors, sparsities = table.threshold_vectors(sparsity, allocation), table.layer_sparsities(sparsity, allocation)
+        set_thresholds(model, vectors, sparsities)
 
 
 # --- measured sparsity ----------------------------------------------------------------------------

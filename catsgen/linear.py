@@ -19,6 +19,7 @@ its [d, f] rows (Int8Weight keep_rows: 1 byte more per W_down entry, in memory, 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -74,6 +75,35 @@ def cpu_layout(name: str, w: torch.Tensor) -> torch.Tensor:
     return w.t().contiguous().t()
 
 
+# From this sparsity on, a layer's CPU decode under CATS gathers W_up's active rows (row-major W_up)
+# instead of reading all of it column-major: 30 layers of 1536x576, 1 thread, a gather of a
+# fraction a of the rows plus its GEMV took ~320a us against 171 us for the whole (notes/cpu.md).
+UP_GATHER_SPARSITY = 0.5
+
+
+def cpu_up_layout(w: Weight, gather: bool) -> Weight:
+    """W_up laid out for the CPU decode: row-major where it gathers the active neurons' rows
+    (_up_rows), column-major for the whole GEMV (cpu_layout). The same values either way; off the
+    CPU, and int8, the weight stays as it is."""
+    if isinstance(w, Int8Weight) or w.device.type != "cpu":
+        return w
+    laid_out = w.contiguous() if gather else w.t().contiguous().t()
+    return w if laid_out.data_ptr() == w.data_ptr() else nn.Parameter(laid_out, requires_grad=False)
+
+
+@contextmanager
+def one_thread():
+    """CPU work too small for a second thread (one token's attention over the prefix, a gather of
+    rows): waking that thread saves little, and on a shared machine can cost milliseconds
+    (notes/cpu.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """x @ W^T for a weight stored as W [out, in]."""
     if not isinstance(w, Int8Weight):
@@ -113,22 +143,32 @@ def _rows_sum(h, w_down_t, rows=None):
 
 def _mlp_cpu_decode(x, w_gate, w_up, w_down_t, threshold):
     """Decode on the CPU, dense (threshold None) or CATS. CATS reads W_down^T only at the rows of
-    neurons active for some token. W_up stays one GEMV: in its column-major CPU layout all of it
-    reads faster than a gather of half its rows (notes/cpu.md)."""
+    neurons active for some token, and W_up too where it is row-major (a sparse layer under CATS:
+    cpu_up_layout)."""
     shape, x = x.shape, x.reshape(-1, x.shape[-1])
     v = F.silu(linear(x, w_gate))
-    h = v * linear(x, w_up)
     if threshold is None:
-        return _rows_sum(h, w_down_t).view(shape)
+        return _rows_sum(v * linear(x, w_up), w_down_t).view(shape)
     keep = cats_keep(v, threshold)
     if x.shape[0] > 1:  # a row is read if any token keeps it; zero it for the tokens that do not
-        h, keep = torch.where(keep, h, 0), keep.any(dim=0, keepdim=True)
-    active = keep.nonzero()[:, 1]
+        v, keep = torch.where(keep, v, 0), keep.any(dim=0)
+    active = keep.view(-1).nonzero().view(-1)
     if active.numel() == 0:
         return x.new_zeros(shape)
     if active.numel() == w_down_t.shape[0]:  # nothing to skip: the dense arithmetic, bit for bit
-        return _rows_sum(h, w_down_t).view(shape)
-    return _rows_sum(h[:, active], w_down_t, active).view(shape)
+        return _rows_sum(v * linear(x, w_up), w_down_t).view(shape)
+    h = v.index_select(1, active) * _up_rows(x, w_up, active)
+    return _rows_sum(h, w_down_t, active).view(shape)
+
+
+def _up_rows(x, w_up, rows):
+    """(x @ W_up^T)[:, rows]. Row-major W_up: a GEMV over a gather of those rows, on one thread (on
+    two, the gather's and the GEMV's parallel regions wait for the other core: 2-8x slower under
+    load). Column-major: all of it, which reads faster than any gather there (notes/cpu.md)."""
+    if not w_up.is_contiguous():
+        return linear(x, w_up).index_select(1, rows)
+    with one_thread():
+        return F.linear(x, w_up.index_select(0, rows))
 
 
 def _mlp_kernel(x, w_gate, w_up, w_down_t, threshold):

@@ -14,21 +14,9 @@ from catsgen.config import ModelConfig
 from catsgen.errors import UserError
 from catsgen import linear
 from catsgen.kernels import decode_attention_rope, prepare_workspaces, split_heads
-from catsgen.linear import Linear, mlp
+from catsgen.linear import Linear, mlp, one_thread
 from catsgen.parallel import ShardPlan
 from catsgen.memory import check_fits, kv_cache_bytes
-
-
-@contextmanager
-def one_thread():
-    """CPU work too small for a second thread (one token's attention over the prefix): waking
-    that thread saves little, and on a shared machine can cost milliseconds (notes/cpu.md)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class KVCache(nn.Module):

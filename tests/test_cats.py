@@ -72,7 +72,7 @@ def test_threshold_update_is_in_place():
     act = cats.CATS(0, 0.1)
     buffer = act.threshold
     assert buffer.dtype == torch.float32 and buffer.dim() == 0
-    model = type("M", (), {"mlps": [type("MLP", (), {"activation": act})()], "plan": ShardPlan(0, 1, 1, 1, 1, 1),
+    model = type("M", (), {"mlps": [type("MLP", (), {"activation": act, "w_up": torch.zeros(4, 3)})()], "plan": ShardPlan(0, 1, 1, 1, 1, 1),
                            "output": type("O", (), {"weight": torch.zeros(1)})()})()
     cats.set_thresholds(model, [0.25])
     assert model.mlps[0].activation is act and act.threshold is buffer and float(buffer) == 0.25
