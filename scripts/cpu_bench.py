@@ -23,18 +23,22 @@ PROMPT = "Explain in two sentences why the sky is blue."
 NEW_TOKENS, ROUNDS = int(os.environ.get("NEW_TOKENS", 64)), int(os.environ.get("ROUNDS", 3))
 
 
-def decode_rate(run) -> float:
-    """Decode tok/s as both engines are timed here: (N - 1) / (time of N new tokens - time of 1),
-    the best of ROUNDS, so that prefill and the first step drop out the same way for both."""
-    times = {}
-    for n in (1, NEW_TOKENS):
-        samples = []
-        for _ in range(ROUNDS):
-            start = time.perf_counter()
-            tokens = run(n)
-            samples.append(time.perf_counter() - start)
-        times[n] = min(samples)
-    return (NEW_TOKENS - 1) / (times[NEW_TOKENS] - times[1]), tokens
+def decode_rates(engines: dict) -> dict:
+    """Decode tok/s of each engine (name -> (prepare, run)), every engine timed alike:
+    (N - 1) / (time of N new tokens - time of 1), each the best of ROUNDS, so that prefill and the
+    first step drop out the same way for all. The rounds go round the engines in turn (A, B, C,
+    A, B, C, ...): a change in the machine's load then falls on every engine alike, where one
+    engine's rounds after another's would each catch a different moment."""
+    times = {name: {1: [], NEW_TOKENS: []} for name in engines}
+    tokens = {}
+    for _ in range(ROUNDS):
+        for name, (prepare, run) in engines.items():
+            prepare()  # outside the timing: dense and CATS share one model
+            for n in (1, NEW_TOKENS):
+                start = time.perf_counter()
+                tokens[name] = run(n)
+                times[name][n].append(time.perf_counter() - start)
+    return {name: ((NEW_TOKENS - 1) / (min(t[NEW_TOKENS]) - min(t[1])), tokens[name]) for name, t in times.items()}
 
 
 def main():
@@ -59,15 +63,14 @@ def main():
     def ours(n):
         return generate(model, ids, n).tokens[0]
 
-    rows = [("transformers generate (dense)", *decode_rate(hf_run))]
-    set_dense(model)
-    rows.append(("catsgen dense", *decode_rate(ours)))
-    set_sparsity(model, table, 0.5, "fisher")
-    rows.append(("catsgen CATS-50% (fisher)", *decode_rate(ours)))
+    rates = decode_rates({"transformers generate (dense)": (lambda: None, hf_run),
+                          "catsgen dense": (lambda: set_dense(model), ours),
+                          "catsgen CATS-50% (fisher)": (lambda: set_sparsity(model, table, 0.5, "fisher"), ours)})
+    rows = [(name, *rate) for name, rate in rates.items()]
     counter = measure_generation_sparsity(model, ids, rows[-1][2], SparsityCounter(model.config.n_layers, 0.5))
     load = " ".join(open("/proc/loadavg").read().split()[:3])
     print(f"\nSmolLM2-135M-Instruct, float32, CPU, {torch.get_num_threads()} torch threads, greedy, "
-          f"{len(ids)} prompt tokens, {NEW_TOKENS} new tokens, best of {ROUNDS}; load average {load} on "
+          f"{len(ids)} prompt tokens, {NEW_TOKENS} new tokens, best of {ROUNDS} interleaved rounds; load average {load} on "
           f"{os.cpu_count()} cores, torch {torch.__version__}")
     for name, rate, _ in rows:
         print(f"  {name:<30} {rate:6.1f} tok/s  ({rate / rows[0][1]:.2f}x transformers)")
