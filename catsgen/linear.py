@@ -76,9 +76,11 @@ def cpu_layout(name: str, w: torch.Tensor) -> torch.Tensor:
 
 
 # From this sparsity on, a layer's CPU decode under CATS gathers W_up's active rows (row-major W_up)
-# instead of reading all of it column-major: 30 layers of 1536x576, 1 thread, a gather of a
-# fraction a of the rows plus its GEMV took ~320a us against 171 us for the whole (notes/cpu.md).
-UP_GATHER_SPARSITY = 0.5
+# instead of reading all of it column-major. 30 layers of 1536x576, 1 thread, loaded machine: a
+# gather of a fraction a of the rows plus its GEMV took ~320a us against 171 us for the whole,
+# even at a = 0.5; the gather runs on one thread while the whole GEMV may use two, so only the
+# clearly sparse layers gather (notes/cpu.md).
+UP_GATHER_SPARSITY = 0.6
 
 
 def cpu_up_layout(w: Weight, gather: bool) -> Weight:
