@@ -188,7 +188,9 @@ def _mlp_kernel(x, w_gate, w_up, w_down_t, threshold):
         y = cats_mlp(rows, w_gate.q, w_up.q, w_down_t.q, threshold, use_triton=_use_triton(),
                      scales=(w_gate.scale, w_up.scale, w_down_t.scale))
     else:
-        y = cats_mlp(rows, w_gate, w_up, w_down_t, threshold, use_triton=_use_triton())
+        # .contiguous(): a no-op on CUDA; a CPU W_up may be column-major (cpu_up_layout), and tests
+        # run the kernels on CPU tensors
+        y = cats_mlp(rows, w_gate, w_up.contiguous(), w_down_t, threshold, use_triton=_use_triton())
     return y.view(x.shape)
 
 
