@@ -88,3 +88,14 @@ def test_a_mix_is_in_sample_for_its_parts_only():
     assert qm.in_sample("mix_no_devil", "pydoc") and not qm.in_sample("mix_no_devil", "devil")
     assert qm.in_sample("devil", "devil") and not qm.in_sample("devil", "pydoc")
     assert qm.parts("mix_pydoc_devil") == ("pydoc", "devil") and not qm.in_sample("mix_pydoc_devil", "policy")
+
+
+def test_comparison_takes_the_single_text_cells_of_the_held_out_text():
+    mix = cell("mix_no_b", "b", 20.0, 12.0)  # removes 80%
+    mix["reference"] = {"calibration": "a", "levels": {"0.5": {"uniform": {"perplexity": 19.0, "actual": 0.5},
+                                                                 "fisher": {"perplexity": 14.5, "actual": 0.5}}}}
+    other = {"cells": [cell("a", "b", 20.0, 15.0), cell("c", "b", 20.0, 18.0), cell("b", "b", 20.0, 10.0),
+                       cell("a", "c", 20.0, 11.0)]}
+    (row,) = qm.comparison({"cells": [mix, cell("a", "b", 20.0, 15.0)]}, other)
+    assert row["removed"] == pytest.approx(80) and row["reference"]["removed"] == pytest.approx(50)
+    assert row["single"] == pytest.approx({"a": 50, "c": 20})  # b -> b is in-sample, a -> c another text
