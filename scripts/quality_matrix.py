@@ -187,8 +187,9 @@ def cell(args, cal: str, ev: str) -> dict:
     """One (calibration, evaluation) pair: dense, and per S each method matched to uniform's actual."""
     thresholds = calibrate(args, cal)
     base = f"{args.tag}_{cal}_{ev}"
-    levels = "" if args.sparsity == [0.3, 0.5, 0.7] else "_s" + "_".join(f"{s:.1f}" for s in args.sparsity)
-    first = score(args, thresholds, ev, args.allocation, args.sparsity, f"ppl_{base}{levels}.json")
+    # the first report's name says which S it holds when they are not the default three
+    suffix = "" if args.sparsity == [0.3, 0.5, 0.7] else "_s" + "_".join(f"{s:.1f}" for s in args.sparsity)
+    first = score(args, thresholds, ev, args.allocation, args.sparsity, f"ppl_{base}{suffix}.json")
     rows = first["rows"]
     dense = next(r["perplexity"] for r in rows if r["allocation"] == "dense")
     found = {(r["allocation"], round(r["sparsity"], 4)): r for r in rows if r["allocation"] != "dense"}
@@ -201,20 +202,21 @@ def cell(args, cal: str, ev: str) -> dict:
         result["levels"][f"{s:.1f}"] = level
     if args.reference and not in_sample(args.reference, ev) and args.reference != cal:
         result["reference"] = reference(args, ev, {s: found[("uniform", round(s, 4))]["actual_sparsity"]
-                                                   for s in args.sparsity}, levels)
+                                                   for s in args.sparsity}, suffix)
     return result
 
 
-def reference(args, ev: str, targets: dict, levels: str) -> dict:
+def reference(args, ev: str, targets: dict, suffix: str) -> dict:
     """The --reference calibration on ev, every method (uniform too) matched to the cell's uniform
     actual sparsity: the two calibrations compared at the same bytes read, in absolute perplexity."""
     thresholds = calibrate(args, args.reference)
     base = f"{args.tag}_{args.reference}_{ev}"
-    rows = score(args, thresholds, ev, args.allocation, args.sparsity, f"ppl_{base}{levels}.json")["rows"]
+    rows = score(args, thresholds, ev, args.allocation, args.sparsity, f"ppl_{base}{suffix}.json")["rows"]
     found = {(r["allocation"], round(r["sparsity"], 4)): r for r in rows if r["allocation"] != "dense"}
-    return {"calibration": args.reference,
-            "levels": {f"{s:.1f}": {m: pick(match(args, thresholds, ev, m, s, target, found, base)) for m in args.allocation}
-                       for s, target in targets.items()}}
+    levels = {}
+    for s, target in targets.items():
+        levels[f"{s:.1f}"] = {m: pick(match(args, thresholds, ev, m, s, target, found, base)) for m in args.allocation}
+    return {"calibration": args.reference, "levels": levels}
 
 
 def match(args, thresholds, ev, method, s, target, found, base) -> dict:
@@ -313,7 +315,7 @@ def comparison(result: dict, other: dict) -> list[dict]:
 
 
 def comparison_markdown(rows: list[dict]) -> str:
-    lines = ["| held out (mix of the other three) | S | dense | mix: uniform (actual) | mix: method (actual) | mix removed "
+    lines = ["| evaluation (not in the mix) | S | dense | mix: uniform (actual) | mix: method (actual) | mix removed "
              "| reference at the mix's uniform actual: uniform | method | removed "
              "| single texts (--compare): removed, mean | worst | each |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
