@@ -340,8 +340,9 @@ def run(args) -> None:
               "texts": {t: LABELS[t] for t in TEXTS}, "allocations": args.allocation, "cells": cells}
     result["summary"] = summary(cells, [m for m in args.allocation if m != "uniform"], args.sparsity, args.match)
     md = markdown(result)
-    if args.compare:
-        result["comparison"] = comparison(result, json.loads(args.compare.read_text()))
+    if args.compare or args.reference:
+        other = json.loads(args.compare.read_text()) if args.compare else {"cells": []}
+        result["comparison"] = comparison(result, other)
         md = comparison_markdown(result["comparison"]) + "\n" + md
     for name, text in ((f"matrix_{args.tag}.json", json.dumps(result, indent=1)), (f"matrix_{args.tag}.md", md)):
         tmp = args.out / (name + ".tmp")
