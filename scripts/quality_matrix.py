@@ -11,7 +11,12 @@ command line only, so the script does not depend on catsgen's internals.
     python scripts/quality_matrix.py run --dir texts/ --out benchmarks/quality/
 
 `run` keeps every calibration and perplexity report under --out/raw and reuses them when run again
-(delete them to start over); it writes --out/matrix.json and --out/matrix.md.
+(delete them to start over); it writes --out/matrix_<tag>.json and --out/matrix_<tag>.md.
+
+A calibration named mix_no_<E> is the other three texts interleaved (mix_chunks, written to --dir
+when missing) and is scored on E only: the leave-one-out test of a mixed calibration text;
+mix_<a>_<b> is a and b interleaved.
+`--compare matrix_small.json` adds, per evaluation text, the single-text calibrations of that file.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ DEBIAN_TEXTS = {
 TEXTS = (BUILTIN, *DEBIAN_TEXTS)
 LABELS = {BUILTIN: "Python docs (`pydoc_data.topics`)", "devil": "Devil's Dictionary (`dict-devil`)",
           "webster": "Webster 1913 (`dict-gcide`)", "policy": "Debian Policy (`debian-policy`)"}
+# A third of a 512-token window: each window, and the first 1024 tokens (fisher's), hold about
+# equal parts of the three texts.
+MIX_CHUNK_TOKENS = 171
 
 
 def extract_texts(directory: Path) -> None:
@@ -56,6 +64,81 @@ def extract_texts(directory: Path) -> None:
             kept = kept[:-1] if not max_lines and not lines[-1] else kept  # the file's own last newline
             Path(directory, f"{name}.txt").write_text(kept.decode("utf-8"), encoding="utf-8")
             print(f"{name}.txt: {len(kept)} bytes from {deb.name}", file=sys.stderr)
+
+
+def parts(name: str) -> tuple[str, ...]:
+    """The texts a calibration is made of: mix_no_<t> is every text but t, mix_<a>_<b>.. those texts."""
+    if name.startswith("mix_no_"):
+        return tuple(t for t in TEXTS if t != name.removeprefix("mix_no_"))
+    return tuple(name.removeprefix("mix_").split("_")) if name.startswith("mix_") else (name,)
+
+
+def calibration_name(name: str) -> str:
+    """argparse type: a text, or a mix of two or more texts."""
+    names = parts(name)
+    if any(t not in TEXTS for t in names) or (name.startswith("mix_") and len(names) < 2) \
+            or (name.startswith("mix_no_") and name.removeprefix("mix_no_") not in TEXTS):
+        raise argparse.ArgumentTypeError(f"{name}: not one of {', '.join(TEXTS)}, mix_no_<text> or mix_<text>_<text>..")
+    return name
+
+
+def read_text(directory: Path, name: str) -> str:
+    if name == BUILTIN:
+        from catsgen.text_sample import builtin_text
+        return builtin_text()
+    return Path(directory, f"{name}.txt").read_text(encoding="utf-8")
+
+
+def mix_chunks(texts: list[str], count, chunk_tokens: int, total_tokens: int) -> list[tuple[int, str]]:
+    """(text index, chunk) round-robin over the texts, each chunk cut at a line end once its text
+    has given round x chunk_tokens tokens in all (count(line) tokens per line), so every text's
+    share of any prefix is within one chunk of equal; until total_tokens, or a text runs out."""
+    lines = [t.splitlines(keepends=True) for t in texts]
+    taken, given, chunks, rounds = [0] * len(texts), [0] * len(texts), [], 0
+    while sum(given) < total_tokens:
+        rounds += 1
+        for i, text_lines in enumerate(lines):
+            chunk = []
+            while given[i] < rounds * chunk_tokens and taken[i] < len(text_lines):
+                chunk.append(text_lines[taken[i]])
+                given[i] += count(chunk[-1])
+                taken[i] += 1
+            if not chunk:
+                return chunks
+            chunks.append((i, "".join(chunk).rstrip("\n") + "\n\n"))  # a blank line between chunks
+    return chunks
+
+
+def prefix_shares(chunks: list[tuple[int, str]], count, n_texts: int, tokens: int) -> list[float]:
+    """Each text's share of the first `tokens` tokens of the joined chunks."""
+    got, total = [0] * n_texts, 0
+    for i, chunk in chunks:
+        n = min(count(chunk), tokens - total)
+        got[i], total = got[i] + n, total + n
+        if total >= tokens:
+            break
+    return [g / max(total, 1) for g in got]
+
+
+def ensure_mix(args, name: str) -> None:
+    path = Path(args.dir, f"{name}.txt")
+    if path.exists():
+        return
+    from catsgen.default_model import default_checkpoint
+    from catsgen.tokenizer import Tokenizer
+    tokenizer = Tokenizer(default_checkpoint())
+    count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+    names = parts(name)
+    chunks = mix_chunks([read_text(args.dir, t) for t in names], count, args.mix_chunk_tokens, 2 * args.tokens)
+    path.write_text("".join(c for _, c in chunks), encoding="utf-8")
+    shares = {n: prefix_shares(chunks, count, len(names), n) for n in (args.fisher_tokens, args.tokens)}
+    print(f"{path}: {' + '.join(names)} in chunks of {args.mix_chunk_tokens} tokens; shares of the first "
+          + "; ".join(f"{n} tokens " + " / ".join(f"{x:.3f}" for x in sh) for n, sh in shares.items()),
+          file=sys.stderr)
+
+
+def in_sample(cal: str, ev: str) -> bool:
+    return ev in parts(cal)
 
 
 def text_args(directory: Path, name: str) -> list[str]:
@@ -82,6 +165,8 @@ def run_json(command: list[str], path: Path) -> dict:
 def calibrate(args, cal: str) -> Path:
     thresholds = args.out / "raw" / f"thresholds_{args.tag}_{cal}.json"
     if not thresholds.exists():
+        if len(parts(cal)) > 1:
+            ensure_mix(args, cal)
         command = [sys.executable, "calibrate.py", *text_args(args.dir, cal), "--tokens", str(args.tokens),
                    "--fisher-tokens", str(args.fisher_tokens if "fisher" in args.allocation else 0),
                    "--allocation-tokens", str(args.allocation_tokens if "greedy" in args.allocation else 0),
@@ -102,7 +187,9 @@ def cell(args, cal: str, ev: str) -> dict:
     """One (calibration, evaluation) pair: dense, and per S each method matched to uniform's actual."""
     thresholds = calibrate(args, cal)
     base = f"{args.tag}_{cal}_{ev}"
-    first = score(args, thresholds, ev, args.allocation, args.sparsity, f"ppl_{base}.json")
+    # the first report's name says which S it holds when they are not the default three
+    suffix = "" if args.sparsity == [0.3, 0.5, 0.7] else "_s" + "_".join(f"{s:.1f}" for s in args.sparsity)
+    first = score(args, thresholds, ev, args.allocation, args.sparsity, f"ppl_{base}{suffix}.json")
     rows = first["rows"]
     dense = next(r["perplexity"] for r in rows if r["allocation"] == "dense")
     found = {(r["allocation"], round(r["sparsity"], 4)): r for r in rows if r["allocation"] != "dense"}
@@ -113,7 +200,23 @@ def cell(args, cal: str, ev: str) -> dict:
         for method in [a for a in args.allocation if a != "uniform"]:
             level[method] = pick(match(args, thresholds, ev, method, s, uniform["actual_sparsity"], found, base))
         result["levels"][f"{s:.1f}"] = level
+    if args.reference and not in_sample(args.reference, ev) and args.reference != cal:
+        result["reference"] = reference(args, ev, {s: found[("uniform", round(s, 4))]["actual_sparsity"]
+                                                   for s in args.sparsity}, suffix)
     return result
+
+
+def reference(args, ev: str, targets: dict, suffix: str) -> dict:
+    """The --reference calibration on ev, every method (uniform too) matched to the cell's uniform
+    actual sparsity: the two calibrations compared at the same bytes read, in absolute perplexity."""
+    thresholds = calibrate(args, args.reference)
+    base = f"{args.tag}_{args.reference}_{ev}"
+    rows = score(args, thresholds, ev, args.allocation, args.sparsity, f"ppl_{base}{suffix}.json")["rows"]
+    found = {(r["allocation"], round(r["sparsity"], 4)): r for r in rows if r["allocation"] != "dense"}
+    levels = {}
+    for s, target in targets.items():
+        levels[f"{s:.1f}"] = {m: pick(match(args, thresholds, ev, m, s, target, found, base)) for m in args.allocation}
+    return {"calibration": args.reference, "levels": levels}
 
 
 def match(args, thresholds, ev, method, s, target, found, base) -> dict:
@@ -152,7 +255,7 @@ def summary(cells: list[dict], methods: list[str], sparsities: list[float], tole
     for s in sparsities:
         for method in methods:
             off = [(c, removed(c["levels"][f"{s:.1f}"], c["dense"], method)) for c in cells
-                   if c["calibration"] != c["evaluation"]]
+                   if not in_sample(c["calibration"], c["evaluation"])]
             worst_cell, worst = min(off, key=lambda x: x[1])
             mismatched = sum(abs(c["levels"][f"{s:.1f}"][method]["actual"] - c["levels"][f"{s:.1f}"]["uniform"]["actual"])
                              > tolerance + 1e-12 for c in cells)
@@ -177,7 +280,7 @@ def markdown(result: dict) -> str:
               + " | ".join(f"{m} (actual, requested) | {m} removed" for m in methods) + " |",
               "|---|---|---|---|" + "---|---|" * len(methods)]
     for c in result["cells"]:
-        mark = " (in-sample)" if c["calibration"] == c["evaluation"] else ""
+        mark = " (in-sample)" if in_sample(c["calibration"], c["evaluation"]) else ""
         for s, level in c["levels"].items():
             u = level["uniform"]
             cols = [f"{level[m]['perplexity']:.3f} ({level[m]['actual']:.3f}, {level[m]['requested']:.3f}) | "
@@ -187,19 +290,65 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparison(result: dict, other: dict) -> list[dict]:
+    """Per mix cell, S and method: the share removed by the mix, by the --reference calibration
+    at the same actual sparsity, and by each single-text calibration of `other` on the same text."""
+    rows = []
+    for c in (c for c in result["cells"] if len(parts(c["calibration"])) > 1):
+        singles = [o for o in other["cells"] if o["evaluation"] == c["evaluation"]
+                   and not in_sample(o["calibration"], o["evaluation"])]
+        for s, level in c["levels"].items():
+            for method in [m for m in level if m != "uniform"]:
+                row = {"calibration": c["calibration"], "evaluation": c["evaluation"], "sparsity": float(s),
+                       "method": method, "dense": c["dense"], "uniform": level["uniform"], method: level[method],
+                       "removed": removed(level, c["dense"], method)}
+                ref = c.get("reference", {}).get("levels", {}).get(s)
+                if ref:
+                    row["reference"] = {"calibration": c["reference"]["calibration"], **ref,
+                                        "removed": removed(ref, c["dense"], method)}
+                single = {o["calibration"]: removed(o["levels"][s], o["dense"], method)
+                          for o in singles if s in o["levels"] and method in o["levels"][s]}
+                if single:
+                    row["single"] = single
+                rows.append(row)
+    return rows
+
+
+def comparison_markdown(rows: list[dict]) -> str:
+    lines = ["| evaluation (not in the mix) | S | dense | mix: uniform (actual) | mix: method (actual) | mix removed "
+             "| reference at the mix's uniform actual: uniform | method | removed "
+             "| single texts (--compare): removed, mean | worst | each |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m, ref, single = r["method"], r.get("reference"), r.get("single", {})
+        ref_cols = (f"{ref['calibration']}: {ref['uniform']['perplexity']:.3f} ({ref['uniform']['actual']:.3f}) | "
+                    f"{ref[m]['perplexity']:.3f} ({ref[m]['actual']:.3f}) | {ref['removed']:.0f}%") if ref else "- | - | -"
+        worst = min(single, key=single.get) if single else None
+        single_cols = (f"{sum(single.values()) / len(single):.0f}% | {single[worst]:.0f}% ({worst}) | "
+                       + ", ".join(f"{k} {v:.0f}%" for k, v in single.items())) if single else "- | - | -"
+        lines.append(f"| {r['evaluation']} | {r['sparsity']:.1f} | {r['dense']:.3f} | {r['uniform']['perplexity']:.3f} "
+                     f"({r['uniform']['actual']:.3f}) | {m} {r[m]['perplexity']:.3f} ({r[m]['actual']:.3f}) | "
+                     f"{r['removed']:.0f}% | {ref_cols} | {single_cols} |")
+    return "\n".join(lines) + "\n"
+
+
 def run(args) -> None:
     (args.out / "raw").mkdir(parents=True, exist_ok=True)
     cells = [cell(args, cal, ev) for cal in args.calibration for ev in args.evaluation
-             if cal != ev or args.diagonal]
+             if not in_sample(cal, ev) or args.diagonal]
     result = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
               "texts": {t: LABELS[t] for t in TEXTS}, "allocations": args.allocation, "cells": cells}
     result["summary"] = summary(cells, [m for m in args.allocation if m != "uniform"], args.sparsity, args.match)
-    for name, text in ((f"matrix_{args.tag}.json", json.dumps(result, indent=1)),
-                       (f"matrix_{args.tag}.md", markdown(result))):
+    md = markdown(result)
+    if args.compare or args.reference:
+        other = json.loads(args.compare.read_text()) if args.compare else {"cells": []}
+        result["comparison"] = comparison(result, other)
+        md = comparison_markdown(result["comparison"]) + "\n" + md
+    for name, text in ((f"matrix_{args.tag}.json", json.dumps(result, indent=1)), (f"matrix_{args.tag}.md", md)):
         tmp = args.out / (name + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, args.out / name)
-    print(markdown(result))
+    print(md)
 
 
 def main(argv=None) -> None:
@@ -212,7 +361,13 @@ def main(argv=None) -> None:
     r.add_argument("--dir", type=Path, required=True, help="folder of the extracted texts")
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--tag", default="default", help="names this configuration's files")
-    r.add_argument("--calibration", nargs="+", default=list(TEXTS), choices=TEXTS)
+    r.add_argument("--calibration", nargs="+", default=list(TEXTS), type=calibration_name,
+                   help="texts, or mixes: mix_no_<text> (the other three, interleaved; scored on <text> only), "
+                        "mix_<text>_<text>.. (those texts, interleaved)")
+    r.add_argument("--reference", choices=TEXTS, help="also score this calibration on every evaluation text "
+                   "outside it, each method matched to the cell's uniform actual sparsity")
+    r.add_argument("--compare", type=Path, help="a matrix_<tag>.json of single-text calibrations to compare with")
+    r.add_argument("--mix-chunk-tokens", type=int, default=MIX_CHUNK_TOKENS, help="tokens per chunk of a mix")
     r.add_argument("--evaluation", nargs="+", default=list(TEXTS), choices=TEXTS)
     r.add_argument("--allocation", nargs="+", default=["uniform", "greedy", "fisher"])
     r.add_argument("--sparsity", nargs="+", type=float, default=[0.3, 0.5, 0.7])

@@ -51,3 +51,51 @@ def test_markdown_summary_counts_cells_off_uniform_sparsity():
     first_row = qm.markdown(result).splitlines()[2]
     assert first_row.startswith("| 0.5 | fisher | 20% | -10% (b -> a) | 50% | 1 of 2 |")
     assert first_row.endswith("| 1 |")  # the b -> a cell is 0.01 off uniform's actual sparsity
+
+
+def words(text):
+    return len(text.split())
+
+
+def lines(tag, n, words_per_line):
+    return "".join(" ".join(f"{tag}{i}w{j}" for j in range(words_per_line)) + "\n" for i in range(n))
+
+
+def test_mix_is_deterministic_and_every_prefix_is_balanced():
+    # lines of different lengths per text: balance comes from the token counts, not the line counts
+    texts = [lines("a", 400, 3), lines("b", 400, 7), lines("c", 400, 11)]
+    chunks = qm.mix_chunks(texts, words, 40, 1800)
+    assert chunks == qm.mix_chunks(texts, words, 40, 1800)
+    assert [i for i, _ in chunks[:6]] == [0, 1, 2, 0, 1, 2]  # round-robin
+    assert sum(words(c) for _, c in chunks) >= 1800
+    for prefix in (240, 1800):
+        shares = qm.prefix_shares(chunks, words, 3, prefix)
+        assert max(abs(s - 1 / 3) for s in shares) < 0.05, (prefix, shares)
+    # each text's lines appear in order, none lost or repeated
+    for i, tag in enumerate("abc"):
+        mine = "".join(c for j, c in chunks if j == i).split()
+        assert mine == texts[i].split()[:len(mine)]
+
+
+def test_mix_stops_when_a_text_runs_out():
+    chunks = qm.mix_chunks([lines("a", 5, 4), lines("b", 500, 4)], words, 8, 10_000)
+    assert "".join(c for i, c in chunks if i == 0).split() == lines("a", 5, 4).split()
+    assert sum(words(c) for i, c in chunks if i == 1) <= 5 * 4 + 8
+
+
+def test_a_mix_is_in_sample_for_its_parts_only():
+    assert qm.parts("mix_no_devil") == ("pydoc", "webster", "policy")
+    assert qm.in_sample("mix_no_devil", "pydoc") and not qm.in_sample("mix_no_devil", "devil")
+    assert qm.in_sample("devil", "devil") and not qm.in_sample("devil", "pydoc")
+    assert qm.parts("mix_pydoc_devil") == ("pydoc", "devil") and not qm.in_sample("mix_pydoc_devil", "policy")
+
+
+def test_comparison_takes_the_single_text_cells_of_the_held_out_text():
+    mix = cell("mix_no_b", "b", 20.0, 12.0)  # removes 80%
+    mix["reference"] = {"calibration": "a", "levels": {"0.5": {"uniform": {"perplexity": 19.0, "actual": 0.5},
+                                                                 "fisher": {"perplexity": 14.5, "actual": 0.5}}}}
+    other = {"cells": [cell("a", "b", 20.0, 15.0), cell("c", "b", 20.0, 18.0), cell("b", "b", 20.0, 10.0),
+                       cell("a", "c", 20.0, 11.0)]}
+    (row,) = qm.comparison({"cells": [mix, cell("a", "b", 20.0, 15.0)]}, other)
+    assert row["removed"] == pytest.approx(80) and row["reference"]["removed"] == pytest.approx(50)
+    assert row["single"] == pytest.approx({"a": 50, "c": 20})  # b -> b is in-sample, a -> c another text
