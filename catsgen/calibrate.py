@@ -22,7 +22,7 @@ from catsgen.linear import quantize_model
 from catsgen.model import DenseSiLU, Transformer, swapped_activations
 from catsgen.progress import Progress
 from catsgen.settings import CalibrateSettings
-from catsgen.text_sample import text_sources, token_stream, windows
+from catsgen.text_sample import MIX_TURN_TOKENS, text_sources, token_stream, windows
 from catsgen.thresholds import LEVELS, ThresholdsTable, default_thresholds_path, model_info
 
 logger = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def calibrate(checkpoint: Path, settings: CalibrateSettings = CalibrateSettings(
             quantize_model(model)
     with phases("tokenize"):  # once: the statistics and the allocations read the same text
         wanted = max(settings.tokens, settings.allocation_tokens, settings.fisher_tokens)
-        ids = next(windows(token_stream(sources, tokenizer), wanted, wanted), [])
+        ids = next(windows(token_stream(sources, tokenizer, MIX_TURN_TOKENS), wanted, wanted), [])
     if not ids:
         raise UserError("the calibration text has no tokens")
     with phases("statistics"):

@@ -192,12 +192,15 @@ def bench_kernels(
 
 TEXT_HELP = ("UTF-8 text file (repeat for several, read one after the other). Default: the built-in "
              "sample, Python's documentation prose (pydoc_data.topics).")
+CALIBRATION_TEXT_HELP = ("UTF-8 text file (repeat for several: interleaved in turns of 171 tokens, so that "
+                         "every window and the fisher tokens see each). Default: the built-in sample, "
+                         "Python's documentation prose (pydoc_data.topics).")
 
 
 @app.command()
 def calibrate(
     checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
-    texts: Optional[List[Path]] = typer.Option(C.texts, "--text", help=TEXT_HELP),
+    texts: Optional[List[Path]] = typer.Option(C.texts, "--text", help=CALIBRATION_TEXT_HELP),
     tokens: int = typer.Option(C.tokens, help="Tokens of text to run (stops early if the text is shorter)."),
     seq_len: int = typer.Option(C.seq_len, help="Window length: the text runs as independent windows of this many tokens."),
     out: Optional[Path] = typer.Option(C.out, help="Thresholds file to write. Default: cats_thresholds.json "

@@ -403,3 +403,20 @@ def test_windows_and_file_chunks(monkeypatch, tmp_path):
     path.write_bytes(b"ok\n\xff\xfe bad")
     with pytest.raises(Exception, match="not UTF-8"):
         list(ts._file_chunks(path))
+
+
+def test_calibration_interleaves_several_texts_in_turns():
+    """token_stream with a turn: round-robin turns of that many tokens from each text, whole and in
+    order, a text that runs out dropping out; without one, the texts one after the other."""
+    from catsgen.text_sample import TextSource, token_stream
+
+    class Chars:  # one token per character
+        def encode(self, text, add_special_tokens=False):
+            return list(text)
+
+    texts = {"a": "a" * 10, "b": "b" * 4, "c": "c" * 7}
+    sources = [TextSource(n, len(t), lambda t=t: iter([t[:3], t[3:]])) for n, t in texts.items()]
+    turns = ["".join(ids) for ids in token_stream(sources, Chars(), turn=3)]
+    assert turns == ["aaa", "bbb", "ccc", "aaa", "b", "ccc", "aaa", "c", "a"]
+    assert "".join(turns).count("a") == 10 and sorted("".join(turns)) == sorted("".join(texts.values()))
+    assert "".join("".join(ids) for ids in token_stream(sources, Chars())) == "".join(texts.values())
