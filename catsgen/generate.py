@@ -174,7 +174,8 @@ def decode_path(device, sparsity: float, compile: bool) -> str:
         mlp = "Triton CATS MLP" if sparsity > 0 else "cuBLAS MLP"
         path = f"kernels: {mlp} + Triton decode attention"
     else:
-        path = "torch (CPU)" + (", CATS skipping W_down rows (and W_up rows in sparse layers)" if sparsity > 0 else "")
+        skipped = ", CATS skipping W_down rows (and W_up rows in sparse layers)"
+        path = "torch (CPU)" + (skipped if sparsity > 0 else "")
     return path + (", compiled" if compile else ", eager")
 
 

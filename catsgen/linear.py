@@ -41,8 +41,13 @@ def _few_tokens(x: torch.Tensor) -> bool:
     return x.numel() // x.shape[-1] <= KERNEL_MAX_TOKENS
 
 
+def on_kernels(x: torch.Tensor) -> bool:
+    """Whether x's device runs the Triton kernels: CUDA, or (tests) the interpreter on the CPU."""
+    return x.is_cuda or FORCE_TRITON
+
+
 def _decode_kernels(x: torch.Tensor) -> bool:
-    return _few_tokens(x) and (x.is_cuda or FORCE_TRITON)
+    return _few_tokens(x) and on_kernels(x)
 
 
 def cats_keep(v: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -51,7 +56,7 @@ def cats_keep(v: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return v.float().abs() > threshold
 
 
-def _use_triton() -> bool | None:
+def use_triton() -> bool | None:
     return True if FORCE_TRITON else None  # None: the custom op (Triton on CUDA, torch elsewhere)
 
 
@@ -110,7 +115,7 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """x @ W^T for a weight stored as W [out, in]."""
     if not isinstance(w, Int8Weight):
         return F.linear(x, w)
-    return int8_gemv(x, w.q, w.scale, use_triton=_use_triton() if _decode_kernels(x) else None)
+    return int8_gemv(x, w.q, w.scale, use_triton=use_triton() if _decode_kernels(x) else None)
 
 
 def mlp(x: torch.Tensor, w_gate: Weight, w_up: Weight, w_down_t: Weight, threshold: torch.Tensor | None = None,
@@ -180,17 +185,17 @@ def _mlp_kernel(x, w_gate, w_up, w_down_t, threshold):
         return None
     if threshold is None and w_down_t.q_rows is not None:  # int8 dense: three GEMVs
         h = F.silu(linear(x, w_gate)) * linear(x, w_up)
-        return int8_gemv(h, w_down_t.q_rows, w_down_t.scale, use_triton=_use_triton())
+        return int8_gemv(h, w_down_t.q_rows, w_down_t.scale, use_triton=use_triton())
     if threshold is None:  # no [d, f] rows kept: the CATS kernel, skipping nothing
         threshold = torch.full((), float("-inf"), dtype=torch.float32, device=x.device)
     rows = x.reshape(-1, x.shape[-1])
     if int8:
-        y = cats_mlp(rows, w_gate.q, w_up.q, w_down_t.q, threshold, use_triton=_use_triton(),
+        y = cats_mlp(rows, w_gate.q, w_up.q, w_down_t.q, threshold, use_triton=use_triton(),
                      scales=(w_gate.scale, w_up.scale, w_down_t.scale))
     else:
         # .contiguous(): a no-op on CUDA; a CPU W_up may be column-major (cpu_up_layout), and tests
         # run the kernels on CPU tensors
-        y = cats_mlp(rows, w_gate, w_up.contiguous(), w_down_t, threshold, use_triton=_use_triton())
+        y = cats_mlp(rows, w_gate, w_up.contiguous(), w_down_t, threshold, use_triton=use_triton())
     return y.view(x.shape)
 
 

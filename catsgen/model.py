@@ -12,9 +12,8 @@ import torch.nn.functional as F
 
 from catsgen.config import ModelConfig
 from catsgen.errors import UserError
-from catsgen import linear
 from catsgen.kernels import decode_attention_rope, prepare_workspaces, split_heads
-from catsgen.linear import Linear, mlp, one_thread
+from catsgen.linear import Linear, mlp, on_kernels, one_thread, use_triton
 from catsgen.parallel import ShardPlan
 from catsgen.memory import check_fits, kv_cache_bytes
 
@@ -112,10 +111,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         qkv = self.wqkv(x)
         cached = input_pos is not None and self.kv_cache is not None
-        if cached and T == 1 and self.decode_kernel and (qkv.is_cuda or linear.FORCE_TRITON):
+        if cached and T == 1 and self.decode_kernel and on_kernels(qkv):
             # decode: RoPE, the cache write and attention over the allowed positions in one launch
             y = decode_attention_rope(qkv, cos, sin, self.kv_cache.kv, input_pos, self.n_heads, self.sliding_window,
-                                      use_triton=True if linear.FORCE_TRITON else None)
+                                      use_triton=use_triton())
             return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         q, k, v = split_heads(qkv, self.n_heads, self.n_kv_heads, cos, sin)
 

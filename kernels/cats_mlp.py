@@ -22,7 +22,9 @@ The grid of the sparse launches is sized for "all rows active"; programs past th
 return at once. The list's order varies between runs, so fp32 sums may differ in the last bits
 (as the atomics of split reductions make them anyway). Tokens are padded to 16 so each step is
 one tl.dot on the tensor cores (FMA units for fp32). Why this design and not others, with
-measurements: notes/kernels.md.
+measurements: notes/kernels.md. A little over 300 lines: one op whose three (four, with the
+one-token down launch) launches share the row list, its counter and the tiles; they are not
+usable apart.
 """
 from dataclasses import dataclass
 from typing import Optional

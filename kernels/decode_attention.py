@@ -25,6 +25,10 @@ the same launch applies RoPE to q (each program, for its heads) and to the new k
 holding position pos writes the new key and value into the cache and takes them from registers
 for that position, so q/k/v make one trip (no RoPE or cache-write kernels between W_qkv and
 attention).
+
+Over 300 lines on purpose: both entry points (decode_attention, decode_attention_rope) are the same
+_split_kernel (ROPE a constexpr), with their references and ops; split apart, the kernel and its
+launch would live in one file and half their callers in another.
 """
 from __future__ import annotations
 

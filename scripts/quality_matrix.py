@@ -30,6 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from catsgen.text_sample import MIX_TURN_TOKENS  # the turn calibrate interleaves --text files in
+
 ROOT = Path(__file__).resolve().parent.parent
 # the catsgen command of the running Python's environment (a venv's bin/ need not be on PATH)
 CATSGEN = str(Path(sys.executable).with_name("catsgen")) if Path(sys.executable).with_name("catsgen").exists() else "catsgen"
@@ -43,9 +45,6 @@ DEBIAN_TEXTS = {
 TEXTS = (BUILTIN, *DEBIAN_TEXTS)
 LABELS = {BUILTIN: "Python docs (`pydoc_data.topics`)", "devil": "Devil's Dictionary (`dict-devil`)",
           "webster": "Webster 1913 (`dict-gcide`)", "policy": "Debian Policy (`debian-policy`)"}
-# A third of a 512-token window: each window, and the first 1024 tokens (fisher's), hold about
-# equal parts of the three texts.
-MIX_CHUNK_TOKENS = 171
 
 
 def extract_texts(directory: Path) -> None:
@@ -367,7 +366,7 @@ def main(argv=None) -> None:
     r.add_argument("--reference", choices=TEXTS, help="also score this calibration on every evaluation text "
                    "outside it, each method matched to the cell's uniform actual sparsity")
     r.add_argument("--compare", type=Path, help="a matrix_<tag>.json of single-text calibrations to compare with")
-    r.add_argument("--mix-chunk-tokens", type=int, default=MIX_CHUNK_TOKENS, help="tokens per chunk of a mix")
+    r.add_argument("--mix-chunk-tokens", type=int, default=MIX_TURN_TOKENS, help="tokens per chunk of a mix")
     r.add_argument("--evaluation", nargs="+", default=list(TEXTS), choices=TEXTS)
     r.add_argument("--allocation", nargs="+", default=["uniform", "greedy", "fisher"])
     r.add_argument("--sparsity", nargs="+", type=float, default=[0.3, 0.5, 0.7])
