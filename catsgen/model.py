@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -32,6 +32,14 @@ class KVCache(nn.Module):
         # index_copy_ writes in place with a tensor index: no host sync, graph-capturable.
         self.kv.index_copy_(3, input_pos, torch.stack((k, v)))
         return self.kv[0], self.kv[1]
+
+
+class Rope(NamedTuple):
+    """RoPE for this forward: cos, sin [T, D] at its positions (the torch path), and the whole
+    fp32 tables (cos, sin [max_seq_len, D]), which the decode kernel indexes itself."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    tables: tuple[torch.Tensor, torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -107,16 +115,16 @@ class Attention(nn.Module):
         self.wo = Linear(plan.q_size, config.dim)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, input_pos=None):
+    def forward(self, x, rope: Rope, mask, input_pos=None):
         B, T, _ = x.shape
         qkv = self.wqkv(x)
         cached = input_pos is not None and self.kv_cache is not None
         if cached and T == 1 and self.decode_kernel and on_kernels(qkv):
             # decode: RoPE, the cache write and attention over the allowed positions in one launch
-            y = decode_attention_rope(qkv, cos, sin, self.kv_cache.kv, input_pos, self.n_heads, self.sliding_window,
-                                      use_triton=use_triton())
+            y = decode_attention_rope(qkv, *rope.tables, self.kv_cache.kv, input_pos, self.n_heads,
+                                      self.sliding_window, use_triton=use_triton())
             return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-        q, k, v = split_heads(qkv, self.n_heads, self.n_kv_heads, cos, sin)
+        q, k, v = split_heads(qkv, self.n_heads, self.n_kv_heads, rope.cos, rope.sin)
 
         if cached:
             k, v = self.kv_cache.update(input_pos, k, v)
@@ -152,9 +160,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.rms_norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, input_pos=None):
+    def forward(self, x, rope: Rope, mask, input_pos=None):
         # plan.reduce: the all-reduce of the ranks' partial sums (after W_o, after W_down).
-        h = x + self.plan.reduce(self.attention(self.attention_norm(x), cos, sin, mask, input_pos))
+        h = x + self.plan.reduce(self.attention(self.attention_norm(x), rope, mask, input_pos))
         return h + self.plan.reduce(self.feed_forward(self.ffn_norm(h)))
 
 
@@ -211,14 +219,14 @@ class Transformer(nn.Module):
         positions = input_pos if input_pos is not None else torch.arange(T, device=idx.device)
         if getattr(self, "rope_cos", None) is None or self.rope_cos.shape[0] < T:
             self.setup_rope(max(T, self.max_seq_len))
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        rope = Rope(self.rope_cos[positions], self.rope_sin[positions], (self.rope_cos, self.rope_sin))
         # One mask for every layer: over the static cache, or over this sequence alone.
         cached = input_pos is not None and self.max_seq_len > 0
         kv_positions = torch.arange(self.cached_length(input_pos), device=idx.device) if cached else positions
         mask = attention_mask(positions, kv_positions, self.config.sliding_window)
         x = self.tok_embeddings(idx)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos)
+            x = layer(x, rope, mask, input_pos)
         return self.output(self.norm(x)) if head else x
 
     def cached_length(self, input_pos) -> int:

@@ -87,10 +87,11 @@ def split_heads(qkv, n_heads: int, n_kv_heads: int, cos, sin):
 
 
 def decode_attention_rope_reference(qkv, cos, sin, kv, pos, n_heads: int, sliding_window: int | None = None):
-    """The fused contract in torch: qkv [B, 1, (H + 2 Hkv) * D] (one new token), cos/sin [1, D]
-    fp32 (RoPE at pos), kv [2, B, Hkv, S, D] the cache, pos int64 [1]. Writes the rotated key and
-    the value at pos into kv, then attends as decode_attention_reference. Returns [B, H, 1, D]."""
-    q, k, v = split_heads(qkv, n_heads, kv.shape[2], cos, sin)
+    """The fused contract in torch: qkv [B, 1, (H + 2 Hkv) * D] (one new token), cos/sin [L, D]
+    fp32 the RoPE tables (L > pos: row pos is used), kv [2, B, Hkv, S, D] the cache, pos int64 [1].
+    Writes the rotated key and the value at pos into kv, then attends as decode_attention_reference.
+    Returns [B, H, 1, D]."""
+    q, k, v = split_heads(qkv, n_heads, kv.shape[2], cos[pos], sin[pos])
     kv.index_copy_(3, pos, torch.stack((k, v)))
     return decode_attention_reference(q, kv[0], kv[1], pos, sliding_window)
 
@@ -140,8 +141,11 @@ if triton is not None:
             k_base = k_ptr + b.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h
             v_base = v_ptr + b.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h
             if ROPE:  # q_ptr is the W_qkv output: rotate q here; new_k_offset: its k, then v, of head 0
-                cos = tl.load(cos_ptr + d, mask=d_ok, other=0.0)
-                sin = tl.load(sin_ptr + d, mask=d_ok, other=0.0)
+                # Row pos of the RoPE tables, read here: indexed outside, the compiled step made a
+                # copy of the row for each layer's launch (16 kernels a token, session 7).
+                row = tl.minimum(pos, S - 1).to(tl.int64) * D  # the tables cover the cache's S positions
+                cos = tl.load(cos_ptr + row + d, mask=d_ok, other=0.0)
+                sin = tl.load(sin_ptr + row + d, mask=d_ok, other=0.0)
                 q = _rotated(q_rows, d[None, :], g_ok[:, None] & d_ok[None, :], cos[None, :], sin[None, :], D)
                 q = q.to(q_ptr.dtype.element_ty)
                 # The new key and value, in the cache's dtype: the part holding pos writes them, and
@@ -273,8 +277,9 @@ def decode_attention_rope_triton(qkv, cos, sin, kv, pos, n_heads: int, sliding_w
     B, T, width = qkv.shape
     _, _, Hkv, S, D = kv.shape
     assert T == 1 and width == (n_heads + 2 * Hkv) * D and n_heads % Hkv == 0
-    assert kv.stride(-1) == 1 and cos.shape[-1] == D and sin.shape[-1] == D
-    qkv, cos, sin = (t.contiguous() for t in (qkv, cos.float(), sin.float()))
+    assert cos.shape == sin.shape and cos.dim() == 2 and cos.shape[1] == D and cos.dtype == sin.dtype == torch.float32
+    assert kv.stride(-1) == 1 and cos.shape[0] >= S, "RoPE tables cover every cache position"
+    qkv, cos, sin = (t.contiguous() for t in (qkv, cos, sin))
     return _launch(qkv, (qkv.stride(0), D), n_heads, kv[0], kv[1], pos, sliding_window, blocks,
                    rope=(cos, sin, n_heads * D))
 
@@ -337,8 +342,8 @@ def _(qkv, cos, sin, kv, pos, n_heads, sliding_window):
 
 def decode_attention_rope(qkv, cos, sin, kv, pos, n_heads: int, sliding_window: int | None = None,
                           use_triton: bool | None = None):
-    """decode_attention for the new token's W_qkv output qkv [B, 1, (H + 2 Hkv) * D]: RoPE (cos,
-    sin [1, D] at pos) on q and k, the new key and value written into the cache kv [2, B, Hkv, S, D]
+    """decode_attention for the new token's W_qkv output qkv [B, 1, (H + 2 Hkv) * D]: RoPE (row pos
+    of the fp32 tables cos, sin [L, D]) on q and k, the new key and value written into the cache kv [2, B, Hkv, S, D]
     at pos, then attention over the allowed keys; all in one launch on the Triton path.
     Returns [B, H, 1, D]. use_triton as in decode_attention."""
     if use_triton:

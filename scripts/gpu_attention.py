@@ -73,7 +73,7 @@ def check_fused(calls=100):
     worst = 0.0
     for Hkv, window in ((32, 0), (8, 0), (8, 512)):
         qkv = torch.randn(1, 1, (32 + 2 * Hkv) * 128, device="cuda", dtype=torch.bfloat16)
-        cos, sin = torch.randn(1, 128, device="cuda"), torch.randn(1, 128, device="cuda")
+        cos, sin = torch.randn(2048, 128, device="cuda"), torch.randn(2048, 128, device="cuda")  # tables
         kv = torch.randn(2, 1, Hkv, 2048, 128, device="cuda", dtype=torch.bfloat16)
         for _ in range(calls):
             pos = torch.randint(0, 2048, (1,), device="cuda")
@@ -143,11 +143,12 @@ def fused_timings():
     split_heads, rope_op = da.split_heads, da.decode_attention_rope
 
     def unfused(qkv, cos, sin, kv, pos, window):
-        q, k, v = split_heads(qkv, 32, kv.shape[2], cos, sin)
+        q, k, v = split_heads(qkv, 32, kv.shape[2], cos[pos], sin[pos])
         kv.index_copy_(3, pos, torch.stack((k, v)))
         return decode_attention(q, kv[0], kv[1], pos, window)
 
-    variants = {"unfused": torch.compile(unfused, fullgraph=True), "fused": torch.compile(rope_op, fullgraph=True)}
+    variants = {"unfused": torch.compile(unfused, fullgraph=True), "fused": torch.compile(
+        lambda qkv, cos, sin, kv, pos, window: rope_op(qkv, cos, sin, kv, pos, 32, window), fullgraph=True)}
     for blk in (Blocks(programs=128), Blocks(min_part=128), Blocks(block_n=32), Blocks(warps=8)):
         variants[f"fused p{blk.programs}/m{blk.min_part}/n{blk.block_n}/w{blk.warps}"] = (
             lambda qkv, cos, sin, kv, pos, window, blk=blk: da.decode_attention_rope_triton(
@@ -157,7 +158,7 @@ def fused_timings():
     for Hkv in (32, 8):
         layers = [torch.randn(2, 1, Hkv, 4096, 128, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
         qkv = torch.randn(1, 1, (32 + 2 * Hkv) * 128, device="cuda", dtype=torch.bfloat16)
-        cos, sin = torch.randn(1, 128, device="cuda"), torch.randn(1, 128, device="cuda")
+        cos, sin = torch.randn(4096, 128, device="cuda"), torch.randn(4096, 128, device="cuda")  # tables
         for p in (100, 300, 1000, 3000):
             pos = torch.tensor([p], device="cuda")
             times = {name: graph_time_us([lambda kv=kv, fn=fn: fn(qkv, cos, sin, kv, pos, 0) for kv in layers])

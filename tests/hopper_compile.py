@@ -58,7 +58,7 @@ def launch_all():
         q, (k, v) = torch.randn(1, 4, 1, 128, **bf16), torch.randn(2, 1, Hkv, 64, 128, **bf16)
         da.decode_attention_triton(q, k, v, torch.tensor([9]), 0)
         qkv = torch.randn(1, 1, (4 + 2 * Hkv) * 128, **bf16)
-        da.decode_attention_rope_triton(qkv, torch.randn(1, 128), torch.randn(1, 128), torch.stack((k, v)),
+        da.decode_attention_rope_triton(qkv, torch.randn(64, 128), torch.randn(64, 128), torch.stack((k, v)),
                                         torch.tensor([9]), 4, 16)
     D, F = 256, 512
     for B in (1, 4):

@@ -117,8 +117,8 @@ def _qkv_inputs(B, H, Hkv, S, D, dtype, seed):
     """A new token's W_qkv output, RoPE cos/sin rows at some angle, and a cache of random contents."""
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(B, 1, (H + 2 * Hkv) * D, generator=g).to(DEV, dtype)
-    angle = torch.rand(D // 2, generator=g) * 6.3
-    cos, sin = torch.cat((angle, angle)).cos()[None].to(DEV), torch.cat((angle, angle)).sin()[None].to(DEV)
+    angle = torch.rand(S, D // 2, generator=g) * 6.3  # RoPE tables: a row per cache position
+    cos, sin = torch.cat((angle, angle), -1).cos().to(DEV), torch.cat((angle, angle), -1).sin().to(DEV)
     kv = torch.randn(2, B, Hkv, S, D, generator=g).to(DEV, dtype)
     return qkv, cos, sin, kv
 
@@ -150,7 +150,7 @@ def test_fused_reference_is_rope_then_cache_write_then_attention():
     B, H, Hkv, S, D = 2, 4, 2, 30, 8
     qkv, cos, sin, kv = _qkv_inputs(B, H, Hkv, S, D, torch.float32, seed=9)
     heads = qkv.view(B, H + 2 * Hkv, D)
-    rot = lambda x: x * cos[0] + torch.cat((-x[..., D // 2:], x[..., :D // 2]), -1) * sin[0]  # noqa: E731
+    rot = lambda x: x * cos[12] + torch.cat((-x[..., D // 2:], x[..., :D // 2]), -1) * sin[12]  # noqa: E731
     q, k, v = rot(heads[:, :H]), rot(heads[:, H:H + Hkv]), heads[:, H + Hkv:]
     kv_ref = kv.clone()
     kv_ref[0, :, :, 12], kv_ref[1, :, :, 12] = k, v

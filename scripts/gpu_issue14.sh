@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Issue 14's measurements in one device call: checks, attention timings, the per-layer profile
+# before/after, the W_o GEMV question, then the bench rows. Usage: scripts/gpu_issue14.sh [STEP...]
+set -uo pipefail
+OUT=${OUT:-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install --no-deps --no-build-isolation -e . -q --root-user-action=ignore 2>&1 | grep -v WARNING
+step() {  # name, seconds, command...: log to $OUT/name.log, print its tail and wall time
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1; local rc=$?
+    echo "== $name rc=$rc $((SECONDS - t0)) s"; tail -n 40 "$OUT/$name.log"
+}
+for s in "${@:-checks attention profile bench}"; do
+  for part in $s; do
+    case $part in
+      checks) step tests_gpu 240 python3 -m pytest -q -p no:cacheprovider tests_gpu tests/test_decode_attention.py -x ;;
+      attention) step attention 180 python3 scripts/gpu_attention.py ;;
+      profile) step profile 240 python3 scripts/gpu_profile.py --sparsity 0 0.5 --unfused ;;
+      gemv) step gemv 120 python3 scripts/gpu_int8.py --float-gemv ;;
+      bench) step bench_llama 300 python3 bench.py --preset llama-2-7b --sparsity 0 0.5 0.7 --new-tokens 256 --repeats 5 --json "$OUT/llama-2-7b.json" ;;
+      bench_int8) step bench_int8 300 python3 bench.py --preset llama-2-7b --quantize int8 --sparsity 0 0.5 0.7 --new-tokens 256 --repeats 5 --json "$OUT/llama-2-7b-int8.json" ;;
+      bench_mistral) step bench_mistral 300 python3 bench.py --preset mistral-7b --sparsity 0 0.5 0.7 --new-tokens 256 --repeats 5 --json "$OUT/mistral-7b.json" ;;
+    esac
+  done
+done
