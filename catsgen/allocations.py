@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from catsgen.cats import CATS
-from catsgen.linear import Weight, float_weight, linear
+from catsgen.linear import Weight, float_weight, linear, normalized
 from catsgen.model import DenseSiLU, Transformer, swapped_activations
 from catsgen.quantize import Int8Weight
 from catsgen.thresholds import LEVELS, interpolate, interpolate_between
@@ -117,6 +117,7 @@ class _FisherRecorder(DenseSiLU):
     so h_i dL/dh_i = v_i u_i (g . W_down[i]) needs no product of its own."""
 
     def forward(self, x, w_gate, w_up, w_down_t):
+        x = normalized(x)  # the block's norm (a Normed input), once for both products
         v = F.silu(linear(x, w_gate))  # int8 weights: the int8 GEMV op, whose backward is registered
         self.v = v.detach()
         self.h = v * linear(x, w_up)

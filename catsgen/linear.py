@@ -6,13 +6,16 @@ in the same slot (Linear.weight for W_qkv / W_o, MLP.w_gate / w_up / w_down_t) a
 `linear` and `mlp` here, so model.py never branches on dtype, quantization or device.
 
   weights  slot            decode on CUDA (<= KERNEL_MAX_TOKENS tokens)    prefill, CPU
-  float    W_qkv, W_o      cuBLAS (F.linear)                               F.linear
-  int8     W_qkv, W_o      int8_gemv (Triton)                              int8_gemv op: cuBLAS on a
+  float    W_qkv, W_o      gemv (Triton)                                   F.linear
+  int8     W_qkv, W_o      gemv (Triton)                                   int8_gemv op: cuBLAS on a
                                                                            transient copy / torch
-  float    MLP, dense      cuBLAS (three F.linear)                         torch; CPU decode: W_down^T
+  float    MLP, dense      gemv (gate, up), cuBLAS (W_down^T)              torch; CPU decode: W_down^T
   float    MLP, CATS       cats_mlp (Triton)                               rows by embedding_bag
-  int8     MLP, dense      three int8_gemv (W_down in its [d, f] rows)     torch, dequantized
+  int8     MLP, dense      three gemv (W_down in its [d, f] rows)          torch, dequantized
   int8     MLP, CATS       cats_mlp int8 (Triton)                          torch, dequantized
+The input of W_qkv and of the MLP is a Normed (the residual stream and the RMSNorm before the
+matrix): the decode kernels fold the norm into their walk over x; every other path computes it
+first (`normalized`). W_o takes the residual to add (its GEMV's epilogue on the decode path).
 The int8 dense MLP measured 64.5 us per 4096x11008 layer with three int8_gemv, 73.9 us through
 the CATS kernel at threshold -inf (notes/kernels.md, int8 section), so an int8 W_down^T also keeps
 its [d, f] rows (Int8Weight keep_rows: 1 byte more per W_down entry, in memory, never read twice).
@@ -20,13 +23,13 @@ its [d, f] rows (Int8Weight keep_rows: 1 byte more per W_down entry, in memory, 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from catsgen.kernels import cats_mlp, int8_gemv
+from catsgen.kernels import cats_mlp, gemv, int8_gemv
 from catsgen.quantize import Int8Weight
 
 # Decode steps (at most this many tokens) go to the Triton kernels on CUDA; prefill stays in torch.
@@ -35,6 +38,22 @@ KERNEL_MAX_TOKENS = 8
 FORCE_TRITON = False
 
 Weight = torch.Tensor | Int8Weight
+
+
+class Normed(NamedTuple):
+    """RMSNorm(x) * weight, not computed yet: the input of W_qkv and of the MLP."""
+    x: torch.Tensor  # the residual stream
+    norm: nn.Module  # the model's RMSNorm (weight, eps)
+
+
+def normalized(x: torch.Tensor | Normed) -> torch.Tensor:
+    """x itself, or a Normed's norm computed (the torch path)."""
+    return x.norm(x.x) if isinstance(x, Normed) else x
+
+
+def _stream_and_norm(x: torch.Tensor | Normed):
+    """(the tensor the kernels read, the norm they fold in: (weight, eps) or None)."""
+    return (x.x, (x.norm.weight, x.norm.eps)) if isinstance(x, Normed) else (x, None)
 
 
 def _few_tokens(x: torch.Tensor) -> bool:
@@ -111,11 +130,16 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
-    """x @ W^T for a weight stored as W [out, in]."""
-    if not isinstance(w, Int8Weight):
-        return F.linear(x, w)
-    return int8_gemv(x, w.q, w.scale, use_triton=use_triton() if _decode_kernels(x) else None)
+def linear(x: torch.Tensor | Normed, w: Weight, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T (+ residual) for a weight stored as W [out, in]; x may be a Normed."""
+    stream, norm = _stream_and_norm(x)
+    if _decode_kernels(stream):  # the norm and the residual add inside the GEMV
+        # .contiguous(): a no-op on CUDA; CPU weights may be column-major (cpu_layout; tests)
+        q, scale = (w.q, w.scale) if isinstance(w, Int8Weight) else (w.contiguous(), None)
+        return gemv(stream, q, scale, norm=norm, residual=residual, use_triton=use_triton())
+    x = normalized(x)
+    y = F.linear(x, w) if not isinstance(w, Int8Weight) else int8_gemv(x, w.q, w.scale)
+    return y if residual is None else y + residual
 
 
 def mlp(x: torch.Tensor, w_gate: Weight, w_up: Weight, w_down_t: Weight, threshold: torch.Tensor | None = None,
@@ -123,10 +147,9 @@ def mlp(x: torch.Tensor, w_gate: Weight, w_up: Weight, w_down_t: Weight, thresho
     """y = W_down (act(SiLU(W_gate x)) * (W_up x)), act = CATS at `threshold` (None: dense).
     `activate` replaces act on the torch path (calibration recording, sparsity counting): it
     forces that path, since the kernels can not call it."""
-    if activate is None and _decode_kernels(x):
-        y = _mlp_kernel(x, w_gate, w_up, w_down_t, threshold)
-        if y is not None:
-            return y
+    if activate is None and _decode_kernels(_stream_and_norm(x)[0]):
+        return _mlp_kernel(x, w_gate, w_up, w_down_t, threshold)
+    x = normalized(x)
     if activate is None and _cpu_decode(x) and not isinstance(w_down_t, Int8Weight):
         return _mlp_cpu_decode(x, w_gate, w_up, w_down_t, threshold)
     if activate is None:
@@ -179,24 +202,28 @@ def _up_rows(x, w_up, rows):
 
 
 def _mlp_kernel(x, w_gate, w_up, w_down_t, threshold):
-    """The decode MLP on the Triton kernels, or None where cuBLAS is the better choice (dense float)."""
+    """The decode MLP on the Triton kernels (x a tensor or a Normed: the norm folded in); dense
+    float's W_down^T through cuBLAS (its [f, d] rows are what CATS skips; no Triton GEMV reads them
+    as columns)."""
     int8 = isinstance(w_gate, Int8Weight)
+    stream, norm = _stream_and_norm(x)
     if threshold is None and not int8:
-        return None
+        h = F.silu(linear(x, w_gate)) * linear(x, w_up)
+        return h @ w_down_t
     if threshold is None and w_down_t.q_rows is not None:  # int8 dense: three GEMVs
         h = F.silu(linear(x, w_gate)) * linear(x, w_up)
-        return int8_gemv(h, w_down_t.q_rows, w_down_t.scale, use_triton=use_triton())
+        return gemv(h, w_down_t.q_rows, w_down_t.scale, use_triton=use_triton())
     if threshold is None:  # no [d, f] rows kept: the CATS kernel, skipping nothing
-        threshold = torch.full((), float("-inf"), dtype=torch.float32, device=x.device)
-    rows = x.reshape(-1, x.shape[-1])
+        threshold = torch.full((), float("-inf"), dtype=torch.float32, device=stream.device)
+    rows = stream.reshape(-1, stream.shape[-1])
     if int8:
         y = cats_mlp(rows, w_gate.q, w_up.q, w_down_t.q, threshold, use_triton=use_triton(),
-                     scales=(w_gate.scale, w_up.scale, w_down_t.scale))
+                     scales=(w_gate.scale, w_up.scale, w_down_t.scale), norm=norm)
     else:
         # .contiguous(): a no-op on CUDA; a CPU W_up may be column-major (cpu_up_layout), and tests
         # run the kernels on CPU tensors
-        y = cats_mlp(rows, w_gate, w_up.contiguous(), w_down_t, threshold, use_triton=use_triton())
-    return y.view(x.shape)
+        y = cats_mlp(rows, w_gate, w_up.contiguous(), w_down_t, threshold, use_triton=use_triton(), norm=norm)
+    return y.view(stream.shape)
 
 
 class Linear(nn.Module):
@@ -206,8 +233,8 @@ class Linear(nn.Module):
         super().__init__()
         self.weight: Weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
 
-    def forward(self, x):
-        return linear(x, self.weight)
+    def forward(self, x, residual=None):
+        return linear(x, self.weight, residual)
 
 
 # --- quantizing a model's decoder linears ---------------------------------------------------------

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from catsgen.config import ModelConfig
 from catsgen.errors import UserError
 from catsgen.kernels import decode_attention_rope, prepare_workspaces, split_heads
-from catsgen.linear import Linear, mlp, on_kernels, one_thread, use_triton
+from catsgen.linear import Linear, Normed, mlp, on_kernels, one_thread, use_triton
 from catsgen.parallel import ShardPlan
 from catsgen.memory import check_fits, kv_cache_bytes
 
@@ -115,15 +115,16 @@ class Attention(nn.Module):
         self.wo = Linear(plan.q_size, config.dim)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, rope: Rope, mask, input_pos=None):
-        B, T, _ = x.shape
+    def forward(self, x: Normed, rope: Rope, mask, input_pos=None, residual=None):
+        """residual: added to W_o's output (by its GEMV on the decode path), or None."""
         qkv = self.wqkv(x)
+        B, T, _ = qkv.shape
         cached = input_pos is not None and self.kv_cache is not None
         if cached and T == 1 and self.decode_kernel and on_kernels(qkv):
             # decode: RoPE, the cache write and attention over the allowed positions in one launch
             y = decode_attention_rope(qkv, *rope.tables, self.kv_cache.kv, input_pos, self.n_heads,
                                       self.sliding_window, use_triton=use_triton())
-            return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+            return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim), residual)
         q, k, v = split_heads(qkv, self.n_heads, self.n_kv_heads, rope.cos, rope.sin)
 
         if cached:
@@ -133,8 +134,8 @@ class Attention(nn.Module):
                 if T == 1:  # one new token over the prefix: small work, one thread does it best
                     with one_thread():
                         y = self._attend(q, k, v, None if self.sliding_window is None else mask)
-                    return self.wo(y)
-        return self.wo(self._attend(q, k, v, mask))
+                    return self.wo(y, residual)
+        return self.wo(self._attend(q, k, v, mask), residual)
 
     def _attend(self, q, k, v, mask):
         """SDPA; q [B, H, T, D] -> [B, T, H * D]. mask None: every query sees every key."""
@@ -161,9 +162,14 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.rms_norm_eps)
 
     def forward(self, x, rope: Rope, mask, input_pos=None):
-        # plan.reduce: the all-reduce of the ranks' partial sums (after W_o, after W_down).
-        h = x + self.plan.reduce(self.attention(self.attention_norm(x), rope, mask, input_pos))
-        return h + self.plan.reduce(self.feed_forward(self.ffn_norm(h)))
+        # The norms travel with their inputs (Normed): the decode kernels fold them in. plan.reduce:
+        # the all-reduce of the ranks' partial sums (after W_o, after W_down); on one rank W_o's
+        # GEMV adds the residual itself.
+        if self.plan.world == 1:
+            h = self.attention(Normed(x, self.attention_norm), rope, mask, input_pos, residual=x)
+        else:
+            h = x + self.plan.reduce(self.attention(Normed(x, self.attention_norm), rope, mask, input_pos))
+        return h + self.plan.reduce(self.feed_forward(Normed(h, self.ffn_norm)))
 
 
 class Transformer(nn.Module):

@@ -3,7 +3,9 @@ as the custom op catsgen::cats_mlp (Triton on CUDA, the torch reference elsewher
 
 Contract: x [B, d]; w_gate, w_up [f, d]; w_down_t [f, d] (W_down transposed: row i = neuron i);
 threshold float32, 0-d or [f] (one per neuron); CATS_t(v) = v where |v| > t, else 0. Returns
-[B, d] in x.dtype. A neuron no token of the batch needs costs no byte of W_up or W_down.
+[B, d] in x.dtype. norm = (weight, eps): x is the residual stream and the MLP takes RMSNorm(x) *
+weight (the gate launch sums x^2 as it walks x and keeps 1 / rms per token for the down launch,
+the up launch multiplies x by the weight; no norm kernel before the MLP). A neuron no token of the batch needs costs no byte of W_up or W_down.
 int8 weights (catsgen/quantize.py): w_gate, w_up, w_down_t int8 and scales = (s_gate [f], s_up [f],
 s_down [d]) fp32: W_gate = w_gate * s_gate[:, None], W_up likewise, W_down^T = w_down_t * s_down.
 A skipped neuron skips its scales too (s_gate is read in full, as W_gate is).
@@ -31,22 +33,26 @@ from typing import Optional
 
 import torch
 
+from .int8_gemv import rms_norm_reference
 from .workspace import int32_workspace
 
 try:
     import triton
     import triton.language as tl
 
-    from .tiles import as_f32, as_operand, dot, rows_times_x, rows_times_x1
+    from .tiles import as_f32, as_operand, dot, rows_times_x, rows_times_x1, rsqrt_mean
 except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
     triton = None
 
 __all__ = ["cats_mlp", "cats_mlp_reference", "cats_mlp_triton", "Blocks", "list_counter"]
 
 
-def cats_mlp_reference(x, w_gate, w_up, w_down_t, threshold, scales=None):
+def cats_mlp_reference(x, w_gate, w_up, w_down_t, threshold, scales=None, norm=None):
     """The definition the Triton kernels must match (same contract as cats_mlp), computed in fp32,
     returned in x.dtype."""
+    dtype = x.dtype
+    if norm is not None:
+        x = rms_norm_reference(x, *norm).to(dtype)
     if scales is not None:  # int8 weights: dequantize (scales per row of w_gate / w_up, per column of w_down_t)
         s_gate, s_up, s_down = (s.float() for s in scales)
         w_gate, w_up, w_down_t = w_gate.float() * s_gate[:, None], w_up.float() * s_up[:, None], \
@@ -55,25 +61,34 @@ def cats_mlp_reference(x, w_gate, w_up, w_down_t, threshold, scales=None):
     v = torch.nn.functional.silu(xf @ w_gate.float().t())
     v = torch.where(v.abs() > threshold.float(), v, 0.0)
     h = v * (xf @ w_up.float().t())
-    return (h @ w_down_t.float()).to(x.dtype)
+    return (h @ w_down_t.float()).to(dtype)
 
 
 if triton is not None:
     @triton.jit
     def _gate_kernel(x_ptr, wg_ptr, sg_ptr, t_ptr, v_ptr, idx_ptr, count_ptr, u_acc_ptr, y_acc_ptr, B, D, F,
+                     g_ptr, r_ptr, eps,
                      T_PER_ROW: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, ZBLOCK: tl.constexpr,
-                     DOT_F32: tl.constexpr, INT8: tl.constexpr, FMA: tl.constexpr, EVEN: tl.constexpr):
+                     DOT_F32: tl.constexpr, INT8: tl.constexpr, FMA: tl.constexpr, EVEN: tl.constexpr,
+                     NORM: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCK_F + tl.arange(0, BLOCK_F)
         row_ok = rows < F
         toks = tl.arange(0, 16)
         if FMA:  # one token: fp32 FMA, no padding to 16 tokens
-            g1 = rows_times_x1(wg_ptr, x_ptr, rows, row_ok, D, 0, D, BLOCK_F, BLOCK_D, EVEN, INT8)
+            g1, squares1 = rows_times_x1(wg_ptr, x_ptr, rows, row_ok, D, 0, D, BLOCK_F, BLOCK_D, EVEN, INT8,
+                                         g_ptr, NORM)
             g = tl.where(toks[None, :] == 0, g1[:, None], 0.0)
+            squares = tl.where(toks == 0, squares1, 0.0)
         else:
-            g = rows_times_x(wg_ptr, x_ptr, rows, row_ok, B, D, 0, D, BLOCK_F, BLOCK_D, DOT_F32)
+            g, squares = rows_times_x(wg_ptr, x_ptr, rows, row_ok, B, D, 0, D, BLOCK_F, BLOCK_D, DOT_F32, g_ptr, NORM)
         if INT8:  # per-row (= per-neuron) scales
             g = g * tl.load(sg_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        if NORM:  # every program walked all of x: each has the tokens' 1 / rms; one keeps it for down
+            r = rsqrt_mean(squares, D, eps)
+            g = g * r[None, :]
+            if pid == 0:
+                tl.store(r_ptr + toks, r, mask=toks < B)
         v = g * tl.sigmoid(g)
         if T_PER_ROW:  # per-neuron thresholds (e.g. a weight-aware score |v_i| s_i > t, as t / s_i)
             t = tl.load(t_ptr + rows, mask=row_ok, other=0.0)[:, None]
@@ -103,9 +118,9 @@ if triton is not None:
 
 
     @triton.jit
-    def _up_kernel(x_ptr, wu_ptr, su_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS,
+    def _up_kernel(x_ptr, wu_ptr, su_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS, g_ptr,
                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, INT8: tl.constexpr,
-                   FMA: tl.constexpr, EVEN: tl.constexpr):
+                   FMA: tl.constexpr, EVEN: tl.constexpr, NORM: tl.constexpr):
         item = tl.program_id(0)
         slots, rows, ok, n_active, n_items = _list_entries(idx_ptr, count_ptr, item, F, N_COLS, BLOCK_R)
         if item == 0:
@@ -115,10 +130,11 @@ if triton is not None:
             c0 = (item % N_COLS) * COLS_PER_PROG
             c1 = tl.minimum(c0 + COLS_PER_PROG, D)
             if FMA:
-                acc1 = rows_times_x1(wu_ptr, x_ptr, rows, ok, D, c0, c1, BLOCK_R, BLOCK_D, EVEN, INT8)
+                # NORM: x * g here; 1 / rms (this program sees part of x) waits for the down launch
+                acc1, _ = rows_times_x1(wu_ptr, x_ptr, rows, ok, D, c0, c1, BLOCK_R, BLOCK_D, EVEN, INT8, g_ptr, NORM)
                 acc = tl.where(toks[None, :] == 0, acc1[:, None], 0.0)
             else:
-                acc = rows_times_x(wu_ptr, x_ptr, rows, ok, B, D, c0, c1, BLOCK_R, BLOCK_D, DOT_F32)
+                acc, _ = rows_times_x(wu_ptr, x_ptr, rows, ok, B, D, c0, c1, BLOCK_R, BLOCK_D, DOT_F32, g_ptr, NORM)
             if INT8:  # the scales of the listed rows only: a skipped neuron's scale is not read either
                 acc = acc * tl.load(su_ptr + rows, mask=ok, other=0.0)[:, None]
             tl.atomic_add(u_acc_ptr + toks[None, :] * F + slots[:, None], acc, mask=(toks < B)[None, :] & ok[:, None],
@@ -127,8 +143,8 @@ if triton is not None:
 
     @triton.jit
     def _down_kernel(x_ptr, v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, sd_ptr, y_acc_ptr, B, D, F,
-                     COLS_PER_PROG, N_COLS, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
-                     INT8: tl.constexpr):
+                     COLS_PER_PROG, N_COLS, r_ptr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+                     INT8: tl.constexpr, NORM: tl.constexpr):
         item = tl.program_id(0)
         slots, rows, ok, n_active, n_items = _list_entries(idx_ptr, count_ptr + 1, item, F, N_COLS, BLOCK_R)
         if item == 0:
@@ -139,6 +155,8 @@ if triton is not None:
             m = tok_ok[:, None] & ok[None, :]
             v = tl.load(v_ptr + toks[:, None] * F + rows[None, :], mask=m, other=0.0)
             u = tl.load(u_acc_ptr + toks[:, None] * F + slots[None, :], mask=m, other=0.0)
+            if NORM:  # u was summed from x * g: the norm's 1 / rms per token, from the gate launch
+                u = u * tl.load(r_ptr + toks, mask=tok_ok, other=0.0)[:, None]
             h = (v * u).to(x_ptr.dtype.element_ty)  # [16, BLOCK_R]; the dot's operands: x's dtype
             c0 = (item % N_COLS) * COLS_PER_PROG
             for c in range(c0, c0 + COLS_PER_PROG, BLOCK_D):
@@ -154,9 +172,9 @@ if triton is not None:
 
 
     @triton.jit
-    def _down1_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, sd_ptr, y_acc_ptr, D, F, N_COLS,
+    def _down1_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, sd_ptr, y_acc_ptr, D, F, N_COLS, r_ptr,
                       BLOCK_R: tl.constexpr, STEPS: tl.constexpr, BLOCK_D: tl.constexpr, INT8: tl.constexpr,
-                      EVEN: tl.constexpr):
+                      EVEN: tl.constexpr, NORM: tl.constexpr):
         """The down launch for one token (B = 1) on the FMA units: a program takes STEPS x BLOCK_R
         consecutive list entries and BLOCK_D columns, and sums its rows in a [BLOCK_R, BLOCK_D]
         accumulator: one reduction across rows and one atomic add per program, where a program of
@@ -170,11 +188,14 @@ if triton is not None:
             col_ok = cols < D
             first = (item // N_COLS) * (BLOCK_R * STEPS)
             acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+            r = 1.0
+            if NORM:  # the norm's 1 / rms (see _down_kernel)
+                r = tl.load(r_ptr)
             for step in range(STEPS):
                 slots = first + step * BLOCK_R + tl.arange(0, BLOCK_R)
                 ok = slots < n_active
                 rows = tl.load(idx_ptr + slots, mask=ok, other=0)
-                h = tl.load(v_ptr + rows, mask=ok, other=0.0) * tl.load(u_acc_ptr + slots, mask=ok, other=0.0)
+                h = tl.load(v_ptr + rows, mask=ok, other=0.0) * (tl.load(u_acc_ptr + slots, mask=ok, other=0.0) * r)
                 w_mask = ok[:, None] if EVEN else ok[:, None] & col_ok[None, :]  # EVEN: no mask along a row
                 w = tl.load(wd_ptr + rows[:, None] * D + cols[None, :], mask=w_mask, other=0,
                             eviction_policy="evict_first")
@@ -233,7 +254,7 @@ def list_counter(device) -> torch.Tensor:
 
 
 def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None = None,
-                    fp32_out: bool = False, scales=None):
+                    fp32_out: bool = False, scales=None, norm=None):
     """The Triton path of cats_mlp (same contract). fp32_out returns the fp32 accumulator, leaving
     the cast to the caller (the compiled model fuses it away). On CPU tensors it needs
     TRITON_INTERPRET=1 set before triton is imported."""
@@ -248,6 +269,8 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
         assert w_gate.dtype == w_up.dtype == w_down_t.dtype == torch.int8
         assert [(s.shape, s.dtype) for s in scales] == [((F,), torch.float32)] * 2 + [((D,), torch.float32)]
     s_gate, s_up, s_down = scales if int8 else (threshold,) * 3  # unread when not int8
+    assert norm is None or norm[0].shape == (D,)
+    g, eps = norm if norm is not None else (x, 0.0)  # unread without a norm
     x = x.contiguous()
     cfg = blocks or pick_blocks(B, int8)
     dot_f32 = x.dtype == torch.float32 or not x.is_cuda
@@ -256,59 +279,68 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     f32 = dict(device=x.device, dtype=torch.float32)
     v, u_acc, y_acc = _empty(B, F, **f32), _empty(B, F, **f32), _empty(B, D, **f32)
     idx = _empty(F, device=x.device, dtype=torch.int32)
+    r = _empty(B, **f32)  # 1 / rms per token (with a norm): written by the gate launch, read by down
     count = list_counter(x.device)
 
     n_gate = triton.cdiv(F, cfg.gate_f)
-    _gate_kernel[(n_gate,)](x, w_gate, s_gate, threshold, v, idx, count, u_acc, y_acc, B, D, F,
+    _gate_kernel[(n_gate,)](x, w_gate, s_gate, threshold, v, idx, count, u_acc, y_acc, B, D, F, g, r, eps,
                             T_PER_ROW=threshold.numel() > 1, BLOCK_F=cfg.gate_f, BLOCK_D=cfg.gate_d,
                             ZBLOCK=triton.next_power_of_2(triton.cdiv(B * (F + D), n_gate)),
-                            DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % cfg.gate_d == 0,
+                            DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % cfg.gate_d == 0, NORM=norm is not None,
                             num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
     up_cols, down_cols = cfg.up_d * cfg.up_steps, cfg.down_d * cfg.down_steps
     n_up, n_down = triton.cdiv(D, up_cols), triton.cdiv(D, down_cols)  # column ranges
     _up_kernel[(n_up * triton.cdiv(F, cfg.up_r),)](
-        x, w_up, s_up, idx, count, u_acc, B, D, F, up_cols, n_up, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d,
-        DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % up_cols == 0, num_warps=cfg.warps, num_stages=cfg.stages)
+        x, w_up, s_up, idx, count, u_acc, B, D, F, up_cols, n_up, g, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d,
+        DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % up_cols == 0, NORM=norm is not None, num_warps=cfg.warps,
+        num_stages=cfg.stages)
     if fma:  # down_steps counts row steps here: a program covers down_r x down_steps entries, down_d columns
         n_down = triton.cdiv(D, cfg.down_d)
         _down1_kernel[(n_down * triton.cdiv(F, cfg.down_r * cfg.down_steps),)](
-            v, u_acc, idx, count, w_down_t, s_down, y_acc, D, F, n_down, BLOCK_R=cfg.down_r, STEPS=cfg.down_steps,
-            BLOCK_D=cfg.down_d, INT8=int8, EVEN=D % cfg.down_d == 0, num_warps=cfg.warps, num_stages=cfg.stages)
+            v, u_acc, idx, count, w_down_t, s_down, y_acc, D, F, n_down, r, BLOCK_R=cfg.down_r, STEPS=cfg.down_steps,
+            BLOCK_D=cfg.down_d, INT8=int8, EVEN=D % cfg.down_d == 0, NORM=norm is not None, num_warps=cfg.warps,
+            num_stages=cfg.stages)
     else:
         _down_kernel[(n_down * triton.cdiv(F, cfg.down_r),)](
-            x, v, u_acc, idx, count, w_down_t, s_down, y_acc, B, D, F, down_cols, n_down,
-            BLOCK_R=cfg.down_r, BLOCK_D=cfg.down_d, DOT_F32=dot_f32, INT8=int8, num_warps=cfg.warps,
-            num_stages=cfg.stages)
+            x, v, u_acc, idx, count, w_down_t, s_down, y_acc, B, D, F, down_cols, n_down, r,
+            BLOCK_R=cfg.down_r, BLOCK_D=cfg.down_d, DOT_F32=dot_f32, INT8=int8, NORM=norm is not None,
+            num_warps=cfg.warps, num_stages=cfg.stages)
     return y_acc if fp32_out or x.dtype == torch.float32 else y_acc.to(x.dtype)
 
 
 @torch.library.custom_op("catsgen::cats_mlp", mutates_args=())
 def _cats_mlp_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
                  threshold: torch.Tensor, s_gate: Optional[torch.Tensor] = None,
-                 s_up: Optional[torch.Tensor] = None, s_down: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 s_up: Optional[torch.Tensor] = None, s_down: Optional[torch.Tensor] = None,
+                 norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0) -> torch.Tensor:
     # Returns float32: the cast to x.dtype happens outside the op, where torch.compile fuses it
     # into the following residual add instead of launching one more kernel per layer.
     scales = None if s_gate is None else (s_gate, s_up, s_down)
+    norm = None if norm_weight is None else (norm_weight, eps)
     if x.is_cuda:
-        return cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, fp32_out=True, scales=scales)
-    return cats_mlp_reference(x, w_gate, w_up, w_down_t, threshold, scales).float()
+        return cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, fp32_out=True, scales=scales, norm=norm)
+    return cats_mlp_reference(x, w_gate, w_up, w_down_t, threshold, scales, norm).float()
 
 
 @_cats_mlp_op.register_fake
-def _(x, w_gate, w_up, w_down_t, threshold, s_gate=None, s_up=None, s_down=None):
+def _(x, w_gate, w_up, w_down_t, threshold, s_gate=None, s_up=None, s_down=None, norm_weight=None, eps=0.0):
     return torch.empty_like(x, dtype=torch.float32)
 
 
-def cats_mlp(x, w_gate, w_up, w_down_t, threshold, use_triton: bool | None = None, scales=None):
+def cats_mlp(x, w_gate, w_up, w_down_t, threshold, use_triton: bool | None = None, scales=None, norm=None):
     """y [B, d] = W_down (CATS_t(SiLU(W_gate x)) * (W_up x)) in x.dtype (the contract: module docstring).
     scales: None for float weights; (s_gate [f], s_up [f], s_down [d]) fp32 for int8 weights.
+    norm: None, or (weight, eps) of the RMSNorm applied to x first.
 
     use_triton: None (default) runs the custom op: Triton on CUDA, the torch reference elsewhere.
     True forces the Triton path (CPU tensors need TRITON_INTERPRET=1 set before triton is
     imported); False forces the reference.
     """
     if use_triton:
-        return cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, scales=scales)
+        return cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, scales=scales, norm=norm)
     if use_triton is False:
-        return cats_mlp_reference(x, w_gate, w_up, w_down_t, threshold, scales)
-    return torch.ops.catsgen.cats_mlp(x, w_gate, w_up, w_down_t, threshold, *(scales or ())).to(x.dtype)
+        return cats_mlp_reference(x, w_gate, w_up, w_down_t, threshold, scales, norm)
+    s_gate, s_up, s_down = scales or (None, None, None)
+    g, eps = norm or (None, 0.0)
+    return torch.ops.catsgen.cats_mlp(x, w_gate, w_up, w_down_t, threshold, s_gate, s_up, s_down, g,
+                                      float(eps)).to(x.dtype)

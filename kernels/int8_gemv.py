@@ -1,8 +1,14 @@
-"""int8 weight-only GEMV for decode (B = 1..16 rows of x), as the custom op catsgen::int8_gemv
-(Triton on CUDA, the torch reference elsewhere; more rows, as in prefill, through cuBLAS).
+"""The decode GEMV (B = 1..16 rows of x): int8 weight-only as the custom op catsgen::int8_gemv
+(Triton on CUDA, the torch reference elsewhere; more rows, as in prefill, through cuBLAS), and the
+same kernel for float or int8 weights with the block's norm and residual add folded in, as
+catsgen::gemv (decode only: the model's kernel path, catsgen/linear.py).
 
 y [B, N] = x [B, K] @ (q [N, K] * scale [N, None]).T: q int8 per output channel (row), scale
 float32 (catsgen/quantize.py). For the dense projections (W_qkv, W_o) and any dense matrix.
+gemv: x may be the residual stream with the RMSNorm that precedes the matrix given as
+(weight, eps): the kernel sums x^2 while it walks x and scales its rows' results by 1 / rms at the
+end (tiles.py, NORM), so no norm kernel runs before W_qkv; and a residual may be added to y in the
+epilogue (W_o: the block's first residual add). Both need the whole of K in one program (split_k 1).
 
 Batch-1 decoding is memory-bound, so the kernel is about reading q once, wide and coalesced: a
 program owns BLOCK_N whole rows (and, with split_k > 1, one of split_k ranges of columns) and
@@ -14,6 +20,7 @@ row scales multiply the accumulator once at the end. split_k > 1 writes fp32 par
 BLOCK_N = 16 there are already 256+ programs, so the default is 1.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +29,12 @@ try:
     import triton
     import triton.language as tl
 
-    from .tiles import rows_times_x, rows_times_x1
+    from .tiles import rows_times_x, rows_times_x1, rsqrt_mean
 except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
     triton = None
 
-__all__ = ["int8_gemv", "int8_gemv_reference", "int8_gemv_triton", "GemvBlocks", "pick_gemv_blocks", "MAX_ROWS"]
+__all__ = ["gemv", "gemv_reference", "gemv_triton", "int8_gemv", "int8_gemv_reference", "int8_gemv_triton",
+           "rms_norm_reference", "GemvBlocks", "pick_gemv_blocks", "MAX_ROWS"]
 
 
 MAX_ROWS = 16  # tokens are padded to 16 for tl.dot
@@ -68,17 +76,27 @@ TUNED_GEMV_BLOCKS: dict[tuple[int, int], GemvBlocks] = {
 DOT_GEMV_BLOCKS = GemvBlocks(block_n=32, block_k=512, split_k=1, warps_and_stages=(4, 4))
 
 
-def pick_gemv_blocks(N: int, K: int, B: int = 1) -> GemvBlocks:
+# Float weights, B = 1: the H200 sweep of Llama-2-7B's four shapes (scripts/gpu_int8.py --float-gemv,
+# notes/kernels.md v7): this tiling is within 0.3 us of each shape's best (W_o 11.2 us against
+# cuBLAS's 13.5 with its split-K reduce).
+FLOAT_B1_GEMV_BLOCKS = GemvBlocks(block_n=2, block_k=512, split_k=1, warps_and_stages=(4, 2), fma_at_b1=True,
+                                  magic=False)
+
+
+def pick_gemv_blocks(N: int, K: int, B: int = 1, int8: bool = True) -> GemvBlocks:
     if B > 1:
         return DOT_GEMV_BLOCKS
+    if not int8:
+        return FLOAT_B1_GEMV_BLOCKS
     return TUNED_GEMV_BLOCKS.get((N, K), B1_GEMV_BLOCKS)
 
 
 if triton is not None:
     @triton.jit
-    def _int8_gemv_kernel(x_ptr, q_ptr, s_ptr, out_ptr, B, N, K, K_PER_SPLIT,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
-                          FMA: tl.constexpr, EVEN: tl.constexpr, MAGIC: tl.constexpr):
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, res_ptr, out_ptr, B, N, K, K_PER_SPLIT, eps,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
+                     FMA: tl.constexpr, EVEN: tl.constexpr, MAGIC: tl.constexpr, SCALED: tl.constexpr,
+                     NORM: tl.constexpr, RESIDUAL: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         split = tl.program_id(1)
         row_ok = rows < N
@@ -86,38 +104,107 @@ if triton is not None:
         k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
         toks = tl.arange(0, 16)
         if FMA:  # B = 1: one token, no tl.dot
-            acc1 = rows_times_x1(q_ptr, x_ptr, rows, row_ok, K, k_lo, k_hi, BLOCK_N, BLOCK_K, EVEN, MAGIC)
+            acc1, squares1 = rows_times_x1(w_ptr, x_ptr, rows, row_ok, K, k_lo, k_hi, BLOCK_N, BLOCK_K, EVEN, MAGIC,
+                                           g_ptr, NORM)
             acc = tl.where(toks[None, :] == 0, acc1[:, None], 0.0)  # [BLOCK_N, 16], token 0 only
+            squares = tl.where(toks == 0, squares1, 0.0)
         else:
-            acc = rows_times_x(q_ptr, x_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N, BLOCK_K, DOT_F32)
-        acc = acc * tl.load(s_ptr + rows, mask=row_ok, other=0.0)[:, None]
+            acc, squares = rows_times_x(w_ptr, x_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N, BLOCK_K, DOT_F32,
+                                        g_ptr, NORM)
+        if SCALED:  # int8: the rows' scales
+            acc = acc * tl.load(s_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        if NORM:  # one split walked all of x (split_k = 1): its sum of squares is whole
+            acc = acc * rsqrt_mean(squares, K, eps)[None, :]
+        out_mask = (toks < B)[None, :] & row_ok[:, None]
+        if RESIDUAL:  # the residual stream's add, in fp32 before the one rounding (split_k = 1)
+            acc += tl.load(res_ptr + toks[None, :] * N + rows[:, None], mask=out_mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + split * B * N + toks[None, :] * N + rows[:, None], acc.to(out_ptr.dtype.element_ty),
-                 mask=(toks < B)[None, :] & row_ok[:, None])
+                 mask=out_mask)
 
 
-def int8_gemv_triton(x, q, scale, blocks: GemvBlocks | None = None):
-    """The Triton path (same contract as int8_gemv_reference). On CPU tensors it needs
+def gemv_triton(x, w, scale=None, norm=None, residual=None, blocks: GemvBlocks | None = None):
+    """The Triton path (same contract as gemv_reference). On CPU tensors it needs
     TRITON_INTERPRET=1 set before triton was imported."""
     B, K = x.shape
-    N = q.shape[0]
+    N = w.shape[0]
+    int8 = w.dtype == torch.int8
     assert 1 <= B <= MAX_ROWS, "decode kernel: tokens are padded to 16"
-    assert q.shape == (N, K) and q.dtype == torch.int8 and q.is_contiguous()
-    assert scale.shape == (N,) and scale.dtype == torch.float32
+    assert w.shape == (N, K) and w.is_contiguous() and int8 == (scale is not None)
+    assert scale is None or (scale.shape == (N,) and scale.dtype == torch.float32)
+    assert norm is None or norm[0].shape == (K,)
+    assert residual is None or residual.shape == (B, N)
     x = x.contiguous()
-    blocks = blocks or pick_gemv_blocks(N, K, B)
-    split_k = max(1, min(blocks.split_k, triton.cdiv(K, blocks.block_k)))
+    blocks = blocks or pick_gemv_blocks(N, K, B, int8)
+    # a norm needs all of x in one program, a residual one rounding: no split of K then
+    split_k = 1 if norm is not None or residual is not None else max(1, min(blocks.split_k, triton.cdiv(K, blocks.block_k)))
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), blocks.block_k) * blocks.block_k
     split_k = triton.cdiv(K, k_per_split)  # no empty split
     # split_k > 1: fp32 partials [split_k, B, N]; else y itself (not a view: the op returns it)
     shape, dtype = ((B, N), x.dtype) if split_k == 1 else ((split_k, B, N), torch.float32)
     out = torch.empty(shape, device=x.device, dtype=dtype)
-    _int8_gemv_kernel[(triton.cdiv(N, blocks.block_n), split_k)](
-        x, q, scale, out, B, N, K, k_per_split, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
+    g, eps = norm if norm is not None else (x, 0.0)  # unread without NORM
+    _gemv_kernel[(triton.cdiv(N, blocks.block_n), split_k)](
+        x, w, x if scale is None else scale, g, x if residual is None else residual.contiguous(), out,
+        B, N, K, k_per_split, eps, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
         DOT_F32=x.dtype == torch.float32 or not x.is_cuda, FMA=blocks.fma_at_b1 and B == 1,
-        EVEN=K % k_per_split == 0 and k_per_split % blocks.block_k == 0, MAGIC=blocks.magic,
-        num_warps=blocks.warps_and_stages[0],
-        num_stages=blocks.warps_and_stages[1])
+        EVEN=K % k_per_split == 0 and k_per_split % blocks.block_k == 0, MAGIC=blocks.magic and int8,
+        SCALED=int8, NORM=norm is not None, RESIDUAL=residual is not None,
+        num_warps=blocks.warps_and_stages[0], num_stages=blocks.warps_and_stages[1])
     return out if split_k == 1 else out.sum(0).to(x.dtype)
+
+
+def int8_gemv_triton(x, q, scale, blocks: GemvBlocks | None = None):
+    """The Triton path of int8_gemv (same contract as int8_gemv_reference)."""
+    assert q.dtype == torch.int8
+    return gemv_triton(x, q, scale, blocks=blocks)
+
+
+def rms_norm_reference(x, weight, eps: float):
+    """RMSNorm as transformers computes it: normalise in fp32, round to x's dtype, scale by weight."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def gemv_reference(x, w, scale=None, norm=None, residual=None):
+    """y [B, N] = x' [B, K] @ W.T (+ residual), in x.dtype: W = w (float) or w * scale[:, None]
+    (int8 w, fp32 scale per row); x' = RMSNorm(x) * norm_weight for norm = (norm_weight, eps),
+    else x. The product in fp32, rounded to x.dtype before the residual's add (the model's torch
+    path; the kernel adds in fp32 and rounds once)."""
+    if norm is not None:
+        x = rms_norm_reference(x, *norm).to(x.dtype)
+    y = x.float() @ w.float().t()
+    y = (y if scale is None else y * scale.float()).to(x.dtype)
+    return y if residual is None else y + residual
+
+
+@torch.library.custom_op("catsgen::gemv", mutates_args=())
+def _gemv_op(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
+             eps: float, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    norm = None if norm_weight is None else (norm_weight, eps)
+    if x.is_cuda:
+        return gemv_triton(x, w, scale, norm, residual)
+    return gemv_reference(x, w, scale, norm, residual)
+
+
+@_gemv_op.register_fake
+def _(x, w, scale, norm_weight, eps, residual):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def gemv(x, w, scale=None, norm=None, residual=None, use_triton: bool | None = None):
+    """The decode GEMV (at most MAX_ROWS rows of x [..., K]): y [..., N] = x' @ W.T (+ residual),
+    float or int8 weights, optionally RMSNorm on x first (norm = (weight, eps)): the contract is
+    gemv_reference's. use_triton as in int8_gemv."""
+    rows = x.reshape(-1, x.shape[-1])
+    res = None if residual is None else residual.reshape(-1, w.shape[0])
+    if use_triton:
+        y = gemv_triton(rows, w, scale, norm, res)
+    elif use_triton is False:
+        y = gemv_reference(rows, w, scale, norm, res)
+    else:
+        g, eps = norm if norm is not None else (None, 0.0)
+        y = torch.ops.catsgen.gemv(rows, w, scale, g, float(eps), res)
+    return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 @torch.library.custom_op("catsgen::int8_gemv", mutates_args=())

@@ -5,6 +5,9 @@ Weights may be float or int8: a weight tile is converted to x's dtype in registe
 dot (exact for int8, |q| <= 127); the caller applies int8 scales to the fp32 result.
 One token (B = 1) can skip the padding: rows_times_x1 multiplies on the FMA units in fp32 and
 converts int8 without the I2F unit (int8_to_f32).
+NORM: x is the residual stream and the matrix wants RMSNorm(x) * g: each x tile is multiplied by
+g's tile (g_ptr) and its squares summed along the way, so the caller, which walked all of x, scales
+its result by 1 / rms itself (rsqrt_mean) and no norm kernel runs before it.
 """
 import triton
 import triton.language as tl
@@ -30,19 +33,33 @@ def as_operand(w, dtype, DOT_F32: tl.constexpr):
 
 @triton.jit
 def rows_times_x(w_ptr, x_ptr, rows, row_mask, B, D, k_lo, k_hi,
-                 BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
-    """[BLOCK_F, 16] fp32 = w[rows, k_lo:k_hi] @ x[:, k_lo:k_hi]^T (w rows of length D, tokens
-    padded to 16); rows outside row_mask are not read."""
+                 BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+                 g_ptr, NORM: tl.constexpr):
+    """([BLOCK_F, 16] fp32 = w[rows, k_lo:k_hi] @ x[:, k_lo:k_hi]^T, [16] the tokens' sums of x^2
+    over the columns (NORM; else 0)): w rows of length D, tokens padded to 16; rows outside
+    row_mask are not read. NORM: x * g in place of x."""
     toks = tl.arange(0, 16)
     acc = tl.zeros([BLOCK_F, 16], tl.float32)
+    squares = tl.zeros([16], tl.float32)
     for k in range(k_lo, k_hi, BLOCK_D):
         cols = k + tl.arange(0, BLOCK_D)
         w = tl.load(w_ptr + rows[:, None] * D + cols[None, :], mask=row_mask[:, None] & (cols < k_hi)[None, :],
                     other=0, eviction_policy="evict_first")  # weights are read once: leave L2 to x, v, h, y
         xt = tl.load(x_ptr + toks[None, :] * D + cols[:, None], mask=(toks < B)[None, :] & (cols < k_hi)[:, None],
                      other=0.0)
+        if NORM:
+            xf = xt.to(tl.float32)
+            squares += tl.sum(xf * xf, axis=0)
+            g = tl.load(g_ptr + cols, mask=cols < k_hi, other=0.0).to(tl.float32)
+            xt = (xf * g[:, None]).to(xt.dtype)
         acc = dot(as_operand(w, xt.dtype, DOT_F32), xt, acc, DOT_F32)
-    return acc
+    return acc, squares
+
+
+@triton.jit
+def rsqrt_mean(squares, D, eps):
+    """1 / RMS of x from its sum of squares over D columns (RMSNorm's factor)."""
+    return tl.rsqrt(squares / D + eps)
 
 
 @triton.jit
@@ -63,13 +80,15 @@ def as_f32(w, MAGIC: tl.constexpr):
 
 @triton.jit
 def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-                  EVEN: tl.constexpr, MAGIC: tl.constexpr):
-    """[BLOCK_F] fp32 = w[rows, k_lo:k_hi] @ x[0, k_lo:k_hi] for one token, on the FMA units. The
+                  EVEN: tl.constexpr, MAGIC: tl.constexpr, g_ptr, NORM: tl.constexpr):
+    """([BLOCK_F] fp32 = w[rows, k_lo:k_hi] @ x[0, k_lo:k_hi], the sum of x^2 over those columns
+    (NORM; else 0)) for one token, on the FMA units (NORM: x * g in place of x). The
     products are summed across columns once, after the loop (a [BLOCK_F, BLOCK_D] accumulator),
     not every step. EVEN: k_hi - k_lo is a multiple of BLOCK_D, so the loads need no column mask
     (a mask whose value changes along a row can split the int8 loads into single bytes).
     MAGIC: int8 weights converted by int8_to_f32."""
     acc = tl.zeros([BLOCK_F, BLOCK_D], tl.float32)
+    squares = tl.zeros([BLOCK_D], tl.float32)
     for k in range(k_lo, k_hi, BLOCK_D):
         cols = k + tl.arange(0, BLOCK_D)
         if EVEN:
@@ -80,5 +99,13 @@ def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.const
             w = tl.load(w_ptr + rows[:, None] * D + cols[None, :], mask=row_mask[:, None] & (cols < k_hi)[None, :],
                         other=0, eviction_policy="evict_first")
             xv = tl.load(x_ptr + cols, mask=cols < k_hi, other=0.0)
-        acc += as_f32(w, MAGIC) * xv.to(tl.float32)[None, :]
-    return tl.sum(acc, axis=1)
+        xv = xv.to(tl.float32)
+        if NORM:
+            squares += xv * xv
+            if EVEN:
+                g = tl.load(g_ptr + cols)
+            else:
+                g = tl.load(g_ptr + cols, mask=cols < k_hi, other=0.0)
+            xv = xv * g.to(tl.float32)
+        acc += as_f32(w, MAGIC) * xv[None, :]
+    return tl.sum(acc, axis=1), tl.sum(squares, axis=0)

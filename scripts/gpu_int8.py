@@ -196,18 +196,16 @@ def sweep_gemv(n, k):
     return best
 
 
-def float_gemv_call(n, k, blocks):
-    """A maker of calls: the int8 GEMV kernel reading bf16 weights (unit scales, no int8
-    conversion) with `blocks`: whether a Triton GEMV beats cuBLAS for the float projections."""
+def float_gemv_call(n, k, blocks, norm=False, residual=False):
+    """A maker of calls: the GEMV kernel reading bf16 weights with `blocks` (and the block's norm
+    folded in / the residual added, as the model's decode runs W_qkv / W_o): whether a Triton
+    GEMV beats cuBLAS for the float projections, and what the folding costs."""
     def make():
         w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16)
-        x, ones = torch.randn(1, k, device=DEV, dtype=torch.bfloat16), torch.ones(n, device=DEV)
-        out = torch.empty(1, n, device=DEV, dtype=torch.bfloat16)
-        grid = (triton.cdiv(n, blocks.block_n), 1)
-        return lambda: gm._int8_gemv_kernel[grid](
-            x, w, ones, out, 1, n, k, k, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, DOT_F32=False, FMA=True,
-            EVEN=k % blocks.block_k == 0, MAGIC=False, num_warps=blocks.warps_and_stages[0],
-            num_stages=blocks.warps_and_stages[1])
+        x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
+        args = dict(norm=(torch.rand(k, device=DEV, dtype=torch.bfloat16), 1e-5) if norm else None,
+                    residual=torch.randn(1, n, device=DEV, dtype=torch.bfloat16) if residual else None)
+        return lambda: gm.gemv_triton(x, w, blocks=blocks, **args)
     return make
 
 
@@ -228,6 +226,10 @@ def sweep_float_gemv():
         best = min(times, key=times.get)
         print(f"{name:>8} {n:>5}x{k:<5} {cublas:>9.1f} {2 * n * k / cublas / 1e3:>6.0f} {times[best]:>8.1f} "
               f"{2 * n * k / times[best] / 1e3:>6.0f} {best}")
+        chosen = gm.pick_gemv_blocks(n, k, 1, int8=False)
+        folded = {f"{label}": rotated_time_us(float_gemv_call(n, k, chosen, **kw), 2 * n * k)
+                  for label, kw in (("plain", {}), ("norm", dict(norm=True)), ("residual", dict(residual=True)))}
+        print("   chosen tiles: " + ", ".join(f"{label} {t:.1f}" for label, t in folded.items()))
         print("   all: " + ", ".join(f"{b.block_n}x{b.block_k}/{b.warps_and_stages}: {t:.1f}" for b, t in times.items()))
 
 

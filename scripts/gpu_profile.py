@@ -43,14 +43,15 @@ def profile_steps(model, step, steps: int, pos: int):
     return step_us, kernels
 
 
-def unfused_attention(self, x, rope, mask, input_pos=None):
+def unfused_attention(self, x, rope, mask, input_pos=None, residual=None):
     """Attention.forward's decode before RoPE and the cache write moved into the attention launch
     (issue 14): torch ops for RoPE and the cache write, then catsgen::decode_attention."""
-    B, T, _ = x.shape
-    q, k, v = split_heads(self.wqkv(x), self.n_heads, self.n_kv_heads, rope.cos, rope.sin)
+    qkv = self.wqkv(x)
+    B, T, _ = qkv.shape
+    q, k, v = split_heads(qkv, self.n_heads, self.n_kv_heads, rope.cos, rope.sin)
     k, v = self.kv_cache.update(input_pos, k, v)
     y = decode_attention(q, k, v, input_pos, self.sliding_window)
-    return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+    return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim), residual)
 
 
 @torch.no_grad()

@@ -63,16 +63,22 @@ def launch_all():
     D, F = 256, 512
     for B in (1, 4):
         x = torch.randn(B, D, **bf16)
+        norm = (torch.rand(D, **bf16), 1e-5)  # the block's RMSNorm folded in (issue 14)
         cm.cats_mlp_triton(x, *(torch.randn(F, D, **bf16) for _ in range(3)), torch.tensor(0.1))
+        cm.cats_mlp_triton(x, *(torch.randn(F, D, **bf16) for _ in range(3)), torch.tensor(0.1), norm=norm)
         q8 = [torch.randint(-127, 128, (F, D), dtype=torch.int8) for _ in range(3)]
         scales = (torch.rand(F), torch.rand(F), torch.rand(D))
         cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales)
+        cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm)
         gm.int8_gemv_triton(x, q8[0], scales[0])
+        gm.gemv_triton(x, q8[0], scales[0], norm=norm)
+        gm.gemv_triton(x, torch.randn(F, D, **bf16), norm=norm)
+        gm.gemv_triton(x, torch.randn(D, D, **bf16), residual=torch.randn(B, D, **bf16))
 
 
 def main():
     for module, names in ((da, ["_split_kernel"]), (cm, ["_gate_kernel", "_up_kernel", "_down_kernel", "_down1_kernel"]),
-                          (gm, ["_int8_gemv_kernel"])):
+                          (gm, ["_gemv_kernel"])):
         for name in names:
             record(getattr(module, name), module.__name__.rsplit(".", 1)[1])
     launch_all()
