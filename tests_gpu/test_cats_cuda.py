@@ -65,3 +65,30 @@ def test_compiled_decode_takes_a_new_sparsity_without_recompiling():
         outputs.setdefault(s, []).append(generate(model, prompt, 12, SamplingParams(), decode_step=step).tokens)
     assert counters["stats"]["unique_graphs"] == graphs
     assert outputs[0.5][0] == outputs[0.5][1]  # the threshold really went back to 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quantize,sparsity", [("none", 0.0), ("none", 0.5), ("int8", 0.0), ("int8", 0.5)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_on_kernels_matches_the_torch_path(monkeypatch, dtype, quantize, sparsity, batch):
+    """The whole decode step on the kernels (norms folded into the GEMV / CATS launches, W_o's
+    residual in its epilogue, RoPE and the cache write in attention) against the torch path of the
+    same model (no kernel: KERNEL_MAX_TOKENS 0, SDPA attention), logits over several steps."""
+    from catsgen.model import Attention
+    model, table = calibrated_model(dtype, quantize)
+    cats.set_sparsity(model, table, sparsity)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+
+    def run():
+        model.setup_caches(batch, 64)
+        with torch.no_grad():
+            steps = [model(ids[:, :8], torch.arange(8, device="cuda"))[:, -1]]
+            steps += [model(ids[:, t:t + 1], torch.tensor([t], device="cuda"))[:, -1] for t in range(8, 16)]
+        return torch.stack(steps).float()
+
+    kernels = run()
+    monkeypatch.setattr(linear, "KERNEL_MAX_TOKENS", 0)
+    monkeypatch.setattr(Attention, "decode_kernel", False)
+    torch_path = run()
+    err = ((kernels - torch_path).norm() / torch_path.norm()).item()
+    assert err < (1e-4 if dtype == torch.float32 else 3e-2), err
