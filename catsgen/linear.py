@@ -6,16 +6,20 @@ in the same slot (Linear.weight for W_qkv / W_o, MLP.w_gate / w_up / w_down_t) a
 `linear` and `mlp` here, so model.py never branches on dtype, quantization or device.
 
   weights  slot            decode on CUDA (<= KERNEL_MAX_TOKENS tokens)    prefill, CPU
-  float    W_qkv, W_o      gemv (Triton)                                   F.linear
+  float    W_qkv           cuBLAS (F.linear)                               F.linear
+  float    W_o             gemv (Triton; one token: + residual), else cuBLAS
   int8     W_qkv, W_o      gemv (Triton)                                   int8_gemv op: cuBLAS on a
                                                                            transient copy / torch
-  float    MLP, dense      gemv (gate, up), cuBLAS (W_down^T)              torch; CPU decode: W_down^T
+  float    MLP, dense      cuBLAS (three F.linear)                         torch; CPU decode: W_down^T
   float    MLP, CATS       cats_mlp (Triton)                               rows by embedding_bag
   int8     MLP, dense      three gemv (W_down in its [d, f] rows)          torch, dequantized
   int8     MLP, CATS       cats_mlp int8 (Triton)                          torch, dequantized
 The input of W_qkv and of the MLP is a Normed (the residual stream and the RMSNorm before the
-matrix): the decode kernels fold the norm into their walk over x; every other path computes it
-first (`normalized`). W_o takes the residual to add (its GEMV's epilogue on the decode path).
+matrix). Where a kernel walks x on the FMA units anyway (int8 weights, one token), it folds the
+norm in (sums x^2 as it goes, scales by 1 / rms at the end: no norm kernel); everywhere else the
+norm is computed first (`normalized`): for bf16 weights folding it cost the GEMV more than the
+norm kernel it saved, and the tl.dot paths more still (notes/kernels.md v7). W_o takes the
+residual to add: in its GEMV's epilogue for one token (it also drops cuBLAS's split-K reduce).
 The int8 dense MLP measured 64.5 us per 4096x11008 layer with three int8_gemv, 73.9 us through
 the CATS kernel at threshold -inf (notes/kernels.md, int8 section), so an int8 W_down^T also keeps
 its [d, f] rows (Int8Weight keep_rows: 1 byte more per W_down entry, in memory, never read twice).
@@ -130,15 +134,23 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+def _folds(x: torch.Tensor | Normed, int8: bool) -> bool:
+    """Whether the decode kernels fold x's norm in: int8 weights and one token (see above)."""
+    stream = _stream_and_norm(x)[0]
+    return int8 and _decode_kernels(stream) and stream.numel() == stream.shape[-1]
+
+
 def linear(x: torch.Tensor | Normed, w: Weight, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T (+ residual) for a weight stored as W [out, in]; x may be a Normed."""
+    int8 = isinstance(w, Int8Weight)
+    if not _folds(x, int8):
+        x = normalized(x)
     stream, norm = _stream_and_norm(x)
-    if _decode_kernels(stream):  # the norm and the residual add inside the GEMV
+    if _decode_kernels(stream) and (int8 or (residual is not None and stream.numel() == stream.shape[-1])):
         # .contiguous(): a no-op on CUDA; CPU weights may be column-major (cpu_layout; tests)
-        q, scale = (w.q, w.scale) if isinstance(w, Int8Weight) else (w.contiguous(), None)
+        q, scale = (w.q, w.scale) if int8 else (w.contiguous(), None)
         return gemv(stream, q, scale, norm=norm, residual=residual, use_triton=use_triton())
-    x = normalized(x)
-    y = F.linear(x, w) if not isinstance(w, Int8Weight) else int8_gemv(x, w.q, w.scale)
+    y = F.linear(x, w) if not int8 else int8_gemv(x, w.q, w.scale)
     return y if residual is None else y + residual
 
 
@@ -148,7 +160,9 @@ def mlp(x: torch.Tensor, w_gate: Weight, w_up: Weight, w_down_t: Weight, thresho
     `activate` replaces act on the torch path (calibration recording, sparsity counting): it
     forces that path, since the kernels can not call it."""
     if activate is None and _decode_kernels(_stream_and_norm(x)[0]):
-        return _mlp_kernel(x, w_gate, w_up, w_down_t, threshold)
+        y = _mlp_kernel(x, w_gate, w_up, w_down_t, threshold)
+        if y is not None:
+            return y
     x = normalized(x)
     if activate is None and _cpu_decode(x) and not isinstance(w_down_t, Int8Weight):
         return _mlp_cpu_decode(x, w_gate, w_up, w_down_t, threshold)
@@ -202,14 +216,14 @@ def _up_rows(x, w_up, rows):
 
 
 def _mlp_kernel(x, w_gate, w_up, w_down_t, threshold):
-    """The decode MLP on the Triton kernels (x a tensor or a Normed: the norm folded in); dense
-    float's W_down^T through cuBLAS (its [f, d] rows are what CATS skips; no Triton GEMV reads them
-    as columns)."""
+    """The decode MLP on the Triton kernels (x a tensor or a Normed), or None where cuBLAS is the
+    better choice (dense float)."""
     int8 = isinstance(w_gate, Int8Weight)
-    stream, norm = _stream_and_norm(x)
     if threshold is None and not int8:
-        h = F.silu(linear(x, w_gate)) * linear(x, w_up)
-        return h @ w_down_t
+        return None
+    if not _folds(x, int8):
+        x = normalized(x)
+    stream, norm = _stream_and_norm(x)
     if threshold is None and w_down_t.q_rows is not None:  # int8 dense: three GEMVs
         h = F.silu(linear(x, w_gate)) * linear(x, w_up)
         return gemv(h, w_down_t.q_rows, w_down_t.scale, use_triton=use_triton())

@@ -40,7 +40,7 @@ def rows_times_x(w_ptr, x_ptr, rows, row_mask, B, D, k_lo, k_hi,
     row_mask are not read. NORM: x * g in place of x."""
     toks = tl.arange(0, 16)
     acc = tl.zeros([BLOCK_F, 16], tl.float32)
-    squares = tl.zeros([16], tl.float32)
+    squares = tl.zeros([BLOCK_D, 16], tl.float32)  # summed across columns once, after the loop
     for k in range(k_lo, k_hi, BLOCK_D):
         cols = k + tl.arange(0, BLOCK_D)
         w = tl.load(w_ptr + rows[:, None] * D + cols[None, :], mask=row_mask[:, None] & (cols < k_hi)[None, :],
@@ -49,11 +49,11 @@ def rows_times_x(w_ptr, x_ptr, rows, row_mask, B, D, k_lo, k_hi,
                      other=0.0)
         if NORM:
             xf = xt.to(tl.float32)
-            squares += tl.sum(xf * xf, axis=0)
+            squares += xf * xf
             g = tl.load(g_ptr + cols, mask=cols < k_hi, other=0.0).to(tl.float32)
             xt = (xf * g[:, None]).to(xt.dtype)
         acc = dot(as_operand(w, xt.dtype, DOT_F32), xt, acc, DOT_F32)
-    return acc, squares
+    return acc, tl.sum(squares, axis=0)
 
 
 @triton.jit

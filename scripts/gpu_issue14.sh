@@ -17,6 +17,7 @@ for s in "${@:-checks attention profile bench}"; do
       checks) step tests_gpu 300 python3 -m pytest -q -p no:cacheprovider tests_gpu -x ;;
       attention) step attention 180 python3 scripts/gpu_attention.py ;;
       profile) step profile 240 python3 scripts/gpu_profile.py --sparsity 0 0.5 ;;
+      profile_int8) step profile_int8 240 python3 scripts/gpu_profile.py --sparsity 0 0.5 --quantize int8 ;;
       unfused) step profile_unfused 240 python3 scripts/gpu_profile.py --sparsity 0 0.5 --unfused ;;
       gemv) step gemv 120 python3 scripts/gpu_int8.py --float-gemv ;;
       bench) step bench_llama 300 python3 bench.py --preset llama-2-7b --sparsity 0 0.5 0.7 --new-tokens 256 --repeats 5 --json "$OUT/llama-2-7b.json" ;;
