@@ -15,11 +15,11 @@ in the same slot (Linear.weight for W_qkv / W_o, MLP.w_gate / w_up / w_down_t) a
   int8     MLP, dense      three gemv (W_down in its [d, f] rows)          torch, dequantized
   int8     MLP, CATS       cats_mlp int8 (Triton)                          torch, dequantized
 The input of W_qkv and of the MLP is a Normed (the residual stream and the RMSNorm before the
-matrix). Where a kernel walks x on the FMA units anyway (int8 weights, one token), it folds the
-norm in (sums x^2 as it goes, scales by 1 / rms at the end: no norm kernel); everywhere else the
-norm is computed first (`normalized`): for bf16 weights folding it cost the GEMV more than the
-norm kernel it saved, and the tl.dot paths more still (notes/kernels.md v7). W_o takes the
-residual to add: in its GEMV's epilogue for one token (it also drops cuBLAS's split-K reduce).
+matrix). The int8 CATS MLP folds the norm in for one token (its gate launch sums x^2 as it walks
+x with 16 rows a program; no norm kernel before the MLP); everywhere else the norm is computed
+first (`normalized`): folded into the GEMVs (2 or 4 rows a program) and into the tl.dot paths it
+cost more than the norm kernel it saved (notes/kernels.md v7). W_o takes the residual to add: in
+its GEMV's epilogue for one token (for bf16 that also drops cuBLAS's split-K reduce).
 The int8 dense MLP measured 64.5 us per 4096x11008 layer with three int8_gemv, 73.9 us through
 the CATS kernel at threshold -inf (notes/kernels.md, int8 section), so an int8 W_down^T also keeps
 its [d, f] rows (Int8Weight keep_rows: 1 byte more per W_down entry, in memory, never read twice).
@@ -134,22 +134,18 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def _folds(x: torch.Tensor | Normed, int8: bool) -> bool:
-    """Whether the decode kernels fold x's norm in: int8 weights and one token (see above)."""
-    stream = _stream_and_norm(x)[0]
-    return int8 and _decode_kernels(stream) and stream.numel() == stream.shape[-1]
+def _one_token(x: torch.Tensor) -> bool:
+    return x.numel() == x.shape[-1]
 
 
 def linear(x: torch.Tensor | Normed, w: Weight, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T (+ residual) for a weight stored as W [out, in]; x may be a Normed."""
     int8 = isinstance(w, Int8Weight)
-    if not _folds(x, int8):
-        x = normalized(x)
-    stream, norm = _stream_and_norm(x)
-    if _decode_kernels(stream) and (int8 or (residual is not None and stream.numel() == stream.shape[-1])):
+    x = normalized(x)
+    if _decode_kernels(x) and (int8 or (residual is not None and _one_token(x))):
         # .contiguous(): a no-op on CUDA; CPU weights may be column-major (cpu_layout; tests)
         q, scale = (w.q, w.scale) if int8 else (w.contiguous(), None)
-        return gemv(stream, q, scale, norm=norm, residual=residual, use_triton=use_triton())
+        return gemv(x, q, scale, residual=residual, use_triton=use_triton())
     y = F.linear(x, w) if not int8 else int8_gemv(x, w.q, w.scale)
     return y if residual is None else y + residual
 
@@ -221,8 +217,8 @@ def _mlp_kernel(x, w_gate, w_up, w_down_t, threshold):
     int8 = isinstance(w_gate, Int8Weight)
     if threshold is None and not int8:
         return None
-    if not _folds(x, int8):
-        x = normalized(x)
+    if not (int8 and threshold is not None and _one_token(_stream_and_norm(x)[0])):
+        x = normalized(x)  # the norm folds into the int8 CATS launches for one token only (see above)
     stream, norm = _stream_and_norm(x)
     if threshold is None and w_down_t.q_rows is not None:  # int8 dense: three GEMVs
         h = F.silu(linear(x, w_gate)) * linear(x, w_up)

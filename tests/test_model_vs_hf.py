@@ -23,16 +23,17 @@ def test_full_forward_matches_transformers(checkpoints, name):
         assert rel_err(ours(idx), hf(idx).logits) < 1e-4
 
 
-@pytest.mark.parametrize("name,kernels", [(name, False) for name in CONFIGS] +
-                         [("gqa", True), ("mistral_window", True), ("llama31_rope", True)])
-def test_cached_prefill_and_decode_match_transformers(checkpoints, name, kernels, monkeypatch):
+@pytest.mark.parametrize("name,kernels,batch", [(name, False, 2) for name in CONFIGS] +
+                         [("gqa", True, 2), ("mistral_window", True, 2), ("llama31_rope", True, 2), ("gqa", True, 1)])
+def test_cached_prefill_and_decode_match_transformers(checkpoints, name, kernels, batch, monkeypatch):
     """kernels: decode steps through the CUDA path's Triton kernels (here the interpreter): RoPE,
-    the cache write and attention in one launch (decode_attention_rope)."""
+    the cache write and attention in one launch (decode_attention_rope); one token: W_o's GEMV
+    adds the residual."""
     monkeypatch.setattr(linear, "FORCE_TRITON", kernels)
     directory, hf = checkpoints[name]
     ours = load_model(directory, dtype=torch.float32)
-    ours.setup_caches(batch_size=2, max_seq_len=64)
-    idx = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    ours.setup_caches(batch_size=batch, max_seq_len=64)
+    idx = torch.randint(0, VOCAB, (batch, SEQ), generator=torch.Generator().manual_seed(2))
     prefill = 10
     with torch.no_grad():
         reference = hf(idx).logits
