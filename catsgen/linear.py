@@ -10,16 +10,19 @@ in the same slot (Linear.weight for W_qkv / W_o, MLP.w_gate / w_up / w_down_t) a
   float    W_o             gemv (Triton; one token: + residual), else cuBLAS
   int8     W_qkv, W_o      gemv (Triton)                                   int8_gemv op: cuBLAS on a
                                                                            transient copy / torch
-  float    MLP, dense      cuBLAS (three F.linear)                         torch; CPU decode: W_down^T
-  float    MLP, CATS       cats_mlp (Triton)                               rows by embedding_bag
-  int8     MLP, dense      three gemv (W_down in its [d, f] rows)          torch, dequantized
+  float    MLP, dense      one token: gated gemv, cuBLAS W_down^T;         torch; CPU decode: W_down^T
+                           else cuBLAS (three F.linear)                    rows by embedding_bag
+  float    MLP, CATS       cats_mlp (Triton)
+  int8     MLP, dense      gated gemv + gemv (W_down in its [d, f] rows)   torch, dequantized
   int8     MLP, CATS       cats_mlp int8 (Triton)                          torch, dequantized
 The input of W_qkv and of the MLP is a Normed (the residual stream and the RMSNorm before the
 matrix). The int8 CATS MLP folds the norm in for one token (its gate launch sums x^2 as it walks
 x with 16 rows a program; no norm kernel before the MLP); everywhere else the norm is computed
 first (`normalized`): folded into the GEMVs (2 or 4 rows a program) and into the tl.dot paths it
 cost more than the norm kernel it saved (notes/kernels.md v7). W_o takes the residual to add: in
-its GEMV's epilogue for one token (for bf16 that also drops cuBLAS's split-K reduce).
+its GEMV's epilogue for one token (for bf16 that also drops cuBLAS's split-K reduce). The dense
+MLP's W_gate and W_up run as one gated GEMV writing SiLU(g) * u (one launch for both, no SiLU
+kernel).
 The int8 dense MLP measured 64.5 us per 4096x11008 layer with three int8_gemv, 73.9 us through
 the CATS kernel at threshold -inf (notes/kernels.md, int8 section), so an int8 W_down^T also keeps
 its [d, f] rows (Int8Weight keep_rows: 1 byte more per W_down entry, in memory, never read twice).
@@ -213,15 +216,19 @@ def _up_rows(x, w_up, rows):
 
 def _mlp_kernel(x, w_gate, w_up, w_down_t, threshold):
     """The decode MLP on the Triton kernels (x a tensor or a Normed), or None where cuBLAS is the
-    better choice (dense float)."""
+    better choice (dense float, several tokens)."""
     int8 = isinstance(w_gate, Int8Weight)
-    if threshold is None and not int8:
+    one_token = _one_token(_stream_and_norm(x)[0])
+    if threshold is None and not (int8 or one_token):
         return None
-    if not (int8 and threshold is not None and _one_token(_stream_and_norm(x)[0])):
+    if not (int8 and threshold is not None and one_token):
         x = normalized(x)  # the norm folds into the int8 CATS launches for one token only (see above)
     stream, norm = _stream_and_norm(x)
-    if threshold is None and w_down_t.q_rows is not None:  # int8 dense: three GEMVs
-        h = F.silu(linear(x, w_gate)) * linear(x, w_up)
+    if threshold is None and not int8:  # one token: the gated GEMV, then W_down^T on cuBLAS
+        # .contiguous(): a no-op on CUDA; CPU weights may be column-major (tests run kernels there)
+        return gemv(stream, w_gate.contiguous(), up=(w_up.contiguous(), None), use_triton=use_triton()) @ w_down_t
+    if threshold is None and w_down_t.q_rows is not None:  # int8 dense: the gated GEMV, then W_down
+        h = gemv(stream, w_gate.q, w_gate.scale, up=(w_up.q, w_up.scale), use_triton=use_triton())
         return gemv(h, w_down_t.q_rows, w_down_t.scale, use_triton=use_triton())
     if threshold is None:  # no [d, f] rows kept: the CATS kernel, skipping nothing
         threshold = torch.full((), float("-inf"), dtype=torch.float32, device=stream.device)

@@ -93,15 +93,10 @@ def pick_gemv_blocks(N: int, K: int, B: int = 1, int8: bool = True) -> GemvBlock
 
 if triton is not None:
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, res_ptr, out_ptr, B, N, K, K_PER_SPLIT, eps,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
-                     FMA: tl.constexpr, EVEN: tl.constexpr, MAGIC: tl.constexpr, SCALED: tl.constexpr,
-                     NORM: tl.constexpr, RESIDUAL: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        split = tl.program_id(1)
-        row_ok = rows < N
-        k_lo = split * K_PER_SPLIT
-        k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    def _rows_product(w_ptr, s_ptr, x_ptr, g_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, FMA: tl.constexpr, EVEN: tl.constexpr,
+                      MAGIC: tl.constexpr, SCALED: tl.constexpr, NORM: tl.constexpr):
+        """([BLOCK_N, 16] fp32 = rows of W times x's tokens, scaled for int8; [16] x's sums of squares)."""
         toks = tl.arange(0, 16)
         if FMA:  # B = 1: one token, no tl.dot
             acc1, squares1 = rows_times_x1(w_ptr, x_ptr, rows, row_ok, K, k_lo, k_hi, BLOCK_N, BLOCK_K, EVEN, MAGIC,
@@ -113,6 +108,25 @@ if triton is not None:
                                         g_ptr, NORM)
         if SCALED:  # int8: the rows' scales
             acc = acc * tl.load(s_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        return acc, squares
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, up_ptr, s_up_ptr, g_ptr, res_ptr, out_ptr, B, N, K, K_PER_SPLIT, eps,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
+                     FMA: tl.constexpr, EVEN: tl.constexpr, MAGIC: tl.constexpr, SCALED: tl.constexpr,
+                     NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        split = tl.program_id(1)
+        row_ok = rows < N
+        k_lo = split * K_PER_SPLIT
+        k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+        toks = tl.arange(0, 16)
+        acc, squares = _rows_product(w_ptr, s_ptr, x_ptr, g_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N, BLOCK_K,
+                                     DOT_F32, FMA, EVEN, MAGIC, SCALED, NORM)
+        if GATED:  # the dense MLP's SiLU(x W_gate^T) * (x W_up^T): the same rows of W_up, x read from L1
+            up, _ = _rows_product(up_ptr, s_up_ptr, x_ptr, g_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N, BLOCK_K,
+                                  DOT_F32, FMA, EVEN, MAGIC, SCALED, NORM)
+            acc = acc * tl.sigmoid(acc) * up
         if NORM:  # one split walked all of x (split_k = 1): its sum of squares is whole
             acc = acc * rsqrt_mean(squares, K, eps)[None, :]
         out_mask = (toks < B)[None, :] & row_ok[:, None]
@@ -122,7 +136,7 @@ if triton is not None:
                  mask=out_mask)
 
 
-def gemv_triton(x, w, scale=None, norm=None, residual=None, blocks: GemvBlocks | None = None):
+def gemv_triton(x, w, scale=None, norm=None, residual=None, up=None, blocks: GemvBlocks | None = None):
     """The Triton path (same contract as gemv_reference). On CPU tensors it needs
     TRITON_INTERPRET=1 set before triton was imported."""
     B, K = x.shape
@@ -130,13 +144,17 @@ def gemv_triton(x, w, scale=None, norm=None, residual=None, blocks: GemvBlocks |
     int8 = w.dtype == torch.int8
     assert 1 <= B <= MAX_ROWS, "decode kernel: tokens are padded to 16"
     assert w.shape == (N, K) and w.is_contiguous() and int8 == (scale is not None)
+    assert norm is None or up is None, "a gated GEMV with a folded norm: not a path the model takes"
+    w_up, s_up = up if up is not None else (w, scale)  # unread without GATED
+    assert w_up.shape == w.shape and w_up.dtype == w.dtype and w_up.is_contiguous() and (s_up is None) == (scale is None)
     assert scale is None or (scale.shape == (N,) and scale.dtype == torch.float32)
     assert norm is None or norm[0].shape == (K,)
     assert residual is None or residual.shape == (B, N)
     x = x.contiguous()
     blocks = blocks or pick_gemv_blocks(N, K, B, int8)
     # a norm needs all of x in one program, a residual one rounding: no split of K then
-    split_k = 1 if norm is not None or residual is not None else max(1, min(blocks.split_k, triton.cdiv(K, blocks.block_k)))
+    whole_k = norm is not None or residual is not None or up is not None  # SiLU needs the whole sum too
+    split_k = 1 if whole_k else max(1, min(blocks.split_k, triton.cdiv(K, blocks.block_k)))
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), blocks.block_k) * blocks.block_k
     split_k = triton.cdiv(K, k_per_split)  # no empty split
     # split_k > 1: fp32 partials [split_k, B, N]; else y itself (not a view: the op returns it)
@@ -144,11 +162,12 @@ def gemv_triton(x, w, scale=None, norm=None, residual=None, blocks: GemvBlocks |
     out = torch.empty(shape, device=x.device, dtype=dtype)
     g, eps = norm if norm is not None else (x, 0.0)  # unread without NORM
     _gemv_kernel[(triton.cdiv(N, blocks.block_n), split_k)](
-        x, w, x if scale is None else scale, g, x if residual is None else residual.contiguous(), out,
+        x, w, x if scale is None else scale, w_up, x if s_up is None else s_up, g,
+        x if residual is None else residual.contiguous(), out,
         B, N, K, k_per_split, eps, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
         DOT_F32=x.dtype == torch.float32 or not x.is_cuda, FMA=blocks.fma_at_b1 and B == 1,
         EVEN=K % k_per_split == 0 and k_per_split % blocks.block_k == 0, MAGIC=blocks.magic and int8,
-        SCALED=int8, NORM=norm is not None, RESIDUAL=residual is not None,
+        SCALED=int8, NORM=norm is not None, RESIDUAL=residual is not None, GATED=up is not None,
         num_warps=blocks.warps_and_stages[0], num_stages=blocks.warps_and_stages[1])
     return out if split_k == 1 else out.sum(0).to(x.dtype)
 
@@ -165,45 +184,52 @@ def rms_norm_reference(x, weight, eps: float):
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def gemv_reference(x, w, scale=None, norm=None, residual=None):
+def gemv_reference(x, w, scale=None, norm=None, residual=None, up=None):
     """y [B, N] = x' [B, K] @ W.T (+ residual), in x.dtype: W = w (float) or w * scale[:, None]
     (int8 w, fp32 scale per row); x' = RMSNorm(x) * norm_weight for norm = (norm_weight, eps),
     else x. The product in fp32, rounded to x.dtype before the residual's add (the model's torch
-    path; the kernel adds in fp32 and rounds once)."""
+    path; the kernel adds in fp32 and rounds once). up = (w_up, s_up): y = SiLU(x' W.T) * (x' W_up.T)
+    instead (the dense MLP's first half; rounded as the torch path rounds, the kernel once)."""
     if norm is not None:
         x = rms_norm_reference(x, *norm).to(x.dtype)
     y = x.float() @ w.float().t()
     y = (y if scale is None else y * scale.float()).to(x.dtype)
+    if up is not None:
+        y = torch.nn.functional.silu(y) * gemv_reference(x, *up)
     return y if residual is None else y + residual
 
 
 @torch.library.custom_op("catsgen::gemv", mutates_args=())
 def _gemv_op(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
-             eps: float, residual: Optional[torch.Tensor]) -> torch.Tensor:
+             eps: float, residual: Optional[torch.Tensor], w_up: Optional[torch.Tensor],
+             s_up: Optional[torch.Tensor]) -> torch.Tensor:
     norm = None if norm_weight is None else (norm_weight, eps)
+    up = None if w_up is None else (w_up, s_up)
     if x.is_cuda:
-        return gemv_triton(x, w, scale, norm, residual)
-    return gemv_reference(x, w, scale, norm, residual)
+        return gemv_triton(x, w, scale, norm, residual, up)
+    return gemv_reference(x, w, scale, norm, residual, up)
 
 
 @_gemv_op.register_fake
-def _(x, w, scale, norm_weight, eps, residual):
+def _(x, w, scale, norm_weight, eps, residual, w_up, s_up):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
-def gemv(x, w, scale=None, norm=None, residual=None, use_triton: bool | None = None):
+def gemv(x, w, scale=None, norm=None, residual=None, up=None, use_triton: bool | None = None):
     """The decode GEMV (at most MAX_ROWS rows of x [..., K]): y [..., N] = x' @ W.T (+ residual),
-    float or int8 weights, optionally RMSNorm on x first (norm = (weight, eps)): the contract is
-    gemv_reference's. use_triton as in int8_gemv."""
+    float or int8 weights, optionally RMSNorm on x first (norm = (weight, eps)); or, with
+    up = (w_up, s_up), the gated SiLU(x' W.T) * (x' W_up.T): the contract is gemv_reference's.
+    use_triton as in int8_gemv."""
     rows = x.reshape(-1, x.shape[-1])
     res = None if residual is None else residual.reshape(-1, w.shape[0])
     if use_triton:
-        y = gemv_triton(rows, w, scale, norm, res)
+        y = gemv_triton(rows, w, scale, norm, res, up)
     elif use_triton is False:
-        y = gemv_reference(rows, w, scale, norm, res)
+        y = gemv_reference(rows, w, scale, norm, res, up)
     else:
         g, eps = norm if norm is not None else (None, 0.0)
-        y = torch.ops.catsgen.gemv(rows, w, scale, g, float(eps), res)
+        w_up, s_up = up if up is not None else (None, None)
+        y = torch.ops.catsgen.gemv(rows, w, scale, g, float(eps), res, w_up, s_up)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 

@@ -233,6 +233,32 @@ def sweep_float_gemv():
         print("   all: " + ", ".join(f"{b.block_n}x{b.block_k}/{b.warps_and_stages}: {t:.1f}" for b, t in times.items()))
 
 
+def time_gated():
+    """The dense MLP's first half, B = 1, 4096 -> 11008: the gated GEMV (one launch writing
+    SiLU(g) * u) against what it replaces: bf16 cuBLAS gate + up + a compiled SiLU*up, and two int8
+    GEMVs + the same SiLU*up; with a check of each gated result."""
+    silu_mul = torch.compile(lambda g, u: F.silu(g) * u)
+    print(f"\n{'gated':>8} {'weights':>7} {'unfused_us':>10} {'gated_us':>9} {'GB/s':>6} rel_err")
+    for int8 in (False, True):
+        def make(fused):
+            (wg, qg, sg), (wu, qu, su) = quantized(FF, D), quantized(FF, D)
+            x = torch.randn(1, D, device=DEV, dtype=torch.bfloat16)
+            if fused:
+                args = (x, qg, sg, None, None, (qu, su)) if int8 else (x, wg, None, None, None, (wu, None))
+                return lambda: gm.gemv_triton(*args)
+            if int8:
+                return lambda: silu_mul(gm.int8_gemv_triton(x, qg, sg), gm.int8_gemv_triton(x, qu, su))
+            return lambda: silu_mul(F.linear(x, wg), F.linear(x, wu))
+        nbytes = 2 * FF * D * (1 if int8 else 2)
+        unfused, gated = rotated_time_us(make(False), nbytes), rotated_time_us(make(True), nbytes)
+        (wg, qg, sg), (wu, qu, su) = quantized(FF, D), quantized(FF, D)
+        x = torch.randn(1, D, device=DEV, dtype=torch.bfloat16)
+        ref = gm.gemv_reference(x, qg, sg, up=(qu, su)) if int8 else gm.gemv_reference(x, wg, up=(wu, None))
+        out = gm.gemv_triton(x, qg, sg, up=(qu, su)) if int8 else gm.gemv_triton(x, wg, up=(wu, None))
+        print(f"{'gate/up':>8} {'int8' if int8 else 'bf16':>7} {unfused:>10.1f} {gated:>9.1f} "
+              f"{nbytes / gated / 1e3:>6.0f} {rel_err(out, ref):.1e}")
+
+
 def time_mlp(sweep):
     int8_blocks = cm.pick_blocks(1, int8=True)
     if sweep:
@@ -304,6 +330,7 @@ def main():
     a = p.parse_args()
     if a.float_gemv:
         sweep_float_gemv()
+        time_gated()
         return
     if a.sweep == []:  # --sweep alone
         a.sweep = ("gemv", "mlp")

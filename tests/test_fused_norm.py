@@ -1,7 +1,7 @@
-"""The block's RMSNorm and residual add folded into the decode kernels (issue 14): the GEMV
-(float or int8 weights) with a norm on its input and a residual on its output, and the CATS MLP
-with a norm on its input, each against its torch reference under Triton's interpreter; the
-references against the model's own RMSNorm and plain torch."""
+"""Work folded into the decode kernels (issue 14): the GEMV (float or int8 weights) with a norm on
+its input, a residual on its output, or gated (the dense MLP's SiLU(x W_gate^T) * (x W_up^T)), and
+the CATS MLP with a norm on its input, each against its torch reference under Triton's
+interpreter; the references against the model's own RMSNorm and plain torch."""
 import importlib
 import os
 
@@ -63,6 +63,27 @@ def test_gemv_matches_reference(dtype, B, int8, norm, residual, blocks):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B", [1, 3, 8])
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("blocks", GEMV_TILES + [gm.GemvBlocks(block_n=16, block_k=16, split_k=3)])
+def test_gated_gemv_matches_reference(dtype, B, int8, blocks):
+    n, k = 37, 67
+    (w, scale), up = _weights(n, k, seed=B, dtype=dtype, int8=int8), _weights(n, k, seed=B + 9, dtype=dtype, int8=int8)
+    x = _stream(B, k, seed=n, dtype=dtype) / 10
+    out = gm.gemv_triton(x, w, scale, up=up, blocks=blocks)  # a split-K tiling gets one split: SiLU needs the sum
+    ref = gm.gemv_reference(x, w, scale, up=up)
+    assert out.shape == (B, n) and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_gated_reference_is_silu_gate_times_up():
+    wg, wu = (_weights(24, 40, seed=s, dtype=torch.float32, int8=False)[0] for s in (1, 2))
+    x = _stream(3, 40, seed=3, dtype=torch.float32)
+    expected = F.silu(F.linear(x, wg)) * F.linear(x, wu)
+    assert rel_err(gm.gemv_reference(x, wg, up=(wu, None)), expected) < 1e-6
+
+
 def test_gemv_norm_ignores_a_split_k_tiling():
     """A norm needs the whole row of x in one program: a tiling asking for splits gets one."""
     w, _ = _weights(40, 96, seed=1, dtype=torch.float32, int8=False)
@@ -87,7 +108,8 @@ def test_gemv_op_runs_compiled():
     x, res, norm = _stream(1, 32, seed=2, dtype=torch.float32), _stream(1, 16, seed=3, dtype=torch.float32), _norm(32, 1)
     step = torch.compile(lambda x, res: gm.gemv(x, w, norm=norm, residual=res) * 2, fullgraph=True, backend="aot_eager")
     assert rel_err(step(x, res), 2 * gm.gemv_reference(x, w, norm=norm, residual=res)) < 1e-6
-    torch.library.opcheck(torch.ops.catsgen.gemv.default, (x, w, None, norm[0], EPS, res))
+    torch.library.opcheck(torch.ops.catsgen.gemv.default, (x, w, None, norm[0], EPS, res, None, None))
+    torch.library.opcheck(torch.ops.catsgen.gemv.default, (x, w, None, None, 0.0, None, w * 0.5, None))
 
 
 @pytest.mark.parametrize("int8", [False, True])
