@@ -250,7 +250,7 @@ def time_gated():
                 return lambda: silu_mul(gm.int8_gemv_triton(x, qg, sg), gm.int8_gemv_triton(x, qu, su))
             return lambda: silu_mul(F.linear(x, wg), F.linear(x, wu))
         nbytes = 2 * FF * D * (1 if int8 else 2)
-        unfused, gated = rotated_time_us(make(False), nbytes), rotated_time_us(make(True), nbytes)
+        unfused, gated = (rotated_time_us(lambda fused=fused: make(fused), nbytes) for fused in (False, True))
         (wg, qg, sg), (wu, qu, su) = quantized(FF, D), quantized(FF, D)
         x = torch.randn(1, D, device=DEV, dtype=torch.bfloat16)
         ref = gm.gemv_reference(x, qg, sg, up=(qu, su)) if int8 else gm.gemv_reference(x, wg, up=(wu, None))
