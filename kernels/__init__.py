@@ -17,7 +17,7 @@ tiles and Triton path (importlib.import_module: the module and its op share a na
 from .cats_mlp import cats_mlp, cats_mlp_reference, list_counter
 from .decode_attention import (arrival_counters, decode_attention, decode_attention_reference, decode_attention_rope,
                                decode_attention_rope_reference, split_heads)
-from .int8_gemv import gemv, gemv_reference, int8_gemv, int8_gemv_reference
+from .gemv import gemv, gemv_reference, int8_gemv, int8_gemv_reference
 
 __all__ = ["cats_mlp", "cats_mlp_reference", "decode_attention", "decode_attention_reference",
            "decode_attention_rope", "decode_attention_rope_reference", "split_heads",

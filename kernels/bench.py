@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..quantize import quantize_int8
 from .cats_mlp import cats_mlp, cats_mlp_reference
-from .int8_gemv import int8_gemv
+from .gemv import int8_gemv
 
 SHAPES = ((4096, 11008), (4096, 14336))  # (d, f): Llama-2-7B, Mistral-7B
 

@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from .int8_gemv import rms_norm_reference
+from .gemv import rms_norm_reference
 from .workspace import int32_workspace
 
 try:

@@ -1,4 +1,4 @@
-"""GPU check and timing of the int8 weight-only kernels (kernels/int8_gemv.py, the int8 mode of
+"""GPU check and timing of the int8 weight-only kernels (kernels/gemv.py, the int8 mode of
 kernels/cats_mlp.py) at the Llama-2-7B shapes:
   1. every kernel against its torch reference (bf16; fp16 / fp32 spot checks), the CATS MLP with
      its scratch poisoned (NaN / -1) and with per-neuron thresholds, the ops compiled with CUDA
@@ -29,7 +29,7 @@ from catsgen.kernels.bench import dense_mlp_wdown, graph_time_us, int8_dense_mlp
 from catsgen.quantize import quantize_int8  # noqa: E402
 
 cm = importlib.import_module("catsgen.kernels.cats_mlp")  # the modules, not the ops of the same name
-gm = importlib.import_module("catsgen.kernels.int8_gemv")
+gm = importlib.import_module("catsgen.kernels.gemv")
 DEV = "cuda"  # a CPU smoke run of the checks (tiny shapes, interpreter) sets it to "cpu"
 D, FF = 4096, 11008
 GEMV_SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}

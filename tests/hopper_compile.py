@@ -16,7 +16,7 @@ from triton.compiler import ASTSource
 
 da = importlib.import_module("catsgen.kernels.decode_attention")
 cm = importlib.import_module("catsgen.kernels.cats_mlp")
-gm = importlib.import_module("catsgen.kernels.int8_gemv")
+gm = importlib.import_module("catsgen.kernels.gemv")
 HOPPER = GPUTarget("cuda", 90, 32)
 POINTEE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "i8",
            torch.int32: "i32", torch.int64: "i64"}

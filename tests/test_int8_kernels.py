@@ -14,7 +14,7 @@ from helpers_kernels import threshold as float_threshold
 assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"  # conftest.py
 # White-box: the kernels' modules (tiles, Triton paths, scratch allocator), not the ops of the same names.
 cm = importlib.import_module("catsgen.kernels.cats_mlp")
-gm = importlib.import_module("catsgen.kernels.int8_gemv")
+gm = importlib.import_module("catsgen.kernels.gemv")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}

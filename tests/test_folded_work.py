@@ -16,7 +16,7 @@ from helpers_kernels import SMALL, SMALL_FMA, poisoned_scratch, rel_err, thresho
 
 assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"  # conftest.py
 cm = importlib.import_module("catsgen.kernels.cats_mlp")
-gm = importlib.import_module("catsgen.kernels.int8_gemv")
+gm = importlib.import_module("catsgen.kernels.gemv")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}

@@ -1,14 +1,17 @@
-"""The decode GEMV (B = 1..16 rows of x): int8 weight-only as the custom op catsgen::int8_gemv
-(Triton on CUDA, the torch reference elsewhere; more rows, as in prefill, through cuBLAS), and the
-same kernel for float or int8 weights with the block's norm and residual add folded in, as
-catsgen::gemv (decode only: the model's kernel path, catsgen/linear.py).
+"""The decode GEMV (B = 1..16 rows of x), one Triton kernel behind two custom ops:
+  catsgen::int8_gemv  int8 weight-only y = x @ (q * scale).T (Triton on CUDA, the torch reference
+                      elsewhere; more rows, as in prefill, through cuBLAS; autograd for the fisher
+                      calibration's backward);
+  catsgen::gemv       decode only (the model's kernel path, catsgen/linear.py): float or int8
+                      weights, and work folded in around the product: the residual add in the
+                      epilogue (W_o), the gated SiLU(x W_gate^T) * (x W_up^T) of the dense MLP (the
+                      same rows of both matrices in one program, x from L1), or the block's RMSNorm
+                      on x (x^2 summed while walking x, 1 / rms applied at the end: correct and
+                      tested, but slower than the norm kernel it replaces, so the model does not
+                      use it; notes/kernels.md v7). Each needs the whole of K in one program.
 
 y [B, N] = x [B, K] @ (q [N, K] * scale [N, None]).T: q int8 per output channel (row), scale
-float32 (catsgen/quantize.py). For the dense projections (W_qkv, W_o) and any dense matrix.
-gemv: x may be the residual stream with the RMSNorm that precedes the matrix given as
-(weight, eps): the kernel sums x^2 while it walks x and scales its rows' results by 1 / rms at the
-end (tiles.py, NORM), so no norm kernel runs before W_qkv; and a residual may be added to y in the
-epilogue (W_o: the block's first residual add). Both need the whole of K in one program (split_k 1).
+float32 (catsgen/quantize.py).
 
 Batch-1 decoding is memory-bound, so the kernel is about reading q once, wide and coalesced: a
 program owns BLOCK_N whole rows (and, with split_k > 1, one of split_k ranges of columns) and
