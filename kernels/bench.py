@@ -7,8 +7,10 @@ x is random; the threshold for sparsity s is the s-quantile of |SiLU(W_gate x)| 
 fraction skipped matches s. 'active' is the fraction of neurons any token in the batch needs (the
 rows of W_up / W_down actually read). GB/s counts the bytes needed: gate in full, up and down for
 active rows. 'limit' is the byte ratio dense / needed, the best speedup possible.
-int8 rows: weights quantized per output channel (catsgen/quantize.py); 'dense' is then the int8
-dense MLP (the int8 GEMV three times), and the bytes count the fp32 scales read.
+'dense' is the faster of the model's dense paths (cuBLAS; for one token also the gated GEMV for
+gate and up, then cuBLAS). int8 rows: weights quantized per output channel (catsgen/quantize.py);
+'dense' is then the model's int8 dense MLP (the gated GEMV, then the GEMV of W_down), and the
+bytes count the fp32 scales read.
 """
 import argparse
 import statistics
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 
 from ..quantize import quantize_int8
 from .cats_mlp import cats_mlp, cats_mlp_reference
-from .gemv import int8_gemv
+from .gemv import gemv
 
 SHAPES = ((4096, 11008), (4096, 14336))  # (d, f): Llama-2-7B, Mistral-7B
 
@@ -55,16 +57,22 @@ def dense_mlp_wdown(x, w_gate, w_up, w_down):  # W_down in its [d, f] layout, as
     return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
 
 
+def gated_dense_mlp(x, w_gate, w_up, w_down_t):  # the model's dense MLP for one token
+    return gemv(x, w_gate, up=(w_up, None)) @ w_down_t
+
+
 def int8_dense_mlp(x, q_gate, q_up, q_down, s_gate, s_up, s_down):
-    """The dense MLP on int8 weights (q_down [d, f], as checkpoints store W_down): three int8 GEMVs."""
-    return int8_gemv(F.silu(int8_gemv(x, q_gate, s_gate)) * int8_gemv(x, q_up, s_up), q_down, s_down)
+    """The dense MLP on int8 weights (q_down [d, f], as checkpoints store W_down), as the model runs
+    it: the gated GEMV (gate and up), then the GEMV of W_down."""
+    return gemv(gemv(x, q_gate, s_gate, up=(q_up, s_up)), q_down, s_down)
 
 
 def _mlp_setup(x, w_gate, w_up, w_down_t, w_down, int8):
     """(weights for cats_mlp, its scales or None, the dense MLP to beat as a call, bytes of a dense row)."""
     if not int8:
         dense_us = min(graph_time_us(lambda: dense_mlp(x, w_gate, w_up, w_down_t)),
-                       graph_time_us(lambda: dense_mlp_wdown(x, w_gate, w_up, w_down)))
+                       graph_time_us(lambda: dense_mlp_wdown(x, w_gate, w_up, w_down)),
+                       *([graph_time_us(lambda: gated_dense_mlp(x, w_gate, w_up, w_down_t))] if x.shape[0] == 1 else []))
         return (w_gate, w_up, w_down_t), None, dense_us, w_gate.shape[1] * w_gate.element_size()
     (qg, sg), (qu, su), (qd, sd) = quantize_int8(w_gate), quantize_int8(w_up), quantize_int8(w_down)
     dense_us = graph_time_us(lambda: int8_dense_mlp(x, qg, qu, qd, sg, su, sd))
