@@ -153,7 +153,7 @@ def linear(x: torch.Tensor | Normed, w: Weight, residual: torch.Tensor | None = 
     return y if residual is None else y + residual
 
 
-def mlp(x: torch.Tensor, w_gate: Weight, w_up: Weight, w_down_t: Weight, threshold: torch.Tensor | None = None,
+def mlp(x: torch.Tensor | Normed, w_gate: Weight, w_up: Weight, w_down_t: Weight, threshold: torch.Tensor | None = None,
         activate: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """y = W_down (act(SiLU(W_gate x)) * (W_up x)), act = CATS at `threshold` (None: dense).
     `activate` replaces act on the torch path (calibration recording, sparsity counting): it
