@@ -50,7 +50,7 @@ def int8_gemv_reference(x, q, scale):
 
 @dataclass(frozen=True)
 class GemvBlocks:
-    """Tiles of the int8 GEMV (tuned per shape: TUNED_GEMV_BLOCKS).
+    """Tiles of the GEMV (int8: tuned per shape, TUNED_GEMV_BLOCKS; float: FLOAT_B1_GEMV_BLOCKS).
     block_n: rows per program (>= 16, a tl.dot operand; N=4096 gives 256 programs, 2 per SM);
     block_k: int8 columns per step (512 bytes a row, 8 KB a tile); split_k: column ranges per
     row block (> 1: fp32 partials summed by torch, one launch more); Triton's num_warps, num_stages;
@@ -80,8 +80,9 @@ DOT_GEMV_BLOCKS = GemvBlocks(block_n=32, block_k=512, split_k=1, warps_and_stage
 
 
 # Float weights, B = 1: the H200 sweep of Llama-2-7B's four shapes (scripts/gpu_int8.py --float-gemv,
-# notes/kernels.md v7): this tiling is within 0.3 us of each shape's best (W_o 11.2 us against
-# cuBLAS's 13.5 with its split-K reduce).
+# notes/kernels.md v7): this tiling is within 0.5 us of each shape's best (W_o 11.0 us against
+# cuBLAS's 13.3 with its split-K reduce). More tokens: tl.dot tiles (DOT_GEMV_BLOCKS); the model
+# sends float weights there only in tests (linear.py keeps cuBLAS for several tokens).
 FLOAT_B1_GEMV_BLOCKS = GemvBlocks(block_n=2, block_k=512, split_k=1, warps_and_stages=(4, 2), fma_at_b1=True,
                                   magic=False)
 
