@@ -307,43 +307,15 @@ def main(argv: Optional[List[str]] = None, prog_name: Optional[str] = None, comm
             print(interrupted_message(args[0] if args else "catsgen"), file=sys.stderr)
         raise
     finally:
-        if leave_process_group():
-            exit_rank()
+        leave_process_group()
 
 
-def leave_process_group() -> bool:
-    """Under torchrun, destroy the process group before the interpreter exits: gloo's worker
-    threads outliving it abort the process ("terminate called without an active exception").
-    Returns whether this process is one rank of several."""
+def leave_process_group():
+    """Under torchrun, destroy the process group before the interpreter exits (gloo's worker
+    threads outliving it abort the process); a rank of several then ends there (parallel.leave)."""
     parallel = sys.modules.get("catsgen.parallel")  # imported only by commands that may shard
-    if parallel is None:
-        return False
-    parallel.shutdown()
-    return parallel.world_size() > 1
-
-
-def exit_rank():
-    """End a torchrun rank now, with the exit code of the exception in flight (SystemExit from
-    typer or above; anything else is printed and gives 1). Even after destroy_process_group, the
-    interpreter's own exit aborted about 1 rank run in 5 on a loaded 2-core machine (SIGABRT
-    from a C++ thread torn down during finalization, with no Python frame left: a PyTorch/gloo
-    issue, reproduced with eager functional collectives alone), so a rank skips finalization:
-    its streams flushed, then os._exit. Every output file is written and closed by then."""
-    error = sys.exc_info()[1]
-    if isinstance(error, SystemExit):
-        code = error.code if isinstance(error.code, int) else (0 if error.code is None else 1)
-        if isinstance(error.code, str):
-            print(error.code, file=sys.stderr)
-    elif error is not None:
-        import traceback
-        traceback.print_exc()
-        code = 1
-    else:
-        code = 0
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    if parallel is not None:
+        parallel.leave()
 
 
 WRITING_COMMANDS = ("calibrate", "bench", "convert")  # their outputs are written atomically at the end

@@ -212,7 +212,7 @@ def test_a_rank_exits_with_the_code_in_flight(raised, code, stderr):
     """A torchrun rank ends through os._exit (exit_rank) with the exit code Python would have
     given: the SystemExit's code, or 1 and the traceback for any other exception."""
     body = f"    raise {raised}\n" if raised else "    print('done', flush=False)\n"
-    script = ("from catsgen.cli import exit_rank\ntry:\n" + body + "finally:\n    exit_rank()\n")
+    script = ("from catsgen.parallel import exit_rank\ntry:\n" + body + "finally:\n    exit_rank()\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == code
     assert stderr in result.stderr
