@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from catsgen.config import ModelConfig
 from catsgen.errors import UserError
-from catsgen.kernels import decode_attention_rope, prepare_workspaces, split_heads
+from catsgen.kernels import decode_attention_rope, prepare_workspaces, rms_norm_reference, split_heads
 from catsgen.linear import Linear, Normed, mlp, on_kernels, one_thread, use_triton
 from catsgen.parallel import ShardPlan
 from catsgen.memory import check_fits, kv_cache_bytes
@@ -51,10 +51,7 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         if x.dtype == torch.float32 and not x.is_cuda:  # one fused op on the CPU (7 small ones below)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # Same order of operations as HF: normalise in fp32, cast back, then scale.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm_reference(x, self.weight, self.eps)  # HF's order: fp32, cast back, then scale
 
 
 class DenseSiLU(nn.Module):

@@ -14,12 +14,12 @@ Layout rule: one file per kernel, holding
 Callers import from here only; tests and GPU scripts may reach into a kernel's module for its
 tiles and Triton path (importlib.import_module: the module and its op share a name).
 """
-from .cats_mlp import cats_mlp, cats_mlp_reference, list_counter
+from .cats_mlp import cats_mlp, cats_mlp_reference, list_counter, rms_norm_reference
 from .decode_attention import (arrival_counters, decode_attention, decode_attention_reference, decode_attention_rope,
                                decode_attention_rope_reference, split_heads)
 from .gemv import gemv, gemv_reference, int8_gemv, int8_gemv_reference
 
-__all__ = ["cats_mlp", "cats_mlp_reference", "decode_attention", "decode_attention_reference",
+__all__ = ["cats_mlp", "cats_mlp_reference", "rms_norm_reference", "decode_attention", "decode_attention_reference",
            "decode_attention_rope", "decode_attention_rope_reference", "split_heads",
            "gemv", "gemv_reference", "int8_gemv", "int8_gemv_reference", "prepare_workspaces"]
 

@@ -70,9 +70,10 @@ def int8_dense_mlp(x, q_gate, q_up, q_down, s_gate, s_up, s_down):
 def _mlp_setup(x, w_gate, w_up, w_down_t, w_down, int8):
     """(weights for cats_mlp, its scales or None, the dense MLP to beat as a call, bytes of a dense row)."""
     if not int8:
-        dense_us = min(graph_time_us(lambda: dense_mlp(x, w_gate, w_up, w_down_t)),
-                       graph_time_us(lambda: dense_mlp_wdown(x, w_gate, w_up, w_down)),
-                       *([graph_time_us(lambda: gated_dense_mlp(x, w_gate, w_up, w_down_t))] if x.shape[0] == 1 else []))
+        dense_paths = [lambda: dense_mlp(x, w_gate, w_up, w_down_t), lambda: dense_mlp_wdown(x, w_gate, w_up, w_down)]
+        if x.shape[0] == 1:  # the model's one-token dense path
+            dense_paths.append(lambda: gated_dense_mlp(x, w_gate, w_up, w_down_t))
+        dense_us = min(graph_time_us(call) for call in dense_paths)
         return (w_gate, w_up, w_down_t), None, dense_us, w_gate.shape[1] * w_gate.element_size()
     (qg, sg), (qu, su), (qd, sd) = quantize_int8(w_gate), quantize_int8(w_up), quantize_int8(w_down)
     dense_us = graph_time_us(lambda: int8_dense_mlp(x, qg, qu, qd, sg, su, sd))

@@ -5,7 +5,8 @@ Contract: x [B, d]; w_gate, w_up [f, d]; w_down_t [f, d] (W_down transposed: row
 threshold float32, 0-d or [f] (one per neuron); CATS_t(v) = v where |v| > t, else 0. Returns
 [B, d] in x.dtype. norm = (weight, eps): x is the residual stream and the MLP takes RMSNorm(x) *
 weight (the gate launch sums x^2 as it walks x and keeps 1 / rms per token for the down launch,
-the up launch multiplies x by the weight; no norm kernel before the MLP). A neuron no token of the batch needs costs no byte of W_up or W_down.
+the up launch multiplies x by the weight; no norm kernel before the MLP). A neuron no token of
+the batch needs costs no byte of W_up or W_down.
 int8 weights (catsgen/quantize.py): w_gate, w_up, w_down_t int8 and scales = (s_gate [f], s_up [f],
 s_down [d]) fp32: W_gate = w_gate * s_gate[:, None], W_up likewise, W_down^T = w_down_t * s_down.
 A skipped neuron skips its scales too (s_gate is read in full, as W_gate is).
@@ -24,16 +25,15 @@ The grid of the sparse launches is sized for "all rows active"; programs past th
 return at once. The list's order varies between runs, so fp32 sums may differ in the last bits
 (as the atomics of split reductions make them anyway). Tokens are padded to 16 so each step is
 one tl.dot on the tensor cores (FMA units for fp32). Why this design and not others, with
-measurements: notes/kernels.md. A little over 300 lines: one op whose three (four, with the
-one-token down launch) launches share the row list, its counter and the tiles; they are not
-usable apart.
+measurements: notes/kernels.md. Over 300 lines: one op whose three (four, with the one-token
+down launch) launches share the row list, its counter, the tiles and the folded norm's 1 / rms
+(written by the gate launch, read by the down launch); they are not usable apart.
 """
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .gemv import rms_norm_reference
 from .workspace import int32_workspace
 
 try:
@@ -44,7 +44,14 @@ try:
 except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
     triton = None
 
-__all__ = ["cats_mlp", "cats_mlp_reference", "cats_mlp_triton", "Blocks", "list_counter"]
+__all__ = ["cats_mlp", "cats_mlp_reference", "cats_mlp_triton", "rms_norm_reference", "Blocks", "list_counter"]
+
+
+def rms_norm_reference(x, weight, eps: float):
+    """RMSNorm as transformers computes it: normalise in fp32, round to x's dtype, scale by weight
+    (the model's RMSNorm calls this too: one definition of the norm the kernels fold in)."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def cats_mlp_reference(x, w_gate, w_up, w_down_t, threshold, scales=None, norm=None):
@@ -279,7 +286,8 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     f32 = dict(device=x.device, dtype=torch.float32)
     v, u_acc, y_acc = _empty(B, F, **f32), _empty(B, F, **f32), _empty(B, D, **f32)
     idx = _empty(F, device=x.device, dtype=torch.int32)
-    r = _empty(B, **f32)  # 1 / rms per token (with a norm): written by the gate launch, read by down
+    # 1 / rms per token (with a norm): written by the gate launch, read by down; else unread
+    r = _empty(B, **f32) if norm is not None else v
     count = list_counter(x.device)
 
     n_gate = triton.cdiv(F, cfg.gate_f)

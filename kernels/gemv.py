@@ -4,11 +4,10 @@
                       calibration's backward);
   catsgen::gemv       decode only (the model's kernel path, catsgen/linear.py): float or int8
                       weights, and work folded in around the product: the residual add in the
-                      epilogue (W_o), the gated SiLU(x W_gate^T) * (x W_up^T) of the dense MLP (the
-                      same rows of both matrices in one program, x from L1), or the block's RMSNorm
-                      on x (x^2 summed while walking x, 1 / rms applied at the end: correct and
-                      tested, but slower than the norm kernel it replaces, so the model does not
-                      use it; notes/kernels.md v7). Each needs the whole of K in one program.
+                      epilogue (W_o), or the gated SiLU(x W_gate^T) * (x W_up^T) of the dense MLP
+                      (the same rows of both matrices in one program, x from L1). Each needs the
+                      whole of K in one program. (The block's RMSNorm folded in here measured
+                      slower than the norm kernel it replaced and was removed: notes/kernels.md v7.)
 
 y [B, N] = x [B, K] @ (q [N, K] * scale [N, None]).T: q int8 per output channel (row), scale
 float32 (catsgen/quantize.py).
@@ -32,12 +31,12 @@ try:
     import triton
     import triton.language as tl
 
-    from .tiles import rows_times_x, rows_times_x1, rsqrt_mean
+    from .tiles import rows_times_x, rows_times_x1
 except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
     triton = None
 
 __all__ = ["gemv", "gemv_reference", "gemv_triton", "int8_gemv", "int8_gemv_reference", "int8_gemv_triton",
-           "rms_norm_reference", "GemvBlocks", "pick_gemv_blocks", "MAX_ROWS"]
+           "GemvBlocks", "pick_gemv_blocks", "MAX_ROWS"]
 
 
 MAX_ROWS = 16  # tokens are padded to 16 for tl.dot
@@ -64,7 +63,6 @@ class GemvBlocks:
     magic: bool = True
 
 
-DEFAULT_GEMV_BLOCKS = GemvBlocks()
 # B = 1: one token on the FMA units, (N, K) -> tiles from the H200 sweep (scripts/gpu_int8.py
 # --sweep, notes/kernels.md int8 v2); any other shape takes B1_GEMV_BLOCKS.
 B1_GEMV_BLOCKS = GemvBlocks(block_n=4, block_k=1024, split_k=1, warps_and_stages=(4, 1), fma_at_b1=True)
@@ -97,42 +95,39 @@ def pick_gemv_blocks(N: int, K: int, B: int = 1, int8: bool = True) -> GemvBlock
 
 if triton is not None:
     @triton.jit
-    def _rows_product(w_ptr, s_ptr, x_ptr, g_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N: tl.constexpr,
+    def _rows_product(w_ptr, s_ptr, x_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, FMA: tl.constexpr, EVEN: tl.constexpr,
-                      MAGIC: tl.constexpr, SCALED: tl.constexpr, NORM: tl.constexpr):
-        """([BLOCK_N, 16] fp32 = rows of W times x's tokens, scaled for int8; [16] x's sums of squares)."""
+                      MAGIC: tl.constexpr, SCALED: tl.constexpr):
+        """[BLOCK_N, 16] fp32 = rows of W times x's tokens, scaled for int8."""
         toks = tl.arange(0, 16)
         if FMA:  # B = 1: one token, no tl.dot
-            acc1, squares1 = rows_times_x1(w_ptr, x_ptr, rows, row_ok, K, k_lo, k_hi, BLOCK_N, BLOCK_K, EVEN, MAGIC,
-                                           g_ptr, NORM)
+            acc1, _ = rows_times_x1(w_ptr, x_ptr, rows, row_ok, K, k_lo, k_hi, BLOCK_N, BLOCK_K, EVEN, MAGIC,
+                                    x_ptr, False)
             acc = tl.where(toks[None, :] == 0, acc1[:, None], 0.0)  # [BLOCK_N, 16], token 0 only
-            squares = tl.where(toks == 0, squares1, 0.0)
         else:
-            acc, squares = rows_times_x(w_ptr, x_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N, BLOCK_K, DOT_F32,
-                                        g_ptr, NORM)
+            acc, _ = rows_times_x(w_ptr, x_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N, BLOCK_K, DOT_F32,
+                                  x_ptr, False)
         if SCALED:  # int8: the rows' scales
             acc = acc * tl.load(s_ptr + rows, mask=row_ok, other=0.0)[:, None]
-        return acc, squares
+        return acc
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, s_ptr, up_ptr, s_up_ptr, g_ptr, res_ptr, out_ptr, B, N, K, K_PER_SPLIT, eps,
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, up_ptr, s_up_ptr, res_ptr, out_ptr, B, N, K, K_PER_SPLIT,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
                      FMA: tl.constexpr, EVEN: tl.constexpr, MAGIC: tl.constexpr, SCALED: tl.constexpr,
-                     NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr):
+                     RESIDUAL: tl.constexpr, GATED: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         split = tl.program_id(1)
         row_ok = rows < N
         k_lo = split * K_PER_SPLIT
         k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
         toks = tl.arange(0, 16)
-        acc, squares = _rows_product(w_ptr, s_ptr, x_ptr, g_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N, BLOCK_K,
-                                     DOT_F32, FMA, EVEN, MAGIC, SCALED, NORM)
+        acc = _rows_product(w_ptr, s_ptr, x_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N, BLOCK_K,
+                            DOT_F32, FMA, EVEN, MAGIC, SCALED)
         if GATED:  # the dense MLP's SiLU(x W_gate^T) * (x W_up^T): the same rows of W_up, x read from L1
-            up, _ = _rows_product(up_ptr, s_up_ptr, x_ptr, g_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N, BLOCK_K,
-                                  DOT_F32, FMA, EVEN, MAGIC, SCALED, NORM)
+            up = _rows_product(up_ptr, s_up_ptr, x_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N, BLOCK_K,
+                               DOT_F32, FMA, EVEN, MAGIC, SCALED)
             acc = acc * tl.sigmoid(acc) * up
-        if NORM:  # one split walked all of x (split_k = 1): its sum of squares is whole
-            acc = acc * rsqrt_mean(squares, K, eps)[None, :]
         out_mask = (toks < B)[None, :] & row_ok[:, None]
         if RESIDUAL:  # the residual stream's add, in fp32 before the one rounding (split_k = 1)
             acc += tl.load(res_ptr + toks[None, :] * N + rows[:, None], mask=out_mask, other=0.0).to(tl.float32)
@@ -140,7 +135,7 @@ if triton is not None:
                  mask=out_mask)
 
 
-def gemv_triton(x, w, scale=None, norm=None, residual=None, up=None, blocks: GemvBlocks | None = None):
+def gemv_triton(x, w, scale=None, residual=None, up=None, blocks: GemvBlocks | None = None):
     """The Triton path (same contract as gemv_reference). On CPU tensors it needs
     TRITON_INTERPRET=1 set before triton was imported."""
     B, K = x.shape
@@ -148,30 +143,27 @@ def gemv_triton(x, w, scale=None, norm=None, residual=None, up=None, blocks: Gem
     int8 = w.dtype == torch.int8
     assert 1 <= B <= MAX_ROWS, "decode kernel: tokens are padded to 16"
     assert w.shape == (N, K) and w.is_contiguous() and int8 == (scale is not None)
-    assert norm is None or up is None, "a gated GEMV with a folded norm: not a path the model takes"
     w_up, s_up = up if up is not None else (w, scale)  # unread without GATED
     assert w_up.shape == w.shape and w_up.dtype == w.dtype and w_up.is_contiguous() and (s_up is None) == (scale is None)
     assert scale is None or (scale.shape == (N,) and scale.dtype == torch.float32)
-    assert norm is None or norm[0].shape == (K,)
     assert residual is None or residual.shape == (B, N)
     x = x.contiguous()
     blocks = blocks or pick_gemv_blocks(N, K, B, int8)
-    # a norm needs all of x in one program, a residual one rounding: no split of K then
-    whole_k = norm is not None or residual is not None or up is not None  # SiLU needs the whole sum too
+    # the residual's add and SiLU need the whole sum: no split of K then
+    whole_k = residual is not None or up is not None
     split_k = 1 if whole_k else max(1, min(blocks.split_k, triton.cdiv(K, blocks.block_k)))
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), blocks.block_k) * blocks.block_k
     split_k = triton.cdiv(K, k_per_split)  # no empty split
     # split_k > 1: fp32 partials [split_k, B, N]; else y itself (not a view: the op returns it)
     shape, dtype = ((B, N), x.dtype) if split_k == 1 else ((split_k, B, N), torch.float32)
     out = torch.empty(shape, device=x.device, dtype=dtype)
-    g, eps = norm if norm is not None else (x, 0.0)  # unread without NORM
     _gemv_kernel[(triton.cdiv(N, blocks.block_n), split_k)](
-        x, w, x if scale is None else scale, w_up, x if s_up is None else s_up, g,
+        x, w, x if scale is None else scale, w_up, x if s_up is None else s_up,
         x if residual is None else residual.contiguous(), out,
-        B, N, K, k_per_split, eps, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
+        B, N, K, k_per_split, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
         DOT_F32=x.dtype == torch.float32 or not x.is_cuda, FMA=blocks.fma_at_b1 and B == 1,
         EVEN=K % k_per_split == 0 and k_per_split % blocks.block_k == 0, MAGIC=blocks.magic and int8,
-        SCALED=int8, NORM=norm is not None, RESIDUAL=residual is not None, GATED=up is not None,
+        SCALED=int8, RESIDUAL=residual is not None, GATED=up is not None,
         num_warps=blocks.warps_and_stages[0], num_stages=blocks.warps_and_stages[1])
     return out if split_k == 1 else out.sum(0).to(x.dtype)
 
@@ -182,20 +174,12 @@ def int8_gemv_triton(x, q, scale, blocks: GemvBlocks | None = None):
     return gemv_triton(x, q, scale, blocks=blocks)
 
 
-def rms_norm_reference(x, weight, eps: float):
-    """RMSNorm as transformers computes it: normalise in fp32, round to x's dtype, scale by weight."""
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def gemv_reference(x, w, scale=None, norm=None, residual=None, up=None):
-    """y [B, N] = x' [B, K] @ W.T (+ residual), in x.dtype: W = w (float) or w * scale[:, None]
-    (int8 w, fp32 scale per row); x' = RMSNorm(x) * norm_weight for norm = (norm_weight, eps),
-    else x. The product in fp32, rounded to x.dtype before the residual's add (the model's torch
-    path; the kernel adds in fp32 and rounds once). up = (w_up, s_up): y = SiLU(x' W.T) * (x' W_up.T)
-    instead (the dense MLP's first half; rounded as the torch path rounds, the kernel once)."""
-    if norm is not None:
-        x = rms_norm_reference(x, *norm).to(x.dtype)
+def gemv_reference(x, w, scale=None, residual=None, up=None):
+    """y [B, N] = x [B, K] @ W.T (+ residual), in x.dtype: W = w (float) or w * scale[:, None]
+    (int8 w, fp32 scale per row). The product in fp32, rounded to x.dtype before the residual's
+    add (the model's torch path; the kernel adds in fp32 and rounds once). up = (w_up, s_up):
+    y = SiLU(x W.T) * (x W_up.T) instead (the dense MLP's first half; rounded as the torch path
+    rounds, the kernel once)."""
     y = x.float() @ w.float().t()
     y = (y if scale is None else y * scale.float()).to(x.dtype)
     if up is not None:
@@ -204,36 +188,32 @@ def gemv_reference(x, w, scale=None, norm=None, residual=None, up=None):
 
 
 @torch.library.custom_op("catsgen::gemv", mutates_args=())
-def _gemv_op(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
-             eps: float, residual: Optional[torch.Tensor], w_up: Optional[torch.Tensor],
-             s_up: Optional[torch.Tensor]) -> torch.Tensor:
-    norm = None if norm_weight is None else (norm_weight, eps)
+def _gemv_op(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+             w_up: Optional[torch.Tensor], s_up: Optional[torch.Tensor]) -> torch.Tensor:
     up = None if w_up is None else (w_up, s_up)
     if x.is_cuda:
-        return gemv_triton(x, w, scale, norm, residual, up)
-    return gemv_reference(x, w, scale, norm, residual, up)
+        return gemv_triton(x, w, scale, residual, up)
+    return gemv_reference(x, w, scale, residual, up)
 
 
 @_gemv_op.register_fake
-def _(x, w, scale, norm_weight, eps, residual, w_up, s_up):
+def _(x, w, scale, residual, w_up, s_up):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
-def gemv(x, w, scale=None, norm=None, residual=None, up=None, use_triton: bool | None = None):
-    """The decode GEMV (at most MAX_ROWS rows of x [..., K]): y [..., N] = x' @ W.T (+ residual),
-    float or int8 weights, optionally RMSNorm on x first (norm = (weight, eps)); or, with
-    up = (w_up, s_up), the gated SiLU(x' W.T) * (x' W_up.T): the contract is gemv_reference's.
-    use_triton as in int8_gemv."""
+def gemv(x, w, scale=None, residual=None, up=None, use_triton: bool | None = None):
+    """The decode GEMV (at most MAX_ROWS rows of x [..., K]): y [..., N] = x @ W.T (+ residual),
+    float or int8 weights; or, with up = (w_up, s_up), the gated SiLU(x W.T) * (x W_up.T): the
+    contract is gemv_reference's. use_triton as in int8_gemv."""
     rows = x.reshape(-1, x.shape[-1])
     res = None if residual is None else residual.reshape(-1, w.shape[0])
     if use_triton:
-        y = gemv_triton(rows, w, scale, norm, res, up)
+        y = gemv_triton(rows, w, scale, res, up)
     elif use_triton is False:
-        y = gemv_reference(rows, w, scale, norm, res, up)
+        y = gemv_reference(rows, w, scale, res, up)
     else:
-        g, eps = norm if norm is not None else (None, 0.0)
         w_up, s_up = up if up is not None else (None, None)
-        y = torch.ops.catsgen.gemv(rows, w, scale, g, float(eps), res, w_up, s_up)
+        y = torch.ops.catsgen.gemv(rows, w, scale, res, w_up, s_up)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 

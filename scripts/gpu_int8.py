@@ -196,16 +196,14 @@ def sweep_gemv(n, k):
     return best
 
 
-def float_gemv_call(n, k, blocks, norm=False, residual=False):
-    """A maker of calls: the GEMV kernel reading bf16 weights with `blocks` (and the block's norm
-    folded in / the residual added, as the model's decode runs W_qkv / W_o): whether a Triton
-    GEMV beats cuBLAS for the float projections, and what the folding costs."""
+def float_gemv_call(n, k, blocks, residual=False):
+    """A maker of calls: the GEMV kernel reading bf16 weights with `blocks` (and the residual added,
+    as the model's decode runs W_o): whether a Triton GEMV beats cuBLAS for the float projections."""
     def make():
         w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16)
         x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
-        args = dict(norm=(torch.rand(k, device=DEV, dtype=torch.bfloat16), 1e-5) if norm else None,
-                    residual=torch.randn(1, n, device=DEV, dtype=torch.bfloat16) if residual else None)
-        return lambda: gm.gemv_triton(x, w, blocks=blocks, **args)
+        res = torch.randn(1, n, device=DEV, dtype=torch.bfloat16) if residual else None
+        return lambda: gm.gemv_triton(x, w, residual=res, blocks=blocks)
     return make
 
 
@@ -228,7 +226,7 @@ def sweep_float_gemv():
               f"{2 * n * k / times[best] / 1e3:>6.0f} {best}")
         chosen = gm.pick_gemv_blocks(n, k, 1, int8=False)
         folded = {f"{label}": rotated_time_us(float_gemv_call(n, k, chosen, **kw), 2 * n * k)
-                  for label, kw in (("plain", {}), ("norm", dict(norm=True)), ("residual", dict(residual=True)))}
+                  for label, kw in (("plain", {}), ("residual", dict(residual=True)))}
         print("   chosen tiles: " + ", ".join(f"{label} {t:.1f}" for label, t in folded.items()))
         print("   all: " + ", ".join(f"{b.block_n}x{b.block_k}/{b.warps_and_stages}: {t:.1f}" for b, t in times.items()))
 
@@ -244,8 +242,8 @@ def time_gated():
             (wg, qg, sg), (wu, qu, su) = quantized(FF, D), quantized(FF, D)
             x = torch.randn(1, D, device=DEV, dtype=torch.bfloat16)
             if fused:
-                args = (x, qg, sg, None, None, (qu, su)) if int8 else (x, wg, None, None, None, (wu, None))
-                return lambda: gm.gemv_triton(*args)
+                w, s, up = (qg, sg, (qu, su)) if int8 else (wg, None, (wu, None))
+                return lambda: gm.gemv_triton(x, w, s, up=up)
             if int8:
                 return lambda: silu_mul(gm.int8_gemv_triton(x, qg, sg), gm.int8_gemv_triton(x, qu, su))
             return lambda: silu_mul(F.linear(x, wg), F.linear(x, wu))

@@ -71,8 +71,6 @@ def launch_all():
         cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales)
         cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm)
         gm.int8_gemv_triton(x, q8[0], scales[0])
-        gm.gemv_triton(x, q8[0], scales[0], norm=norm)
-        gm.gemv_triton(x, torch.randn(F, D, **bf16), norm=norm)
         gm.gemv_triton(x, torch.randn(D, D, **bf16), residual=torch.randn(B, D, **bf16))
         gm.gemv_triton(x, torch.randn(F, D, **bf16), up=(torch.randn(F, D, **bf16), None))  # the dense MLP's gated GEMV
         gm.gemv_triton(x, q8[0], scales[0], up=(q8[1], scales[1]))
