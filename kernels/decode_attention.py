@@ -17,7 +17,8 @@ G = n_heads / n_kv_heads query heads of its kv head, so K and V are read once (G
 repeats), and writes an unnormalised fp32 partial output and its running max / sum of exp
 (base 2) per query head. Then it arrives on its (b, kv head)'s counter; the last part to
 arrive combines the partials of all parts, writes the output in q.dtype, and sets the counter
-back to zero (a workspace kept across calls, see arrival_counters). Why this design, with
+back to zero (a workspace kept across calls, see arrival_counters). When the range is a single
+part (short context), its program writes the output itself. Why this design, with
 measurements: notes/kernels.md.
 
 decode_attention_rope takes the W_qkv output of the new token instead of q and a filled cache:
@@ -102,7 +103,8 @@ class Blocks:
     granule: a part's length is a multiple of it; min_part: and at least this (at short context
     fewer, longer parts are faster);
     block_n: positions per loop step;
-    block_c: partials x query heads combined per step by the last part to finish."""
+    block_c: partials x query heads combined per step by the last part to finish;
+    dot_one_head: tensor-core dots even with one query head per kv head (q padded to 16 rows)."""
     programs: int = 256
     granule: int = 16
     min_part: int = 64
@@ -110,6 +112,7 @@ class Blocks:
     warps: int = 4
     stages: int = 2
     block_c: int = 32
+    dot_one_head: bool = False
 
 
 DEFAULT_BLOCKS = Blocks()
@@ -192,16 +195,21 @@ if triton is not None:
                     pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
                 acc = acc * alpha[:, None] + pv
                 m = m_new
-            row = (b * H_KV * G + heads).to(tl.int64) * n_splits + c  # [B, H, n_splits] partial index
-            tl.store(o_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
-            tl.store(m_ptr + row, m, mask=g_ok)
-            tl.store(l_ptr + row, l, mask=g_ok)
-            tl.debug_barrier()  # every thread's partial is stored before the arrival is announced
             n_parts = tl.cdiv(hi - lo, part)  # the programs that write a partial: c in [0, n_parts)
-            if tl.atomic_add(arrivals_ptr + bkv, 1, sem="acq_rel") == n_parts - 1:
-                tl.store(arrivals_ptr + bkv, 0)  # for the next call (the next layer's launch)
-                _combine_parts(o_ptr, m_ptr, l_ptr, out_ptr, so_b, so_h, b, kvh, H_KV * G, n_splits, n_parts,
-                               D, G, GR, BLOCK_C, BLOCK_D)
+            if n_parts == 1:  # the whole range was this program's: no partial, no arrival, no combine
+                out = acc / tl.where(g_ok, l, 1.0)[:, None]
+                tl.store(out_ptr + b.to(tl.int64) * so_b + heads[:, None].to(tl.int64) * so_h + d[None, :],
+                         out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+            else:
+                row = (b * H_KV * G + heads).to(tl.int64) * n_splits + c  # [B, H, n_splits] partial index
+                tl.store(o_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+                tl.store(m_ptr + row, m, mask=g_ok)
+                tl.store(l_ptr + row, l, mask=g_ok)
+                tl.debug_barrier()  # every thread's partial is stored before the arrival is announced
+                if tl.atomic_add(arrivals_ptr + bkv, 1, sem="acq_rel") == n_parts - 1:
+                    tl.store(arrivals_ptr + bkv, 0)  # for the next call (the next layer's launch)
+                    _combine_parts(o_ptr, m_ptr, l_ptr, out_ptr, so_b, so_h, b, kvh, H_KV * G, n_splits, n_parts,
+                                   D, G, GR, BLOCK_C, BLOCK_D)
 
     @triton.jit
     def _allowed_parts(pos_ptr, S, window, n_splits, GRANULE: tl.constexpr, MIN_PART: tl.constexpr):
@@ -290,7 +298,7 @@ def _launch(q, q_strides, H, k_cache, v_cache, pos, sliding_window, blocks, rope
     _, Hkv, S, _ = k_cache.shape
     G = H // Hkv
     block_d = max(16, triton.next_power_of_2(D))
-    use_dot = G > 1
+    use_dot = G > 1 or blocks.dot_one_head
     gp = max(16, triton.next_power_of_2(G)) if use_dot else 1  # tl.dot needs M >= 16
     n_splits = max(1, min(triton.cdiv(blocks.programs, B * Hkv), triton.cdiv(S, blocks.granule)))
     window = int(sliding_window or 0)

@@ -3,9 +3,8 @@
      calls at random positions (the last part of each head combines: a race would show here);
   2. a small model decoding with the kernel vs the same model with the old SDPA path
      (Attention.decode_kernel = False);
-  3. time: the decode step's attention part before (RoPE + cache write + the attention op) and
-     fused (decode_attention_rope, a few tilings); with --all also the kernel vs SDPA over the
-     whole cache with a boolean mask. Each call captured in a CUDA graph, rotating over 8
+  3. time: decode_attention_rope (the decode step's attention launch) over the tilings in SWEEP;
+     with --all also the kernel vs SDPA over the whole cache with a boolean mask. Each call captured in a CUDA graph, rotating over 8
      layers' caches so L2 holds none of them.
 `--bench-baseline BENCH_ARGS...` instead runs bench.py with the decode step on the old SDPA
 path (Attention.decode_kernel = False: the baseline, on the same card).
@@ -75,10 +74,11 @@ def check_fused(calls=100):
         qkv = torch.randn(1, 1, (32 + 2 * Hkv) * 128, device="cuda", dtype=torch.bfloat16)
         cos, sin = torch.randn(2048, 128, device="cuda"), torch.randn(2048, 128, device="cuda")  # tables
         kv = torch.randn(2, 1, Hkv, 2048, 128, device="cuda", dtype=torch.bfloat16)
-        for _ in range(calls):
+        for i in range(calls):
             pos = torch.randint(0, 2048, (1,), device="cuda")
             kv_ref = kv.clone()
-            out = da.decode_attention_rope(qkv, cos, sin, kv, pos, 32, window)
+            blk = SWEEP[i % len(SWEEP)]  # every tiling of the sweep, checked natively
+            out = da.decode_attention_rope_triton(qkv, cos, sin, kv, pos, 32, window, blocks=blk)
             ref = da.decode_attention_rope_reference(qkv, cos, sin, kv_ref, pos, 32, window)
             cache_err = (kv.float() - kv_ref.float()).abs().max().item() / kv_ref.float().abs().max().item()
             worst = max(worst, rel_err(out, ref), cache_err)
@@ -137,33 +137,44 @@ def check_model():
     return ok
 
 
+SWEEP = [Blocks()] + [Blocks(min_part=m) for m in (128, 256, 512)] + [
+    Blocks(min_part=256, block_n=n, warps=w) for n, w in ((32, 4), (128, 4), (64, 8), (128, 8), (256, 8))] + [
+    Blocks(min_part=256, stages=s) for s in (1, 3)] + [
+    Blocks(min_part=m, block_n=n, dot_one_head=True) for m, n in ((64, 64), (256, 64), (256, 128))] + [
+    Blocks(programs=p, min_part=256) for p in (128, 512)] + [Blocks(programs=512, min_part=128)]
+
+
+def blocks_name(b):
+    return f"p{b.programs}/m{b.min_part}/n{b.block_n}/w{b.warps}/s{b.stages}{'/dot' if b.dot_one_head else ''}"
+
+
 def fused_timings():
-    """The decode step's attention part as the model ran it before (RoPE on q and k, the cache
-    write, the attention launch: torch ops compiled + the op) against the one fused launch."""
-    split_heads, rope_op = da.split_heads, da.decode_attention_rope
-
-    def unfused(qkv, cos, sin, kv, pos, window):
-        q, k, v = split_heads(qkv, 32, kv.shape[2], cos[pos], sin[pos])
-        kv.index_copy_(3, pos, torch.stack((k, v)))
-        return decode_attention(q, kv[0], kv[1], pos, window)
-
-    variants = {"unfused": torch.compile(unfused, fullgraph=True), "fused": torch.compile(
-        lambda qkv, cos, sin, kv, pos, window: rope_op(qkv, cos, sin, kv, pos, 32, window), fullgraph=True)}
-    for blk in (Blocks(programs=128), Blocks(min_part=128), Blocks(block_n=32), Blocks(warps=8)):
-        variants[f"fused p{blk.programs}/m{blk.min_part}/n{blk.block_n}/w{blk.warps}"] = (
-            lambda qkv, cos, sin, kv, pos, window, blk=blk: da.decode_attention_rope_triton(
-                qkv, cos, sin, kv, pos, 32, window, blocks=blk))
-    print(f"\n{torch.cuda.get_device_name()}, bf16, B=1, 32 heads, D=128, S=4096: attention part of a decode "
-          "step (us per layer, CUDA graphs over 8 layers' caches)")
+    """decode_attention_rope (the model's decode attention: RoPE, cache write, attention in one
+    launch) per layer over the tilings in SWEEP, at the bench's positions (prompt 128 + 256 new
+    tokens) and longer; the score is the mean over Hkv 32 and 8 at positions 128-384."""
+    positions = (128, 256, 384, 1000, 3000)
+    print(f"\n{torch.cuda.get_device_name()}, bf16, B=1, 32 heads, D=128, S=4096: decode_attention_rope "
+          "(us per layer, CUDA graphs over 8 layers' caches)")
+    print(f"{'tiling':>32} " + " ".join(f"{h}/{p:>4}" for h in (32, 8) for p in positions) + "   score")
+    inputs = {}
     for Hkv in (32, 8):
         layers = [torch.randn(2, 1, Hkv, 4096, 128, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
         qkv = torch.randn(1, 1, (32 + 2 * Hkv) * 128, device="cuda", dtype=torch.bfloat16)
-        cos, sin = torch.randn(4096, 128, device="cuda"), torch.randn(4096, 128, device="cuda")  # tables
-        for p in (100, 300, 1000, 3000):
-            pos = torch.tensor([p], device="cuda")
-            times = {name: graph_time_us([lambda kv=kv, fn=fn: fn(qkv, cos, sin, kv, pos, 0) for kv in layers])
-                     for name, fn in variants.items()}
-            print(f"Hkv={Hkv:2} pos={p:4} " + "  ".join(f"{n} {t:.2f}" for n, t in times.items()), flush=True)
+        inputs[Hkv] = layers, qkv
+    cos, sin = torch.randn(4096, 128, device="cuda"), torch.randn(4096, 128, device="cuda")  # tables
+    scores = {}
+    for blk in SWEEP:
+        times = []
+        for Hkv in (32, 8):
+            layers, qkv = inputs[Hkv]
+            for p in positions:
+                pos = torch.tensor([p], device="cuda")
+                times.append(graph_time_us([lambda kv=kv: da.decode_attention_rope_triton(
+                    qkv, cos, sin, kv, pos, 32, None, blocks=blk) for kv in layers]))
+        score = sum(times[i] for i in (0, 1, 2, 5, 6, 7)) / 6
+        scores[blocks_name(blk)] = score
+        print(f"{blocks_name(blk):>32} " + " ".join(f"{t:8.2f}" for t in times) + f" {score:7.2f}", flush=True)
+    print("best:", min(scores, key=scores.get))
 
 
 def timings():

@@ -59,6 +59,25 @@ def test_triton_matches_reference(B, H, Hkv, S, D, window):
         assert (da.arrival_counters(DEV, B * Hkv)[:B * Hkv] == 0).all()  # left at zero for the next call
 
 
+@pytest.mark.parametrize("blocks", [da.Blocks(programs=20, granule=8, min_part=4096, block_n=16),
+                                    da.Blocks(programs=20, granule=8, min_part=16, block_n=16, dot_one_head=True)],
+                         ids=["one-part", "dot-one-head"])
+def test_single_part_and_padded_dot_paths(blocks):
+    """A range held by one program (it writes the output, no combine) and tensor-core dots with
+    one query head per kv head, for plain and fused RoPE launches."""
+    q, k, v = _inputs(2, 4, 4, 60, 16, torch.float32, seed=5)
+    qkv, cos, sin, kv = _qkv_inputs(2, 4, 4, 60, 16, torch.float32, seed=6)
+    for p, window in [(0, 0), (37, 0), (59, 20)]:
+        pos = torch.tensor([p], device=DEV)
+        out = da.decode_attention_triton(q, k, v, pos, window, blocks=blocks)
+        assert _rel_err(out, da.decode_attention_reference(q, k, v, pos, window)) < 1e-5, p
+        kv_ref = kv.clone()
+        out = da.decode_attention_rope_triton(qkv, cos, sin, kv, pos, 4, window, blocks=blocks)
+        ref = da.decode_attention_rope_reference(qkv, cos, sin, kv_ref, pos, 4, window)
+        assert _rel_err(out, ref) < 1e-5 and torch.allclose(kv, kv_ref, rtol=1e-6, atol=1e-6), p
+        assert (da.arrival_counters(DEV, 8)[:8] == 0).all()
+
+
 def test_reference_matches_naive_softmax():
     q, k, v = _inputs(2, 6, 2, 41, 16, torch.float32, seed=1)
     for p, window in [(0, 0), (20, 0), (40, 0), (40, 7), (3, 7)]:
