@@ -201,10 +201,10 @@ if triton is not None:
                 tl.store(out_ptr + b.to(tl.int64) * so_b + heads[:, None].to(tl.int64) * so_h + d[None, :],
                          out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
             else:
-                row = (b * H_KV * G + heads).to(tl.int64) * n_splits + c  # [B, H, n_splits] partial index
-                tl.store(o_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
-                tl.store(m_ptr + row, m, mask=g_ok)
-                tl.store(l_ptr + row, l, mask=g_ok)
+                partial = (b * H_KV * G + heads).to(tl.int64) * n_splits + c  # [B, H, n_splits] index
+                tl.store(o_ptr + partial[:, None] * BLOCK_D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+                tl.store(m_ptr + partial, m, mask=g_ok)
+                tl.store(l_ptr + partial, l, mask=g_ok)
                 tl.debug_barrier()  # every thread's partial is stored before the arrival is announced
                 if tl.atomic_add(arrivals_ptr + bkv, 1, sem="acq_rel") == n_parts - 1:
                     tl.store(arrivals_ptr + bkv, 0)  # for the next call (the next layer's launch)
