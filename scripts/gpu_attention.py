@@ -141,11 +141,10 @@ def check_model():
     return ok
 
 
-SWEEP = [Blocks()] + [Blocks(min_part=m) for m in (128, 256, 512)] + [
-    Blocks(min_part=256, block_n=n, warps=w) for n, w in ((32, 4), (128, 4), (64, 8), (128, 8))] + [Blocks(min_part=256, block_n=256, warps=8, stages=1)] + [
-    Blocks(min_part=256, stages=s) for s in (1, 3)] + [
-    Blocks(min_part=m, block_n=n, dot_one_head=True) for m, n in ((64, 64), (256, 64), (256, 128))] + [
-    Blocks(programs=p, min_part=256) for p in (128, 512)] + [Blocks(programs=512, min_part=128)]
+SWEEP = [Blocks(), Blocks(dot_one_head=False), Blocks(min_part=32, block_n=32),
+         Blocks(programs=512, min_part=32, block_n=32), Blocks(programs=512), Blocks(programs=128),
+         Blocks(warps=2), Blocks(warps=8), Blocks(stages=1), Blocks(stages=3),
+         Blocks(min_part=128, block_n=128, warps=8), Blocks(min_part=128), Blocks(block_c=16)]
 
 
 def blocks_name(b):
