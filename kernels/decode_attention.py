@@ -110,7 +110,7 @@ class Blocks:
     min_part: int = 64
     block_n: int = 64
     warps: int = 4
-    stages: int = 2
+    stages: int = 1
     block_c: int = 32
     dot_one_head: bool = True
 
