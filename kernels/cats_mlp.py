@@ -77,14 +77,14 @@ if triton is not None:
                      g_ptr, r_ptr, eps,
                      T_PER_ROW: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, ZBLOCK: tl.constexpr,
                      DOT_F32: tl.constexpr, INT8: tl.constexpr, FMA: tl.constexpr, EVEN: tl.constexpr,
-                     NORM: tl.constexpr):
+                     NORM: tl.constexpr, SUB: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCK_F + tl.arange(0, BLOCK_F)
         row_ok = rows < F
         toks = tl.arange(0, 16)
         if FMA:  # one token: fp32 FMA, no padding to 16 tokens
             g1, squares1 = rows_times_x1(wg_ptr, x_ptr, rows, row_ok, D, 0, D, BLOCK_F, BLOCK_D, EVEN, INT8,
-                                         g_ptr, NORM)
+                                         g_ptr, NORM, SUB)
             g = tl.where(toks[None, :] == 0, g1[:, None], 0.0)
             squares = tl.where(toks == 0, squares1, 0.0)
         else:
@@ -127,7 +127,7 @@ if triton is not None:
     @triton.jit
     def _up_kernel(x_ptr, wu_ptr, su_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS, g_ptr,
                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, INT8: tl.constexpr,
-                   FMA: tl.constexpr, EVEN: tl.constexpr, NORM: tl.constexpr):
+                   FMA: tl.constexpr, EVEN: tl.constexpr, NORM: tl.constexpr, SUB: tl.constexpr):
         item = tl.program_id(0)
         slots, rows, ok, n_active, n_items = _list_entries(idx_ptr, count_ptr, item, F, N_COLS, BLOCK_R)
         if item == 0:
@@ -138,7 +138,8 @@ if triton is not None:
             c1 = tl.minimum(c0 + COLS_PER_PROG, D)
             if FMA:
                 # NORM: x * g here; 1 / rms (this program sees part of x) waits for the down launch
-                acc1, _ = rows_times_x1(wu_ptr, x_ptr, rows, ok, D, c0, c1, BLOCK_R, BLOCK_D, EVEN, INT8, g_ptr, NORM)
+                acc1, _ = rows_times_x1(wu_ptr, x_ptr, rows, ok, D, c0, c1, BLOCK_R, BLOCK_D, EVEN, INT8, g_ptr, NORM,
+                                        SUB)
                 acc = tl.where(toks[None, :] == 0, acc1[:, None], 0.0)
             else:
                 acc, _ = rows_times_x(wu_ptr, x_ptr, rows, ok, B, D, c0, c1, BLOCK_R, BLOCK_D, DOT_F32, g_ptr, NORM)
@@ -218,7 +219,8 @@ class Blocks:
     """Tile sizes (rows x columns per step), steps per program, warps, pipeline depth.
     fma_at_b1 (B = 1 only): gate and up multiply-add in fp32 instead of a tl.dot with x padded to
     16 tokens, and the down launch is _down1_kernel, whose down_steps are row steps (a program:
-    down_r x down_steps list entries, down_d columns)."""
+    down_r x down_steps list entries, down_d columns); sub: the gate and up FMA steps sum runs of
+    sub adjacent columns first (tiles.rows_times_x1; 0 = a full accumulator)."""
     gate_f: int = 64
     gate_d: int = 128
     gate_warps: int = 4
@@ -232,6 +234,7 @@ class Blocks:
     warps: int = 4
     stages: int = 3
     fma_at_b1: bool = False
+    sub: int = 0
 
 
 # The H200 sweeps' best for 4096x11008 (scripts/gpu_int8.py --sweep, notes/kernels.md int8 v2):
@@ -240,6 +243,11 @@ INT8_BLOCKS = Blocks(gate_f=32, gate_d=128, gate_warps=4, gate_stages=4, up_r=32
                      down_r=64, down_d=128, down_steps=2, warps=4, stages=4)
 INT8_B1_BLOCKS = Blocks(gate_f=16, gate_d=256, gate_warps=4, gate_stages=1, up_r=8, up_d=512, up_steps=4,
                         down_r=64, down_d=128, down_steps=4, warps=2, stages=1, fma_at_b1=True)
+
+
+def _sub(sub: int, cols: int) -> int:
+    """rows_times_x1's SUB for steps of `cols` columns (0 when they are not runs of sub)."""
+    return sub if sub and cols % sub == 0 else 0
 
 
 def pick_blocks(B: int, int8: bool = False) -> Blocks:
@@ -295,13 +303,13 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
                             T_PER_ROW=threshold.numel() > 1, BLOCK_F=cfg.gate_f, BLOCK_D=cfg.gate_d,
                             ZBLOCK=triton.next_power_of_2(triton.cdiv(B * (F + D), n_gate)),
                             DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % cfg.gate_d == 0, NORM=norm is not None,
-                            num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
+                            SUB=_sub(cfg.sub, cfg.gate_d), num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
     up_cols, down_cols = cfg.up_d * cfg.up_steps, cfg.down_d * cfg.down_steps
     n_up, n_down = triton.cdiv(D, up_cols), triton.cdiv(D, down_cols)  # column ranges
     _up_kernel[(n_up * triton.cdiv(F, cfg.up_r),)](
         x, w_up, s_up, idx, count, u_acc, B, D, F, up_cols, n_up, g, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d,
-        DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % up_cols == 0, NORM=norm is not None, num_warps=cfg.warps,
-        num_stages=cfg.stages)
+        DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % up_cols == 0, NORM=norm is not None, SUB=_sub(cfg.sub, cfg.up_d),
+        num_warps=cfg.warps, num_stages=cfg.stages)
     if fma:  # down_steps counts row steps here: a program covers down_r x down_steps entries, down_d columns
         n_down = triton.cdiv(D, cfg.down_d)
         _down1_kernel[(n_down * triton.cdiv(F, cfg.down_r * cfg.down_steps),)](

@@ -54,13 +54,15 @@ class GemvBlocks:
     block_k: int8 columns per step (512 bytes a row, 8 KB a tile); split_k: column ranges per
     row block (> 1: fp32 partials summed by torch, one launch more); Triton's num_warps, num_stages;
     fma_at_b1: with B = 1, multiply-add on the FMA units instead of a tl.dot with x padded to 16
-    tokens (which of the two is faster is for the GPU sweep to say)."""
+    tokens (which of the two is faster is for the GPU sweep to say); sub (FMA only): products summed
+    over runs of sub adjacent columns each step, 0 = a [block_n, block_k] accumulator (tiles.py)."""
     block_n: int = 16
     block_k: int = 512
     split_k: int = 1
     warps_and_stages: tuple[int, int] = (4, 4)
     fma_at_b1: bool = False
     magic: bool = True
+    sub: int = 0
 
 
 # B = 1: one token on the FMA units, (N, K) -> tiles from the H200 sweep (scripts/gpu_int8.py
@@ -97,12 +99,12 @@ if triton is not None:
     @triton.jit
     def _rows_product(w_ptr, s_ptr, x_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, FMA: tl.constexpr, EVEN: tl.constexpr,
-                      MAGIC: tl.constexpr, SCALED: tl.constexpr):
+                      MAGIC: tl.constexpr, SCALED: tl.constexpr, SUB: tl.constexpr):
         """[BLOCK_N, 16] fp32 = rows of W times x's tokens, scaled for int8."""
         toks = tl.arange(0, 16)
         if FMA:  # B = 1: one token, no tl.dot
             acc1, _ = rows_times_x1(w_ptr, x_ptr, rows, row_ok, K, k_lo, k_hi, BLOCK_N, BLOCK_K, EVEN, MAGIC,
-                                    x_ptr, False)
+                                    x_ptr, False, SUB)
             acc = tl.where(toks[None, :] == 0, acc1[:, None], 0.0)  # [BLOCK_N, 16], token 0 only
         else:
             acc, _ = rows_times_x(w_ptr, x_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N, BLOCK_K, DOT_F32,
@@ -115,7 +117,7 @@ if triton is not None:
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, up_ptr, s_up_ptr, res_ptr, out_ptr, B, N, K, K_PER_SPLIT,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
                      FMA: tl.constexpr, EVEN: tl.constexpr, MAGIC: tl.constexpr, SCALED: tl.constexpr,
-                     RESIDUAL: tl.constexpr, GATED: tl.constexpr):
+                     RESIDUAL: tl.constexpr, GATED: tl.constexpr, SUB: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         split = tl.program_id(1)
         row_ok = rows < N
@@ -123,10 +125,10 @@ if triton is not None:
         k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
         toks = tl.arange(0, 16)
         acc = _rows_product(w_ptr, s_ptr, x_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N, BLOCK_K,
-                            DOT_F32, FMA, EVEN, MAGIC, SCALED)
+                            DOT_F32, FMA, EVEN, MAGIC, SCALED, SUB)
         if GATED:  # the dense MLP's SiLU(x W_gate^T) * (x W_up^T): the same rows of W_up, x read from L1
             up = _rows_product(up_ptr, s_up_ptr, x_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N, BLOCK_K,
-                               DOT_F32, FMA, EVEN, MAGIC, SCALED)
+                               DOT_F32, FMA, EVEN, MAGIC, SCALED, SUB)
             acc = acc * tl.sigmoid(acc) * up
         out_mask = (toks < B)[None, :] & row_ok[:, None]
         if RESIDUAL:  # the residual stream's add, in fp32 before the one rounding (split_k = 1)
@@ -163,7 +165,8 @@ def gemv_triton(x, w, scale=None, residual=None, up=None, blocks: GemvBlocks | N
         B, N, K, k_per_split, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
         DOT_F32=x.dtype == torch.float32 or not x.is_cuda, FMA=blocks.fma_at_b1 and B == 1,
         EVEN=K % k_per_split == 0 and k_per_split % blocks.block_k == 0, MAGIC=blocks.magic and int8,
-        SCALED=int8, RESIDUAL=residual is not None, GATED=up is not None,
+        SCALED=int8, RESIDUAL=residual is not None, GATED=up is not None, 
+        SUB=blocks.sub if blocks.sub and blocks.block_k % blocks.sub == 0 else 0,
         num_warps=blocks.warps_and_stages[0], num_stages=blocks.warps_and_stages[1])
     return out if split_k == 1 else out.sum(0).to(x.dtype)
 

@@ -80,14 +80,19 @@ def as_f32(w, MAGIC: tl.constexpr):
 
 @triton.jit
 def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-                  EVEN: tl.constexpr, MAGIC: tl.constexpr, g_ptr, NORM: tl.constexpr):
+                  EVEN: tl.constexpr, MAGIC: tl.constexpr, g_ptr, NORM: tl.constexpr, SUB: tl.constexpr):
     """([BLOCK_F] fp32 = w[rows, k_lo:k_hi] @ x[0, k_lo:k_hi], the sum of x^2 over those columns
     (NORM; else 0)) for one token, on the FMA units (NORM: x * g in place of x). The
     products are summed across columns once, after the loop (a [BLOCK_F, BLOCK_D] accumulator),
     not every step. EVEN: k_hi - k_lo is a multiple of BLOCK_D, so the loads need no column mask
     (a mask whose value changes along a row can split the int8 loads into single bytes).
-    MAGIC: int8 weights converted by int8_to_f32."""
-    acc = tl.zeros([BLOCK_F, BLOCK_D], tl.float32)
+    MAGIC: int8 weights converted by int8_to_f32. SUB > 0: each step's products are first summed
+    over runs of SUB adjacent columns (one thread's vector load, so no shuffles), and the
+    accumulator is [BLOCK_F, BLOCK_D // SUB]: fewer registers a program, more programs an SM."""
+    if SUB > 0:
+        acc = tl.zeros([BLOCK_F, BLOCK_D // SUB], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_F, BLOCK_D], tl.float32)
     squares = tl.zeros([BLOCK_D], tl.float32)
     for k in range(k_lo, k_hi, BLOCK_D):
         cols = k + tl.arange(0, BLOCK_D)
@@ -107,5 +112,9 @@ def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.const
             else:
                 g = tl.load(g_ptr + cols, mask=cols < k_hi, other=0.0)
             xv = xv * g.to(tl.float32)
-        acc += as_f32(w, MAGIC) * xv[None, :]
+        products = as_f32(w, MAGIC) * xv[None, :]
+        if SUB > 0:
+            acc += tl.sum(tl.reshape(products, [BLOCK_F, BLOCK_D // SUB, SUB]), axis=2)
+        else:
+            acc += products
     return tl.sum(acc, axis=1), tl.sum(squares, axis=0)

@@ -169,14 +169,13 @@ def time_gemv(sweep):
 
 def gemv_candidates(k):
     """B = 1 tilings tried by --sweep: FMA rows (few rows, long int8 steps, the int8_to_f32
-    conversion; two with the I2F conversion for comparison) and the tl.dot tiles."""
-    fma = [(1, 4096, 4, 1), (2, 2048, 4, 1), (4, 1024, 4, 1), (4, 2048, 4, 1), (4, 2048, 8, 1), (8, 512, 4, 2),
-           (8, 1024, 4, 1), (8, 1024, 8, 1), (16, 512, 4, 1), (16, 512, 4, 4), (4, 1024, 4, 3), (2, 1024, 2, 1),
-           (8, 2048, 8, 1), (16, 1024, 8, 1), (4, 512, 2, 1), (4, 256, 2, 1), (8, 256, 4, 1), (16, 256, 4, 1),
-           (16, 256, 4, 3), (32, 256, 4, 1), (32, 256, 8, 1)]
-    tries = [gm.GemvBlocks(n, bk, 1, (w, st), True) for n, bk, w, st in fma if bk <= k]
-    tries += [gm.GemvBlocks(4, 1024, 1, (4, 1), True, magic=False), gm.GemvBlocks(16, 512, 1, (4, 4), True, magic=False),
-              gm.GemvBlocks(32, 512, 1, (4, 4)), gm.GemvBlocks(32, 256, 1, (4, 4))]
+    conversion), each step's products summed over 16-column runs first (sub=16: a smaller
+    accumulator, more programs an SM) or not, with one and more pipeline stages."""
+    fma = [(2, 1024, 2, 1), (2, 1024, 2, 2), (2, 1024, 4, 1), (2, 2048, 4, 1), (1, 4096, 4, 1), (4, 1024, 4, 1),
+           (4, 1024, 4, 2), (4, 1024, 4, 3), (4, 2048, 4, 1), (4, 512, 2, 2), (8, 1024, 4, 1), (8, 1024, 8, 1),
+           (8, 512, 4, 2), (16, 512, 4, 1), (4, 1024, 2, 2)]
+    tries = [gm.GemvBlocks(n, bk, 1, (w, st), True, sub=16) for n, bk, w, st in fma if bk <= k]
+    tries += [gm.GemvBlocks(n, bk, 1, (w, st), True) for n, bk, w, st in fma[:8] if bk <= k]
     return tries
 
 
@@ -211,12 +210,13 @@ def sweep_float_gemv():
     """bf16 weights, B = 1: cuBLAS (F.linear) against the Triton FMA GEMV over a few tilings."""
     tiles = [(1, 1024, 4, 1), (2, 512, 4, 2), (2, 1024, 4, 1), (4, 512, 4, 2), (4, 256, 4, 3), (4, 512, 8, 2),
              (8, 256, 4, 2), (8, 512, 8, 2), (2, 512, 2, 3), (4, 1024, 8, 1), (16, 128, 4, 3)]
+    tiles = [(t, 0) for t in tiles] + [(t, 8) for t in tiles[:6] + [(2, 1024, 2, 2), (4, 1024, 4, 2), (8, 512, 4, 2)]]
     print(f"\n{'float':>8} {'shape':>11} {'cuBLAS_us':>9} {'GB/s':>6} {'best_us':>8} {'GB/s':>6} best tiles")
     for name, (n, k) in GEMV_SHAPES.items():
         cublas = rotated_time_us(gemv_call(n, k, 1), 2 * n * k)
         times = {}
-        for bn, bk, w, st in tiles:
-            b = gm.GemvBlocks(bn, bk, 1, (w, st), True, magic=False)
+        for (bn, bk, w, st), sub in tiles:
+            b = gm.GemvBlocks(bn, bk, 1, (w, st), True, magic=False, sub=sub)
             try:
                 times[b] = rotated_time_us(float_gemv_call(n, k, b), 2 * n * k)
             except Exception as e:  # a tiling the compiler refuses is skipped
@@ -228,7 +228,8 @@ def sweep_float_gemv():
         folded = {f"{label}": rotated_time_us(float_gemv_call(n, k, chosen, **kw), 2 * n * k)
                   for label, kw in (("plain", {}), ("residual", dict(residual=True)))}
         print("   chosen tiles: " + ", ".join(f"{label} {t:.1f}" for label, t in folded.items()))
-        print("   all: " + ", ".join(f"{b.block_n}x{b.block_k}/{b.warps_and_stages}: {t:.1f}" for b, t in times.items()))
+        print("   all: " + ", ".join(f"{b.block_n}x{b.block_k}/{b.warps_and_stages}/sub{b.sub}: {t:.1f}"
+                                   for b, t in times.items()))
 
 
 def time_gated():
@@ -306,7 +307,9 @@ def sweep_mlp():
                    dict(down_r=8, down_d=512, down_steps=8), dict(down_r=32, down_d=256, down_steps=2),
                    dict(down_r=32, down_d=256, down_steps=8), dict(warps=4), dict(stages=1), dict(stages=4),
                    dict(gate_f=8, gate_d=512), dict(gate_warps=2), dict(up_r=32, up_d=256, up_steps=4),
-                   dict(up_r=8, up_d=512, up_steps=4), dict(up_r=16, up_d=512, up_steps=2)):
+                   dict(up_r=8, up_d=512, up_steps=4), dict(up_r=16, up_d=512, up_steps=2),
+                   dict(sub=16), dict(sub=16, gate_f=32), dict(sub=16, up_r=16), dict(sub=16, stages=2),
+                   dict(sub=16, gate_stages=2)):
         cfg = dataclasses.replace(best, **change)
         try:
             us = score(cfg)

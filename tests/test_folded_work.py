@@ -42,7 +42,8 @@ def _weights(n, k, seed, dtype, int8):
 
 
 GEMV_TILES = [gm.GemvBlocks(block_n=16, block_k=16), gm.GemvBlocks(block_n=4, block_k=32, fma_at_b1=True, magic=False),
-              gm.GemvBlocks(block_n=4, block_k=32, fma_at_b1=True)]  # odd k: tails; fma: B = 1 on the FMA units
+              gm.GemvBlocks(block_n=4, block_k=32, fma_at_b1=True),  # odd k: tails; fma: B = 1 on the FMA units
+              gm.GemvBlocks(block_n=2, block_k=32, fma_at_b1=True, sub=8)]  # the products summed in runs of 8 first
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,5 +1,6 @@
 """int8 weight-only kernels: the Triton paths (run on CPU by Triton's interpreter) against their
 torch references, and the references against the dequantized float weights."""
+import dataclasses
 import importlib
 import os
 
@@ -34,7 +35,9 @@ def _quantized(n, k, seed, zero_rows=()):
 @pytest.mark.parametrize("n,k,blocks", [(37, 67, gm.GemvBlocks()), (50, 45, SMALL_GEMV),
                                         (37, 67, gm.GemvBlocks(block_k=32, split_k=2, fma_at_b1=True)),
                                         (37, 64, gm.GemvBlocks(block_n=4, block_k=32, fma_at_b1=True)),  # no column mask
-                                        (37, 67, gm.GemvBlocks(block_k=32, fma_at_b1=True, magic=False))])
+                                        (37, 67, gm.GemvBlocks(block_k=32, fma_at_b1=True, magic=False)),
+                                        (37, 67, gm.GemvBlocks(block_n=4, block_k=32, fma_at_b1=True, sub=16)),  # runs summed
+                                        (37, 64, gm.GemvBlocks(block_n=2, block_k=64, fma_at_b1=True, sub=8))])
 def test_int8_gemv_matches_reference(dtype, B, n, k, blocks):
     q, scale = _quantized(n, k, seed=B, zero_rows=(3,))
     x = torch.randn(B, k, generator=torch.Generator().manual_seed(n)).to(DEV, dtype)
@@ -105,7 +108,8 @@ def int8_threshold(x, qs, scales, sparsity):
 @pytest.mark.parametrize("d,f,blocks,dtype", [(37, 67, None, torch.bfloat16),  # the int8 tiles
                                               (72, 150, SMALL, torch.float32),  # many steps, tails
                                               (72, 150, SMALL_FMA, torch.bfloat16),  # B = 1: FMA, tails
-                                              (64, 160, SMALL_FMA, torch.float16)])  # B = 1: FMA, no column mask
+                                              (64, 160, SMALL_FMA, torch.float16),  # B = 1: FMA, no column mask
+                                              (72, 150, dataclasses.replace(SMALL_FMA, sub=8), torch.bfloat16)])  # runs summed
 def test_int8_cats_mlp_matches_reference(poisoned_scratch, dtype, B, sparsity, d, f, blocks):
     x, qs, scales = _int8_mlp(B, d, f, dtype, seed=B + f)
     t = int8_threshold(x, qs, scales, sparsity)
