@@ -6,8 +6,8 @@ in the same slot (Linear.weight for W_qkv / W_o, MLP.w_gate / w_up / w_down_t) a
 `linear` and `mlp` here, so model.py never branches on dtype, quantization or device.
 
   weights  slot            decode on CUDA (<= KERNEL_MAX_TOKENS tokens)    prefill, CPU
-  float    W_qkv           cuBLAS (F.linear)                               F.linear
-  float    W_o             gemv (Triton; one token: + residual), else cuBLAS
+  float    W_qkv, W_o      one token: gemv (Triton; W_o: + residual);      F.linear
+                           else cuBLAS (F.linear)
   int8     W_qkv, W_o      gemv (Triton)                                   int8_gemv op: cuBLAS on a
                                                                            transient copy / torch
   float    MLP, dense      one token: gated gemv, cuBLAS W_down^T;         torch; CPU decode: W_down^T
@@ -20,7 +20,8 @@ matrix). The int8 CATS MLP folds the norm in for one token (its gate launch sums
 x with 16 rows a program; no norm kernel before the MLP); everywhere else the norm is computed
 first (`normalized`): folded into the GEMVs (2 or 4 rows a program) and into the tl.dot paths it
 cost more than the norm kernel it saved (notes/kernels.md v7). W_o takes the residual to add: in
-its GEMV's epilogue for one token (for bf16 that also drops cuBLAS's split-K reduce). The dense
+its GEMV's epilogue for one token (for bf16 that also drops cuBLAS's split-K reduce); for one
+token the float GEMV beats cuBLAS at every Llama-2-7B shape (notes/kernels.md v8). The dense
 MLP's W_gate and W_up run as one gated GEMV writing SiLU(g) * u (one launch for both, no SiLU
 kernel).
 The int8 dense MLP measured 64.5 us per 4096x11008 layer with three int8_gemv, 73.9 us through
@@ -145,7 +146,7 @@ def linear(x: torch.Tensor | Normed, w: Weight, residual: torch.Tensor | None = 
     """x @ W^T (+ residual) for a weight stored as W [out, in]; x may be a Normed."""
     int8 = isinstance(w, Int8Weight)
     x = normalized(x)
-    if _decode_kernels(x) and (int8 or (residual is not None and _one_token(x))):
+    if _decode_kernels(x) and (int8 or _one_token(x)):
         # .contiguous(): a no-op on CUDA; CPU weights may be column-major (cpu_layout; tests)
         q, scale = (w.q, w.scale) if int8 else (w.contiguous(), None)
         return gemv(x, q, scale, residual=residual, use_triton=use_triton())

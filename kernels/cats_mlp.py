@@ -241,8 +241,8 @@ class Blocks:
 # B = 1 on the FMA units (few rows, long int8 steps); B > 1 through tl.dot (16-row tiles at least).
 INT8_BLOCKS = Blocks(gate_f=32, gate_d=128, gate_warps=4, gate_stages=4, up_r=32, up_d=256, up_steps=4,
                      down_r=64, down_d=128, down_steps=2, warps=4, stages=4)
-INT8_B1_BLOCKS = Blocks(gate_f=16, gate_d=256, gate_warps=4, gate_stages=1, up_r=8, up_d=512, up_steps=4,
-                        down_r=64, down_d=128, down_steps=4, warps=2, stages=1, fma_at_b1=True)
+INT8_B1_BLOCKS = Blocks(gate_f=16, gate_d=256, gate_warps=4, gate_stages=2, up_r=8, up_d=512, up_steps=4,
+                        down_r=64, down_d=128, down_steps=4, warps=2, stages=1, fma_at_b1=True, sub=16)
 
 
 def _sub(sub: int, cols: int) -> int:
