@@ -87,11 +87,18 @@ FLOAT_B1_GEMV_BLOCKS = GemvBlocks(block_n=2, block_k=1024, split_k=1, warps_and_
                                   magic=False, sub=8)
 
 
-def pick_gemv_blocks(N: int, K: int, B: int = 1, int8: bool = True) -> GemvBlocks:
+# The gated GEMV (two rows of weights per output row) for one token, int8: its own sweep
+# (scripts/gpu_int8.py --gated, notes/kernels.md v8).
+INT8_GATED_B1_BLOCKS = GemvBlocks(block_n=2, block_k=1024, split_k=1, warps_and_stages=(2, 1), fma_at_b1=True)
+
+
+def pick_gemv_blocks(N: int, K: int, B: int = 1, int8: bool = True, gated: bool = False) -> GemvBlocks:
     if B > 1:
         return DOT_GEMV_BLOCKS
     if not int8:
         return FLOAT_B1_GEMV_BLOCKS
+    if gated:
+        return INT8_GATED_B1_BLOCKS
     return TUNED_GEMV_BLOCKS.get((N, K), B1_GEMV_BLOCKS)
 
 
@@ -150,7 +157,7 @@ def gemv_triton(x, w, scale=None, residual=None, up=None, blocks: GemvBlocks | N
     assert scale is None or (scale.shape == (N,) and scale.dtype == torch.float32)
     assert residual is None or residual.shape == (B, N)
     x = x.contiguous()
-    blocks = blocks or pick_gemv_blocks(N, K, B, int8)
+    blocks = blocks or pick_gemv_blocks(N, K, B, int8, gated=up is not None)
     # the residual's add and SiLU need the whole sum: no split of K then
     whole_k = residual is not None or up is not None
     split_k = 1 if whole_k else max(1, min(blocks.split_k, triton.cdiv(K, blocks.block_k)))

@@ -8,7 +8,7 @@ kernels/cats_mlp.py) at the Llama-2-7B shapes:
      the int8 CATS MLP at s = 0, 0.5, 0.7 against the int8 dense MLP (the int8 GEMV three times)
      and the bf16 cuBLAS dense MLP. GB/s counts the bytes read, scales included.
 `--sweep [gemv] [mlp]` also tries tilings of those kernels (all: --sweep alone) and prints the best.
-    python3 scripts/gpu_int8.py [--sweep [gemv] [mlp]] | --float-gemv
+    python3 scripts/gpu_int8.py [--sweep [gemv] [mlp]] | --float-gemv | --gated
 Every section runs even if one before it failed; the exit code says whether all checks passed.
 """
 import argparse
@@ -232,19 +232,25 @@ def sweep_float_gemv():
                                    for b, t in times.items()))
 
 
-def time_gated():
+GATED_TILES = {False: [(2, 1024, 4, 1, 8), (2, 512, 4, 2, 0), (2, 1024, 4, 2, 8), (4, 1024, 4, 1, 8), (2, 512, 4, 2, 8),
+                        (1, 1024, 4, 1, 8), (2, 1024, 2, 1, 8)],
+               True: [(2, 1024, 2, 1, 0), (2, 1024, 2, 1, 16), (4, 512, 2, 2, 16), (4, 1024, 4, 1, 16), (2, 1024, 2, 2, 16),
+                      (4, 512, 2, 1, 16), (2, 2048, 4, 1, 16), (2, 1024, 4, 1, 16), (1, 2048, 2, 1, 16), (4, 512, 4, 2, 16)]}
+
+
+def time_gated(sweep=False):
     """The dense MLP's first half, B = 1, 4096 -> 11008: the gated GEMV (one launch writing
     SiLU(g) * u) against what it replaces: bf16 cuBLAS gate + up + a compiled SiLU*up, and two int8
-    GEMVs + the same SiLU*up; with a check of each gated result."""
+    GEMVs + the same SiLU*up; with a check of each gated result. sweep: the gated launch's tiles too."""
     silu_mul = torch.compile(lambda g, u: F.silu(g) * u)
     print(f"\n{'gated':>8} {'weights':>7} {'unfused_us':>10} {'gated_us':>9} {'GB/s':>6} rel_err")
     for int8 in (False, True):
-        def make(fused):
+        def make(fused, blocks=None):
             (wg, qg, sg), (wu, qu, su) = quantized(FF, D), quantized(FF, D)
             x = torch.randn(1, D, device=DEV, dtype=torch.bfloat16)
             if fused:
                 w, s, up = (qg, sg, (qu, su)) if int8 else (wg, None, (wu, None))
-                return lambda: gm.gemv_triton(x, w, s, up=up)
+                return lambda: gm.gemv_triton(x, w, s, up=up, blocks=blocks)
             if int8:
                 return lambda: silu_mul(gm.int8_gemv_triton(x, qg, sg), gm.int8_gemv_triton(x, qu, su))
             return lambda: silu_mul(F.linear(x, wg), F.linear(x, wu))
@@ -256,6 +262,15 @@ def time_gated():
         out = gm.gemv_triton(x, qg, sg, up=(qu, su)) if int8 else gm.gemv_triton(x, wg, up=(wu, None))
         print(f"{'gate/up':>8} {'int8' if int8 else 'bf16':>7} {unfused:>10.1f} {gated:>9.1f} "
               f"{nbytes / gated / 1e3:>6.0f} {rel_err(out, ref):.1e}")
+        for bn, bk, w, st, sub in GATED_TILES[int8] if sweep else ():
+            b = gm.GemvBlocks(bn, bk, 1, (w, st), True, magic=int8, sub=sub)
+            try:
+                us = rotated_time_us(lambda: make(True, b), nbytes)
+                err = rel_err(gm.gemv_triton(x, *((qg, sg, (qu, su)) if int8 else (wg, None, (wu, None))), blocks=b), ref)
+            except Exception as e:  # a tiling the compiler refuses is skipped
+                print(f"   gated {'int8' if int8 else 'bf16'} {b}: {type(e).__name__}")
+                continue
+            print(f"   gated {'int8' if int8 else 'bf16'} {us:6.1f} us {nbytes / us / 1e3:6.0f} GB/s rel_err {err:.1e} {b}")
 
 
 def time_mlp(sweep):
@@ -328,7 +343,11 @@ def main():
     p.add_argument("--sweep", nargs="*", choices=("gemv", "mlp"), default=(),
                    help="also try a few tilings of these kernels (no value: both)")
     p.add_argument("--float-gemv", action="store_true", help="only: bf16 weights, Triton GEMV vs cuBLAS")
+    p.add_argument("--gated", action="store_true", help="only: the gated GEMV's tiles, bf16 and int8")
     a = p.parse_args()
+    if a.gated:
+        time_gated(sweep=True)
+        return
     if a.float_gemv:
         sweep_float_gemv()
         time_gated()

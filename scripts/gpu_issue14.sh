@@ -20,6 +20,8 @@ for s in "${@:-checks attention profile bench}"; do
       profile_int8) step profile_int8 240 python3 scripts/gpu_profile.py --sparsity 0 0.5 --quantize int8 ;;
       unfused) step profile_unfused 240 python3 scripts/gpu_profile.py --sparsity 0 0.5 --unfused ;;
       gemv) step gemv 120 python3 scripts/gpu_int8.py --float-gemv ;;
+      copy) step copy 60 python3 scripts/gpu_copy.py ;;
+      gated) step gated 200 python3 scripts/gpu_int8.py --gated ;;
       kernels) step kernels 150 python3 -m catsgen.kernels.bench --shapes 4096x11008 --batch 1 --sparsity 0.5,0.7 ;;
       bench) step bench_llama 300 python3 bench.py --preset llama-2-7b --sparsity 0 0.5 0.7 --new-tokens 256 --repeats 5 --json "$OUT/llama-2-7b.json" ;;
       bench_int8) step bench_int8 300 python3 bench.py --preset llama-2-7b --quantize int8 --sparsity 0 0.5 0.7 --new-tokens 256 --repeats 5 --json "$OUT/llama-2-7b-int8.json" ;;
