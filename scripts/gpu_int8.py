@@ -266,7 +266,8 @@ def time_gated(sweep=False):
             b = gm.GemvBlocks(bn, bk, 1, (w, st), True, magic=int8, sub=sub)
             try:
                 us = rotated_time_us(lambda: make(True, b), nbytes)
-                err = rel_err(gm.gemv_triton(x, *((qg, sg, (qu, su)) if int8 else (wg, None, (wu, None))), blocks=b), ref)
+                w, s, up = (qg, sg, (qu, su)) if int8 else (wg, None, (wu, None))
+                err = rel_err(gm.gemv_triton(x, w, s, up=up, blocks=b), ref)
             except Exception as e:  # a tiling the compiler refuses is skipped
                 print(f"   gated {'int8' if int8 else 'bf16'} {b}: {type(e).__name__}")
                 continue
