@@ -89,7 +89,7 @@ FLOAT_B1_GEMV_BLOCKS = GemvBlocks(block_n=2, block_k=1024, split_k=1, warps_and_
 
 # The gated GEMV (two rows of weights per output row) for one token, int8: its own sweep
 # (scripts/gpu_int8.py --gated, notes/kernels.md v8).
-INT8_GATED_B1_BLOCKS = GemvBlocks(block_n=2, block_k=1024, split_k=1, warps_and_stages=(2, 1), fma_at_b1=True)
+INT8_GATED_B1_BLOCKS = GemvBlocks(block_n=2, block_k=1024, split_k=1, warps_and_stages=(2, 1), fma_at_b1=True, sub=16)
 
 
 def pick_gemv_blocks(N: int, K: int, B: int = 1, int8: bool = True, gated: bool = False) -> GemvBlocks:
