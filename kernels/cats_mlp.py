@@ -182,11 +182,13 @@ if triton is not None:
     @triton.jit
     def _down1_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, sd_ptr, y_acc_ptr, D, F, N_COLS, r_ptr,
                       BLOCK_R: tl.constexpr, STEPS: tl.constexpr, BLOCK_D: tl.constexpr, INT8: tl.constexpr,
-                      EVEN: tl.constexpr, NORM: tl.constexpr):
+                      EVEN: tl.constexpr, NORM: tl.constexpr, PREFETCH: tl.constexpr):
         """The down launch for one token (B = 1) on the FMA units: a program takes STEPS x BLOCK_R
         consecutive list entries and BLOCK_D columns, and sums its rows in a [BLOCK_R, BLOCK_D]
         accumulator: one reduction across rows and one atomic add per program, where a program of
-        _down_kernel without a tl.dot would need one per column step."""
+        _down_kernel without a tl.dot would need one per column step. PREFETCH: each step loads the
+        next step's list entries before its rows, so a step waits for one memory round trip (its
+        rows), not two (the list entries, then the rows they name)."""
         item = tl.program_id(0)
         n_active = tl.minimum(tl.load(count_ptr + 1), F)
         if item == 0:
@@ -199,14 +201,22 @@ if triton is not None:
             r = 1.0
             if NORM:  # the norm's 1 / rms (see _down_kernel)
                 r = tl.load(r_ptr)
+            slots = first + tl.arange(0, BLOCK_R)
+            ok = slots < n_active
+            rows = tl.load(idx_ptr + slots, mask=ok, other=0)
             for step in range(STEPS):
-                slots = first + step * BLOCK_R + tl.arange(0, BLOCK_R)
-                ok = slots < n_active
-                rows = tl.load(idx_ptr + slots, mask=ok, other=0)
+                if not PREFETCH:
+                    slots = first + step * BLOCK_R + tl.arange(0, BLOCK_R)
+                    ok = slots < n_active
+                    rows = tl.load(idx_ptr + slots, mask=ok, other=0)
                 h = tl.load(v_ptr + rows, mask=ok, other=0.0) * (tl.load(u_acc_ptr + slots, mask=ok, other=0.0) * r)
                 w_mask = ok[:, None] if EVEN else ok[:, None] & col_ok[None, :]  # EVEN: no mask along a row
                 w = tl.load(wd_ptr + rows[:, None] * D + cols[None, :], mask=w_mask, other=0,
                             eviction_policy="evict_first")
+                if PREFETCH:  # the next step's entries, loaded while this step's rows arrive
+                    slots = slots + BLOCK_R
+                    ok = slots < n_active
+                    rows = tl.load(idx_ptr + slots, mask=ok, other=0)
                 acc += as_f32(w, INT8) * h[:, None]
             y = tl.sum(acc, axis=0)
             if INT8:
@@ -220,7 +230,8 @@ class Blocks:
     fma_at_b1 (B = 1 only): gate and up multiply-add in fp32 instead of a tl.dot with x padded to
     16 tokens, and the down launch is _down1_kernel, whose down_steps are row steps (a program:
     down_r x down_steps list entries, down_d columns); sub: the gate and up FMA steps sum runs of
-    sub adjacent columns first (tiles.rows_times_x1; 0 = a full accumulator)."""
+    sub adjacent columns first (tiles.rows_times_x1; 0 = a full accumulator); prefetch: the down
+    launch for one token loads each step's list entries a step ahead (_down1_kernel)."""
     gate_f: int = 64
     gate_d: int = 128
     gate_warps: int = 4
@@ -235,6 +246,7 @@ class Blocks:
     stages: int = 3
     fma_at_b1: bool = False
     sub: int = 0
+    prefetch: bool = True
 
 
 # The H200 sweeps' best for 4096x11008 (scripts/gpu_int8.py --sweep, notes/kernels.md int8 v2):
@@ -314,8 +326,8 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
         n_down = triton.cdiv(D, cfg.down_d)
         _down1_kernel[(n_down * triton.cdiv(F, cfg.down_r * cfg.down_steps),)](
             v, u_acc, idx, count, w_down_t, s_down, y_acc, D, F, n_down, r, BLOCK_R=cfg.down_r, STEPS=cfg.down_steps,
-            BLOCK_D=cfg.down_d, INT8=int8, EVEN=D % cfg.down_d == 0, NORM=norm is not None, num_warps=cfg.warps,
-            num_stages=cfg.stages)
+            BLOCK_D=cfg.down_d, INT8=int8, EVEN=D % cfg.down_d == 0, NORM=norm is not None, PREFETCH=cfg.prefetch,
+            num_warps=cfg.warps, num_stages=cfg.stages)
     else:
         _down_kernel[(n_down * triton.cdiv(F, cfg.down_r),)](
             x, v, u_acc, idx, count, w_down_t, s_down, y_acc, B, D, F, down_cols, n_down, r,
