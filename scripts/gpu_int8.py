@@ -313,7 +313,7 @@ def sweep_mlp():
     _, qs, scales, _ = int8_mlp()
     x = torch.randn(1, D, device=DEV, dtype=torch.bfloat16)
     norm = (torch.rand(D, device=DEV, dtype=torch.bfloat16) + 0.5, 1e-5)
-    ts = [threshold(x, qs[0], scales[0], s)[0] for s in (0.5, 0.7)]
+    ts = [threshold(cm.rms_norm_reference(x, *norm), qs[0], scales[0], s)[0] for s in (0.5, 0.7)]
 
     def score(cfg):
         return sum(graph_time_us(lambda: cm.cats_mlp_triton(x, *qs, t, blocks=cfg, scales=scales, norm=norm))
