@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 from typing import List, Optional, TypeVar
@@ -301,6 +302,8 @@ def main(argv: Optional[List[str]] = None, prog_name: Optional[str] = None, comm
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank raised it: rank 0 says it
             print(f"error: {e}", file=sys.stderr)
+        else:  # torchrun stops every rank when the first one exits: give rank 0 the time to say it
+            time.sleep(RANK_ERROR_GRACE_S)
         sys.exit(2)
     except SystemExit as e:  # typer turns Ctrl-C (and SIGTERM, above) into exit code 130, silently
         if e.code == 130:
@@ -318,6 +321,9 @@ def leave_process_group():
         parallel.leave()
 
 
+# A loaded 2-core machine let the other rank exit first and torchrun stop rank 0 before it had
+# printed the error (1 run in CI, session 8); 5 s is far more than rank 0 needs to reach it.
+RANK_ERROR_GRACE_S = 5.0
 WRITING_COMMANDS = ("calibrate", "bench", "convert")  # their outputs are written atomically at the end
 
 
