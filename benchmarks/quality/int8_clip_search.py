@@ -3,7 +3,7 @@ import sys
 import torch
 import catsgen.quantize as Q
 
-RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+RATIOS = tuple(1.0 - 0.01 * i for i in range(31)) if "--fine" in sys.argv else (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
 def quantize_mse(w):
@@ -27,4 +27,4 @@ def quantize_mse(w):
 if sys.argv[1] == "mse":
     Q.quantize_int8 = quantize_mse
 from catsgen.cli import main
-main(argv=sys.argv[2:], command="perplexity")
+main(argv=[a for a in sys.argv[2:] if a != "--fine"], command="perplexity")
