@@ -182,13 +182,13 @@ if triton is not None:
     @triton.jit
     def _down1_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, sd_ptr, y_acc_ptr, D, F, N_COLS, r_ptr,
                       BLOCK_R: tl.constexpr, STEPS: tl.constexpr, BLOCK_D: tl.constexpr, INT8: tl.constexpr,
-                      EVEN: tl.constexpr, NORM: tl.constexpr, PREFETCH: tl.constexpr):
+                      EVEN: tl.constexpr, NORM: tl.constexpr):
         """The down launch for one token (B = 1) on the FMA units: a program takes STEPS x BLOCK_R
         consecutive list entries and BLOCK_D columns, and sums its rows in a [BLOCK_R, BLOCK_D]
         accumulator: one reduction across rows and one atomic add per program, where a program of
-        _down_kernel without a tl.dot would need one per column step. PREFETCH: each step loads the
-        next step's list entries before its rows, so a step waits for one memory round trip (its
-        rows), not two (the list entries, then the rows they name)."""
+        _down_kernel without a tl.dot would need one per column step. Each step loads the next
+        step's list entries before its rows, so a step waits for one memory round trip (its rows),
+        not two (the list entries, then the rows they name)."""
         item = tl.program_id(0)
         n_active = tl.minimum(tl.load(count_ptr + 1), F)
         if item == 0:
@@ -205,18 +205,13 @@ if triton is not None:
             ok = slots < n_active
             rows = tl.load(idx_ptr + slots, mask=ok, other=0)
             for step in range(STEPS):
-                if not PREFETCH:
-                    slots = first + step * BLOCK_R + tl.arange(0, BLOCK_R)
-                    ok = slots < n_active
-                    rows = tl.load(idx_ptr + slots, mask=ok, other=0)
                 h = tl.load(v_ptr + rows, mask=ok, other=0.0) * (tl.load(u_acc_ptr + slots, mask=ok, other=0.0) * r)
                 w_mask = ok[:, None] if EVEN else ok[:, None] & col_ok[None, :]  # EVEN: no mask along a row
                 w = tl.load(wd_ptr + rows[:, None] * D + cols[None, :], mask=w_mask, other=0,
                             eviction_policy="evict_first")
-                if PREFETCH:  # the next step's entries, loaded while this step's rows arrive
-                    slots = slots + BLOCK_R
-                    ok = slots < n_active
-                    rows = tl.load(idx_ptr + slots, mask=ok, other=0)
+                slots = slots + BLOCK_R  # the next step's entries, loaded while this step's rows arrive
+                ok = slots < n_active
+                rows = tl.load(idx_ptr + slots, mask=ok, other=0)
                 acc += as_f32(w, INT8) * h[:, None]
             y = tl.sum(acc, axis=0)
             if INT8:
@@ -230,8 +225,7 @@ class Blocks:
     fma_at_b1 (B = 1 only): gate and up multiply-add in fp32 instead of a tl.dot with x padded to
     16 tokens, and the down launch is _down1_kernel, whose down_steps are row steps (a program:
     down_r x down_steps list entries, down_d columns); sub: the gate and up FMA steps sum runs of
-    sub adjacent columns first (tiles.rows_times_x1; 0 = a full accumulator); prefetch: the down
-    launch for one token loads each step's list entries a step ahead (_down1_kernel)."""
+    sub adjacent columns first (tiles.rows_times_x1; 0 = a full accumulator)."""
     gate_f: int = 64
     gate_d: int = 128
     gate_warps: int = 4
@@ -246,7 +240,6 @@ class Blocks:
     stages: int = 3
     fma_at_b1: bool = False
     sub: int = 0
-    prefetch: bool = True
 
 
 # The H200 sweeps' best for 4096x11008 (scripts/gpu_int8.py --sweep, notes/kernels.md int8 v2):
@@ -255,11 +248,6 @@ INT8_BLOCKS = Blocks(gate_f=32, gate_d=128, gate_warps=4, gate_stages=4, up_r=32
                      down_r=64, down_d=128, down_steps=2, warps=4, stages=4)
 INT8_B1_BLOCKS = Blocks(gate_f=16, gate_d=256, gate_warps=4, gate_stages=2, up_r=8, up_d=512, up_steps=4,
                         down_r=64, down_d=128, down_steps=4, warps=2, stages=1, fma_at_b1=True, sub=16)
-
-
-def _sub(sub: int, cols: int) -> int:
-    """rows_times_x1's SUB for steps of `cols` columns (0 when they are not runs of sub)."""
-    return sub if sub and cols % sub == 0 else 0
 
 
 def pick_blocks(B: int, int8: bool = False) -> Blocks:
@@ -315,18 +303,18 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
                             T_PER_ROW=threshold.numel() > 1, BLOCK_F=cfg.gate_f, BLOCK_D=cfg.gate_d,
                             ZBLOCK=triton.next_power_of_2(triton.cdiv(B * (F + D), n_gate)),
                             DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % cfg.gate_d == 0, NORM=norm is not None,
-                            SUB=_sub(cfg.sub, cfg.gate_d), num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
+                            SUB=cfg.sub, num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
     up_cols, down_cols = cfg.up_d * cfg.up_steps, cfg.down_d * cfg.down_steps
     n_up, n_down = triton.cdiv(D, up_cols), triton.cdiv(D, down_cols)  # column ranges
     _up_kernel[(n_up * triton.cdiv(F, cfg.up_r),)](
         x, w_up, s_up, idx, count, u_acc, B, D, F, up_cols, n_up, g, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d,
-        DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % up_cols == 0, NORM=norm is not None, SUB=_sub(cfg.sub, cfg.up_d),
+        DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % up_cols == 0, NORM=norm is not None, SUB=cfg.sub,
         num_warps=cfg.warps, num_stages=cfg.stages)
     if fma:  # down_steps counts row steps here: a program covers down_r x down_steps entries, down_d columns
         n_down = triton.cdiv(D, cfg.down_d)
         _down1_kernel[(n_down * triton.cdiv(F, cfg.down_r * cfg.down_steps),)](
             v, u_acc, idx, count, w_down_t, s_down, y_acc, D, F, n_down, r, BLOCK_R=cfg.down_r, STEPS=cfg.down_steps,
-            BLOCK_D=cfg.down_d, INT8=int8, EVEN=D % cfg.down_d == 0, NORM=norm is not None, PREFETCH=cfg.prefetch,
+            BLOCK_D=cfg.down_d, INT8=int8, EVEN=D % cfg.down_d == 0, NORM=norm is not None,
             num_warps=cfg.warps, num_stages=cfg.stages)
     else:
         _down_kernel[(n_down * triton.cdiv(F, cfg.down_r),)](

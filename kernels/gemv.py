@@ -81,8 +81,9 @@ DOT_GEMV_BLOCKS = GemvBlocks(block_n=32, block_k=512, split_k=1, warps_and_stage
 
 # Float weights, B = 1: the H200 sweep of Llama-2-7B's four shapes (scripts/gpu_int8.py --float-gemv,
 # notes/kernels.md v8): the best tiling at each shape, faster than cuBLAS at each (W_qkv 25.7 us
-# against 27.6, W_o 10.2 against 13.5 with its split-K reduce). More tokens: tl.dot tiles (DOT_GEMV_BLOCKS); the model
-# sends float weights there only in tests (linear.py keeps cuBLAS for several tokens).
+# against 27.6, W_o 10.2 against 13.5 with its split-K reduce). More tokens: tl.dot tiles
+# (DOT_GEMV_BLOCKS); the model sends float weights there only in tests (linear.py keeps cuBLAS
+# for several tokens).
 FLOAT_B1_GEMV_BLOCKS = GemvBlocks(block_n=2, block_k=1024, split_k=1, warps_and_stages=(4, 1), fma_at_b1=True,
                                   magic=False, sub=8)
 
@@ -172,8 +173,7 @@ def gemv_triton(x, w, scale=None, residual=None, up=None, blocks: GemvBlocks | N
         B, N, K, k_per_split, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
         DOT_F32=x.dtype == torch.float32 or not x.is_cuda, FMA=blocks.fma_at_b1 and B == 1,
         EVEN=K % k_per_split == 0 and k_per_split % blocks.block_k == 0, MAGIC=blocks.magic and int8,
-        SCALED=int8, RESIDUAL=residual is not None, GATED=up is not None, 
-        SUB=blocks.sub if blocks.sub and blocks.block_k % blocks.sub == 0 else 0,
+        SCALED=int8, RESIDUAL=residual is not None, GATED=up is not None, SUB=blocks.sub,
         num_warps=blocks.warps_and_stages[0], num_stages=blocks.warps_and_stages[1])
     return out if split_k == 1 else out.sum(0).to(x.dtype)
 

@@ -86,10 +86,12 @@ def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.const
     products are summed across columns once, after the loop (a [BLOCK_F, BLOCK_D] accumulator),
     not every step. EVEN: k_hi - k_lo is a multiple of BLOCK_D, so the loads need no column mask
     (a mask whose value changes along a row can split the int8 loads into single bytes).
-    MAGIC: int8 weights converted by int8_to_f32. SUB > 0: each step's products are first summed
-    over runs of SUB adjacent columns (one thread's vector load, so no shuffles), and the
-    accumulator is [BLOCK_F, BLOCK_D // SUB]: fewer registers a program, more programs an SM."""
-    if SUB > 0:
+    MAGIC: int8 weights converted by int8_to_f32. SUB > 0 (and dividing BLOCK_D; else ignored):
+    each step's products are first summed over runs of SUB adjacent columns (one thread's vector
+    load, so no shuffles), and the accumulator is [BLOCK_F, BLOCK_D // SUB]: fewer registers a
+    program, more programs an SM."""
+    RUNS: tl.constexpr = SUB > 0 and BLOCK_D % max(SUB, 1) == 0
+    if RUNS:
         acc = tl.zeros([BLOCK_F, BLOCK_D // SUB], tl.float32)
     else:
         acc = tl.zeros([BLOCK_F, BLOCK_D], tl.float32)
@@ -113,7 +115,7 @@ def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.const
                 g = tl.load(g_ptr + cols, mask=cols < k_hi, other=0.0)
             xv = xv * g.to(tl.float32)
         products = as_f32(w, MAGIC) * xv[None, :]
-        if SUB > 0:
+        if RUNS:
             acc += tl.sum(tl.reshape(products, [BLOCK_F, BLOCK_D // SUB, SUB]), axis=2)
         else:
             acc += products

@@ -328,7 +328,7 @@ def sweep_mlp():
                    dict(down_r=32, down_d=256, down_steps=8), dict(warps=4), dict(stages=1), dict(stages=4),
                    dict(gate_f=8, gate_d=512), dict(gate_warps=2), dict(up_r=32, up_d=256, up_steps=4),
                    dict(up_r=8, up_d=512, up_steps=4), dict(up_r=16, up_d=512, up_steps=2),
-                   dict(prefetch=False), dict(down_r=32, down_steps=8), dict(down_r=64, down_steps=8),
+                   dict(down_r=32, down_steps=8), dict(down_r=64, down_steps=8),
                    dict(down_r=32, down_d=256, down_steps=4), dict(down_r=16, down_d=256, down_steps=8),
                    dict(warps=4), dict(stages=2)):
         cfg = dataclasses.replace(best, **change)
