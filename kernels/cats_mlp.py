@@ -182,13 +182,15 @@ if triton is not None:
     @triton.jit
     def _down1_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, sd_ptr, y_acc_ptr, D, F, N_COLS, r_ptr,
                       BLOCK_R: tl.constexpr, STEPS: tl.constexpr, BLOCK_D: tl.constexpr, INT8: tl.constexpr,
-                      EVEN: tl.constexpr, NORM: tl.constexpr):
+                      EVEN: tl.constexpr, NORM: tl.constexpr, FOLD: tl.constexpr):
         """The down launch for one token (B = 1) on the FMA units: a program takes STEPS x BLOCK_R
         consecutive list entries and BLOCK_D columns, and sums its rows in a [BLOCK_R, BLOCK_D]
         accumulator: one reduction across rows and one atomic add per program, where a program of
         _down_kernel without a tl.dot would need one per column step. Each step loads the next
         step's list entries before its rows, so a step waits for one memory round trip (its rows),
-        not two (the list entries, then the rows they name)."""
+        not two (the list entries, then the rows they name). FOLD > 0 (dividing BLOCK_R): the
+        accumulator is [FOLD, BLOCK_D], each step's rows summed in groups r = a * FOLD + b over a;
+        where FOLD is the rows one layout period covers, those sums stay inside a thread."""
         item = tl.program_id(0)
         n_active = tl.minimum(tl.load(count_ptr + 1), F)
         if item == 0:
@@ -197,7 +199,8 @@ if triton is not None:
             cols = (item % N_COLS) * BLOCK_D + tl.arange(0, BLOCK_D)
             col_ok = cols < D
             first = (item // N_COLS) * (BLOCK_R * STEPS)
-            acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+            ACC_ROWS: tl.constexpr = FOLD if FOLD > 0 and BLOCK_R % max(FOLD, 1) == 0 else BLOCK_R
+            acc = tl.zeros([ACC_ROWS, BLOCK_D], tl.float32)
             r = 1.0
             if NORM:  # the norm's 1 / rms (see _down_kernel)
                 r = tl.load(r_ptr)
@@ -212,7 +215,11 @@ if triton is not None:
                 slots = slots + BLOCK_R  # the next step's entries, loaded while this step's rows arrive
                 ok = slots < n_active
                 rows = tl.load(idx_ptr + slots, mask=ok, other=0)
-                acc += as_f32(w, INT8) * h[:, None]
+                products = as_f32(w, INT8) * h[:, None]
+                if ACC_ROWS < BLOCK_R:
+                    acc += tl.sum(tl.reshape(products, [BLOCK_R // ACC_ROWS, ACC_ROWS, BLOCK_D]), axis=0)
+                else:
+                    acc += products
             y = tl.sum(acc, axis=0)
             if INT8:
                 y = y * tl.load(sd_ptr + cols, mask=col_ok, other=0.0)
@@ -225,7 +232,8 @@ class Blocks:
     fma_at_b1 (B = 1 only): gate and up multiply-add in fp32 instead of a tl.dot with x padded to
     16 tokens, and the down launch is _down1_kernel, whose down_steps are row steps (a program:
     down_r x down_steps list entries, down_d columns); sub: the gate and up FMA steps sum runs of
-    sub adjacent columns first (tiles.rows_times_x1; 0 = a full accumulator)."""
+    sub adjacent columns first (tiles.rows_times_x1; 0 = a full accumulator). up_warps and
+    down_warps: the up and down launches' warps (0: warps). down_fold: _down1_kernel's FOLD."""
     gate_f: int = 64
     gate_d: int = 128
     gate_warps: int = 4
@@ -240,6 +248,9 @@ class Blocks:
     stages: int = 3
     fma_at_b1: bool = False
     sub: int = 0
+    up_warps: int = 0
+    down_warps: int = 0
+    down_fold: int = 0
 
 
 # The H200 sweeps' best for 4096x11008 (scripts/gpu_int8.py --sweep, notes/kernels.md int8 v2):
@@ -309,18 +320,18 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     _up_kernel[(n_up * triton.cdiv(F, cfg.up_r),)](
         x, w_up, s_up, idx, count, u_acc, B, D, F, up_cols, n_up, g, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d,
         DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % up_cols == 0, NORM=norm is not None, SUB=cfg.sub,
-        num_warps=cfg.warps, num_stages=cfg.stages)
+        num_warps=cfg.up_warps or cfg.warps, num_stages=cfg.stages)
     if fma:  # down_steps counts row steps here: a program covers down_r x down_steps entries, down_d columns
         n_down = triton.cdiv(D, cfg.down_d)
         _down1_kernel[(n_down * triton.cdiv(F, cfg.down_r * cfg.down_steps),)](
             v, u_acc, idx, count, w_down_t, s_down, y_acc, D, F, n_down, r, BLOCK_R=cfg.down_r, STEPS=cfg.down_steps,
-            BLOCK_D=cfg.down_d, INT8=int8, EVEN=D % cfg.down_d == 0, NORM=norm is not None,
-            num_warps=cfg.warps, num_stages=cfg.stages)
+            BLOCK_D=cfg.down_d, INT8=int8, EVEN=D % cfg.down_d == 0, NORM=norm is not None, FOLD=cfg.down_fold,
+            num_warps=cfg.down_warps or cfg.warps, num_stages=cfg.stages)
     else:
         _down_kernel[(n_down * triton.cdiv(F, cfg.down_r),)](
             x, v, u_acc, idx, count, w_down_t, s_down, y_acc, B, D, F, down_cols, n_down, r,
             BLOCK_R=cfg.down_r, BLOCK_D=cfg.down_d, DOT_F32=dot_f32, INT8=int8, NORM=norm is not None,
-            num_warps=cfg.warps, num_stages=cfg.stages)
+            num_warps=cfg.down_warps or cfg.warps, num_stages=cfg.stages)
     return y_acc if fp32_out or x.dtype == torch.float32 else y_acc.to(x.dtype)
 
 

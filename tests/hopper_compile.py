@@ -11,15 +11,14 @@ import sys
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
 da = importlib.import_module("catsgen.kernels.decode_attention")
 cm = importlib.import_module("catsgen.kernels.cats_mlp")
 gm = importlib.import_module("catsgen.kernels.gemv")
 HOPPER = GPUTarget("cuda", 90, 32)
-POINTEE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "i8",
-           torch.int32: "i32", torch.int64: "i64"}
 launches = []  # (label, kernel, args by name, options)
 
 
@@ -33,23 +32,22 @@ def record(kernel, label):
     kernel.run = run
 
 
-def arg_type(value):
-    if isinstance(value, torch.Tensor):
-        return "*" + POINTEE[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if abs(value) < 2**31 else "i64"
-    return "fp32"
-
-
 def compile_for_hopper(kernel, named, options):
+    """Specialized as Triton's JIT specializes a launch: an int equal to 1 becomes a constant, and
+    ints and pointers divisible by 16 say so (tt.divisibility), which decides the loads' width."""
     constexpr = set(kernel.constexprs)
-    signature = {name: "constexpr" if i in constexpr else arg_type(named[name])
-                 for i, name in enumerate(kernel.arg_names)}
-    constexprs = {(i,): named[name] for i, name in enumerate(kernel.arg_names) if i in constexpr}
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=HOPPER,
-                          options=options)
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        value = named[name]
+        kind, spec = ("constexpr", None) if i in constexpr else \
+            native_specialize_impl(BaseBackend, value, False, True, True)
+        if kind == "constexpr":
+            constexprs[(i,)] = value
+        elif spec == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        signature[name] = kind
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                          target=HOPPER, options=options)
 
 
 def launch_all():

@@ -109,7 +109,8 @@ def int8_threshold(x, qs, scales, sparsity):
                                               (72, 150, SMALL, torch.float32),  # many steps, tails
                                               (72, 150, SMALL_FMA, torch.bfloat16),  # B = 1: FMA, tails
                                               (64, 160, SMALL_FMA, torch.float16),  # B = 1: FMA, no column mask
-                                              (72, 150, dataclasses.replace(SMALL_FMA, sub=8), torch.bfloat16)])  # runs summed
+                                              (72, 150, dataclasses.replace(SMALL_FMA, sub=8), torch.bfloat16),  # runs summed
+                                              (72, 150, dataclasses.replace(SMALL_FMA, down_fold=4), torch.bfloat16)])
 def test_int8_cats_mlp_matches_reference(poisoned_scratch, dtype, B, sparsity, d, f, blocks):
     x, qs, scales = _int8_mlp(B, d, f, dtype, seed=B + f)
     t = int8_threshold(x, qs, scales, sparsity)

@@ -1,5 +1,6 @@
 """CATS MLP kernels: the Triton path (run on CPU by Triton's interpreter) against the torch
 reference, and the reference against an independently written masked dense MLP."""
+import dataclasses
 import importlib
 import os
 
@@ -25,6 +26,16 @@ def _inputs(B, d, f, dtype, seed):
     x = r(B, d)
     w_gate, w_up, w_down_t = r(f, d) / d**0.5, r(f, d) / d**0.5, r(f, d) / f**0.5
     return [t.to(DEV, dtype) for t in (x, w_gate, w_up, w_down_t)]
+
+
+@pytest.mark.parametrize("fold", [1, 4, 3])  # 3 does not divide the 16 rows: the full accumulator
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_down_fold_matches_reference(poisoned_scratch, dtype, fold):
+    """One token's down launch with each step's rows summed into a [fold, columns] accumulator."""
+    x, w_gate, w_up, w_down_t = _inputs(1, 72, 150, dtype, seed=fold)
+    t = threshold(x, w_gate, 0.5)
+    out = cm.cats_mlp_triton(x, w_gate, w_up, w_down_t, t, blocks=dataclasses.replace(SMALL_FMA, down_fold=fold))
+    assert rel_err(out, cats_mlp_reference(x, w_gate, w_up, w_down_t, t)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
