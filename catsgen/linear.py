@@ -16,10 +16,10 @@ in the same slot (Linear.weight for W_qkv / W_o, MLP.w_gate / w_up / w_down_t) a
   int8     MLP, dense      gated gemv + gemv (W_down in its [d, f] rows)   torch, dequantized
   int8     MLP, CATS       cats_mlp int8 (Triton)                          torch, dequantized
 The input of W_qkv and of the MLP is a Normed (the residual stream and the RMSNorm before the
-matrix). The int8 CATS MLP folds the norm in for one token (its gate launch sums x^2 as it walks
-x with 16 rows a program; no norm kernel before the MLP); everywhere else the norm is computed
-first (`normalized`): folded into the GEMVs (2 or 4 rows a program) and into the tl.dot paths it
-cost more than the norm kernel it saved (notes/kernels.md v7). W_o takes the residual to add: in
+matrix). The CATS MLP folds the norm in for one token (its gate launch sums x^2 as it walks x with
+16 rows a program; no norm kernel before the MLP); everywhere else the norm is computed first
+(`normalized`): folded into the GEMVs (2 or 4 rows a program) and into the tl.dot paths it cost
+more than the norm kernel it saved (notes/kernels.md v7). W_o takes the residual to add: in
 its GEMV's epilogue for one token (for bf16 that also drops cuBLAS's split-K reduce); for one
 token the float GEMV beats cuBLAS at every Llama-2-7B shape (notes/kernels.md v8). The dense
 MLP's W_gate and W_up run as one gated GEMV writing SiLU(g) * u (one launch for both, no SiLU
@@ -222,8 +222,8 @@ def _mlp_kernel(x, w_gate, w_up, w_down_t, threshold):
     one_token = _one_token(_stream_and_norm(x)[0])
     if threshold is None and not (int8 or one_token):
         return None
-    if not (int8 and threshold is not None and one_token):
-        x = normalized(x)  # the norm folds into the int8 CATS launches for one token only (see above)
+    if not (threshold is not None and one_token):
+        x = normalized(x)  # the norm folds into the CATS launches for one token only (see above)
     stream, norm = _stream_and_norm(x)
     if threshold is None and not int8:  # one token: the gated GEMV, then W_down^T on cuBLAS
         # .contiguous(): a no-op on CUDA; CPU weights may be column-major (tests run kernels there)

@@ -257,16 +257,23 @@ class Blocks:
 # B = 1 on the FMA units (few rows, long int8 steps); B > 1 through tl.dot (16-row tiles at least).
 INT8_BLOCKS = Blocks(gate_f=32, gate_d=128, gate_warps=4, gate_stages=4, up_r=32, up_d=256, up_steps=4,
                      down_r=64, down_d=128, down_steps=2, warps=4, stages=4)
-INT8_B1_BLOCKS = Blocks(gate_f=16, gate_d=256, gate_warps=4, gate_stages=2, up_r=8, up_d=512, up_steps=4,
-                        down_r=64, down_d=128, down_steps=4, warps=2, stages=1, fma_at_b1=True, sub=16)
+# down_fold 8: the down launch's accumulator [8, 128] (2 warps: one layout period of int8 rows)
+INT8_B1_BLOCKS = Blocks(gate_f=16, gate_d=512, gate_warps=4, gate_stages=2, up_r=8, up_d=512, up_steps=4,
+                        down_r=64, down_d=128, down_steps=4, warps=2, stages=1, fma_at_b1=True, sub=16,
+                        down_fold=8)
+# Float weights, one token: the FMA launches with runs of 8 (scripts/gpu_sparse.py --sweep, session 9)
+FLOAT_B1_BLOCKS = Blocks(gate_f=16, gate_d=256, gate_warps=4, gate_stages=3, up_r=8, up_d=1024, up_steps=2,
+                         down_r=64, down_d=128, down_steps=2, warps=2, stages=2, fma_at_b1=True, sub=8,
+                         down_fold=8)
 
 
 def pick_blocks(B: int, int8: bool = False) -> Blocks:
-    """Float weights: tokens are padded to 16, so one table serves every B (how it was tuned:
-    notes/kernels.md). int8: B = 1 on the FMA units, B > 1 through tl.dot, each its own tiles."""
-    if int8:
-        return INT8_B1_BLOCKS if B == 1 else INT8_BLOCKS
-    return Blocks()
+    """One token: the FMA launches (no padding to 16 tokens), int8 and float each their own tiles.
+    Several: through tl.dot with tokens padded to 16; float weights share one table for every B
+    (how each was tuned: notes/kernels.md)."""
+    if B == 1:
+        return INT8_B1_BLOCKS if int8 else FLOAT_B1_BLOCKS
+    return INT8_BLOCKS if int8 else Blocks()
 
 
 _empty = torch.empty  # scratch allocation; tests swap in a NaN-filling version to catch unwritten outputs
