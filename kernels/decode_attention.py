@@ -43,8 +43,6 @@ from .workspace import int32_workspace
 try:
     import triton
     import triton.language as tl
-
-    from .launch import after_previous_kernel, pdl_options
 except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
     triton = None
 
@@ -128,9 +126,7 @@ if triton is not None:
                       cos_ptr, sin_ptr, new_k_offset,
                       D: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_N: tl.constexpr, GRANULE: tl.constexpr, MIN_PART: tl.constexpr, BLOCK_C: tl.constexpr,
-                      USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, ROPE: tl.constexpr,
-                      USE_GDC: tl.constexpr):
-        after_previous_kernel(USE_GDC)
+                      USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, ROPE: tl.constexpr):
         c = tl.program_id(0)
         bkv = tl.program_id(1)
         b = bkv // H_KV
@@ -327,7 +323,7 @@ def _launch(q, q_strides, H, k_cache, v_cache, pos, sliding_window, blocks, rope
         Hkv, S, window, n_splits, math.log2(math.e) / math.sqrt(D), cos, sin, new_k_offset,
         D=D, G=G, GP=gp, GR=gr, BLOCK_D=block_d, BLOCK_N=blocks.block_n, GRANULE=blocks.granule,
         MIN_PART=blocks.min_part, BLOCK_C=max(1, blocks.block_c // gr), USE_DOT=use_dot, DOT_PRECISION=precision,
-        DOT_F32=dot_f32, ROPE=rope is not None, num_warps=blocks.warps, num_stages=blocks.stages, **pdl_options(dev))
+        DOT_F32=dot_f32, ROPE=rope is not None, num_warps=blocks.warps, num_stages=blocks.stages)
     return out
 
 

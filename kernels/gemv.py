@@ -31,7 +31,6 @@ try:
     import triton
     import triton.language as tl
 
-    from .launch import after_previous_kernel, pdl_options
     from .tiles import rows_times_x, rows_times_x1
 except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
     triton = None
@@ -126,8 +125,7 @@ if triton is not None:
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, up_ptr, s_up_ptr, res_ptr, out_ptr, B, N, K, K_PER_SPLIT,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
                      FMA: tl.constexpr, EVEN: tl.constexpr, MAGIC: tl.constexpr, SCALED: tl.constexpr,
-                     RESIDUAL: tl.constexpr, GATED: tl.constexpr, SUB: tl.constexpr, USE_GDC: tl.constexpr):
-        after_previous_kernel(USE_GDC)
+                     RESIDUAL: tl.constexpr, GATED: tl.constexpr, SUB: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         split = tl.program_id(1)
         row_ok = rows < N
@@ -176,7 +174,7 @@ def gemv_triton(x, w, scale=None, residual=None, up=None, blocks: GemvBlocks | N
         DOT_F32=x.dtype == torch.float32 or not x.is_cuda, FMA=blocks.fma_at_b1 and B == 1,
         EVEN=K % k_per_split == 0 and k_per_split % blocks.block_k == 0, MAGIC=blocks.magic and int8,
         SCALED=int8, RESIDUAL=residual is not None, GATED=up is not None, SUB=blocks.sub,
-        num_warps=blocks.warps_and_stages[0], num_stages=blocks.warps_and_stages[1], **pdl_options(x.device))
+        num_warps=blocks.warps_and_stages[0], num_stages=blocks.warps_and_stages[1])
     return out if split_k == 1 else out.sum(0).to(x.dtype)
 
 

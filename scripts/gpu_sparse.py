@@ -3,15 +3,13 @@ model runs it), bf16 and int8 weights:
   - per-launch times (torch profiler over eager calls: gate, up, down) at s = 0.5 and 0.7;
   - `--sweep`: tilings tried one launch at a time (coordinate descent), scored by the s = 0.5 plus
     s = 0.7 times of the whole MLP as CUDA-graph replays over two weight copies (L2 holds neither);
-  - `--ncu`: only run each candidate's three launches twice (for `ncu --kernel-name regex:...`);
-  - `--pdl-ab`: the model's tiles also launched without PDL (kernels/launch.py).
+  - `--ncu`: only run each candidate's three launches twice (for `ncu --kernel-name regex:...`).
 Every candidate is checked against the torch reference first.
-    python3 scripts/gpu_sparse.py [--weights bf16 int8] [--sweep] [--ncu] [--pdl-ab]
+    python3 scripts/gpu_sparse.py [--weights bf16 int8] [--sweep] [--ncu]
 """
 import argparse
 import dataclasses
 import importlib
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -153,7 +151,6 @@ def main():
     p.add_argument("--weights", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8"])
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--ncu", action="store_true", help="only run each candidate twice, for ncu")
-    p.add_argument("--pdl-ab", action="store_true", help="also time the model's tiles launched without PDL")
     a = p.parse_args()
     prepare_workspaces("cuda", 1, 1)
     print(torch.cuda.get_device_name(), torch.__version__)
@@ -169,10 +166,6 @@ def main():
                 torch.cuda.synchronize()
                 continue
             report(f"{weights} {tag}", case, cfg)
-            if a.pdl_ab:  # kernels/launch.py reads it at each launch; graph_time_us captures anew
-                os.environ["CATSGEN_PDL"] = "0"
-                report(f"{weights} {tag} without PDL", case, cfg)
-                del os.environ["CATSGEN_PDL"]
             if a.sweep and cfg.fma_at_b1:
                 report(f"{weights} {tag} swept", case, sweep(case, cfg))
         del case

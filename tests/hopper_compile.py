@@ -5,7 +5,7 @@ tests/test_hopper_compile.py, without TRITON_INTERPRET (this process never launc
 Each kernel is launched by its own host code on small CPU tensors with `run` replaced by a
 recorder; the recorded arguments give the signature and constexprs that triton.compile needs.
 DOT_F32 is set as on the GPU for 16-bit inputs (False): on CPU tensors the host code picks the
-interpreter's workaround; so is the programmatic dependent launch (USE_GDC, launch_pdl)."""
+interpreter's workaround."""
 import importlib
 import sys
 
@@ -28,7 +28,6 @@ def record(kernel, label):
         named = dict(zip(kernel.arg_names, args)) | kwargs
         if "DOT_F32" in named and any(getattr(a, "dtype", None) in (torch.bfloat16, torch.float16) for a in args):
             named["DOT_F32"] = False
-        named["USE_GDC"], options["launch_pdl"] = True, True  # as an sm_90 GPU launches them (kernels/launch.py)
         launches.append((f"{label} {kernel.fn.__name__}", kernel, named, options))
     kernel.run = run
 
