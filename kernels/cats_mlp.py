@@ -114,58 +114,6 @@ if triton is not None:
 
 
     @triton.jit
-    def _gate_up1_kernel(x_ptr, wg_ptr, sg_ptr, wu_ptr, su_ptr, t_ptr, h_ptr, idx_ptr, count_ptr, y_acc_ptr, D, F,
-                         N_PROGRAMS, g_ptr, eps, T_PER_ROW: tl.constexpr, BLOCK_F: tl.constexpr,
-                         BLOCK_D: tl.constexpr, UP_R: tl.constexpr, UP_D: tl.constexpr, ZBLOCK: tl.constexpr,
-                         INT8: tl.constexpr, EVEN: tl.constexpr, EVEN_UP: tl.constexpr, NORM: tl.constexpr,
-                         SUB: tl.constexpr):
-        """Gate and up for one token in one launch: a program computes v for its BLOCK_F rows of
-        W_gate, appends its active rows to the list (one atomic), then reads W_up for those rows
-        only, UP_R list entries at a time, and writes h = v * (W_up x) at their list slots (u is
-        whole in the program: no u accumulator, no atomics on it). The last program to append
-        publishes the list's length for the down launch (count[1]) and leaves count[0] and its
-        arrival counter count[2] at zero for the next call."""
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_F + tl.arange(0, BLOCK_F)
-        row_ok = rows < F
-        g, squares = rows_times_x1(wg_ptr, x_ptr, rows, row_ok, D, 0, D, BLOCK_F, BLOCK_D, EVEN, INT8, g_ptr, NORM, SUB)
-        if INT8:
-            g = g * tl.load(sg_ptr + rows, mask=row_ok, other=0.0)
-        r = 1.0
-        if NORM:
-            r = rsqrt_mean(squares, D, eps)
-            g = g * r
-        v = g * tl.sigmoid(g)
-        if T_PER_ROW:
-            t = tl.load(t_ptr + rows, mask=row_ok, other=0.0)
-        else:
-            t = tl.load(t_ptr)
-        v = tl.where(tl.abs(v) > t, v, 0.0)  # padded rows: g = 0, so v = 0
-        active = (v != 0).to(tl.int32)
-        n = tl.sum(active, axis=0)
-        base = tl.atomic_add(count_ptr, n)
-        pos = base + tl.cumsum(active, axis=0) - 1
-        tl.store(idx_ptr + pos, rows, mask=(active > 0) & (pos < F))
-        tl.store(h_ptr + pos, v, mask=(active > 0) & (pos < F))  # v for now; h once u is known
-        if tl.atomic_add(count_ptr + 2, 1) == N_PROGRAMS - 1:  # acq_rel: every append is in count[0]
-            tl.store(count_ptr + 1, tl.minimum(tl.atomic_xchg(count_ptr, 0), F))
-            tl.store(count_ptr + 2, 0)
-        z = pid * ZBLOCK + tl.arange(0, ZBLOCK)
-        tl.store(y_acc_ptr + z, tl.zeros([ZBLOCK], tl.float32), mask=z < D)
-        tl.debug_barrier()  # the program's list entries, stored by all its threads, are read back below
-        for c in range(0, n, UP_R):
-            j = c + tl.arange(0, UP_R)
-            slots = base + j
-            ok = (j < n) & (slots < F)
-            up_rows = tl.load(idx_ptr + slots, mask=ok, other=0, cache_modifier=".cg")
-            u, _ = rows_times_x1(wu_ptr, x_ptr, up_rows, ok, D, 0, D, UP_R, UP_D, EVEN_UP, INT8, g_ptr, NORM, SUB)
-            if INT8:  # the scales of the active rows only
-                u = u * tl.load(su_ptr + up_rows, mask=ok, other=0.0)
-            h = tl.load(h_ptr + slots, mask=ok, other=0.0, cache_modifier=".cg") * (u * r)
-            tl.store(h_ptr + slots, h, mask=ok)
-
-
-    @triton.jit
     def _list_entries(idx_ptr, count_ptr, item, F, N_COLS, BLOCK_R: tl.constexpr):
         """This work item's BLOCK_R list entries (slots, rows, which are in the list) and the number of
         work items (BLOCK_R entries x one column range) the list holds. The rows are loaded alongside
@@ -234,7 +182,7 @@ if triton is not None:
     @triton.jit
     def _down1_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, sd_ptr, y_acc_ptr, D, F, N_COLS, r_ptr,
                       BLOCK_R: tl.constexpr, STEPS: tl.constexpr, BLOCK_D: tl.constexpr, INT8: tl.constexpr,
-                      EVEN: tl.constexpr, NORM: tl.constexpr, FOLD: tl.constexpr, H_SLOTS: tl.constexpr):
+                      EVEN: tl.constexpr, NORM: tl.constexpr, FOLD: tl.constexpr):
         """The down launch for one token (B = 1) on the FMA units: a program takes STEPS x BLOCK_R
         consecutive list entries and BLOCK_D columns, and sums its rows in a [BLOCK_R, BLOCK_D]
         accumulator: one reduction across rows and one atomic add per program, where a program of
@@ -242,11 +190,10 @@ if triton is not None:
         step's list entries before its rows, so a step waits for one memory round trip (its rows),
         not two (the list entries, then the rows they name). FOLD > 0 (dividing BLOCK_R): the
         accumulator is [FOLD, BLOCK_D], each step's rows summed in groups r = a * FOLD + b over a;
-        where FOLD is the rows one layout period covers, those sums stay inside a thread.
-        H_SLOTS: v_ptr holds h = v * u by list slot (_gate_up1_kernel), which also reset the list."""
+        where FOLD is the rows one layout period covers, those sums stay inside a thread."""
         item = tl.program_id(0)
         n_active = tl.minimum(tl.load(count_ptr + 1), F)
-        if item == 0 and not H_SLOTS:
+        if item == 0:
             tl.store(count_ptr, 0)  # the list is empty again for the next call's gate launch
         if item < tl.cdiv(n_active, BLOCK_R * STEPS) * N_COLS:
             cols = (item % N_COLS) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -255,16 +202,13 @@ if triton is not None:
             ACC_ROWS: tl.constexpr = FOLD if FOLD > 0 and BLOCK_R % max(FOLD, 1) == 0 else BLOCK_R
             acc = tl.zeros([ACC_ROWS, BLOCK_D], tl.float32)
             r = 1.0
-            if NORM and not H_SLOTS:  # the norm's 1 / rms (see _down_kernel)
+            if NORM:  # the norm's 1 / rms (see _down_kernel)
                 r = tl.load(r_ptr)
             slots = first + tl.arange(0, BLOCK_R)
             ok = slots < n_active
             rows = tl.load(idx_ptr + slots, mask=ok, other=0)
             for step in range(STEPS):
-                if H_SLOTS:
-                    h = tl.load(v_ptr + slots, mask=ok, other=0.0)
-                else:
-                    h = tl.load(v_ptr + rows, mask=ok, other=0.0) * (tl.load(u_acc_ptr + slots, mask=ok, other=0.0) * r)
+                h = tl.load(v_ptr + rows, mask=ok, other=0.0) * (tl.load(u_acc_ptr + slots, mask=ok, other=0.0) * r)
                 w_mask = ok[:, None] if EVEN else ok[:, None] & col_ok[None, :]  # EVEN: no mask along a row
                 w = tl.load(wd_ptr + rows[:, None] * D + cols[None, :], mask=w_mask, other=0,
                             eviction_policy="evict_first")
@@ -307,7 +251,6 @@ class Blocks:
     up_warps: int = 0
     down_warps: int = 0
     down_fold: int = 0
-    fuse_up: bool = False
 
 
 # The H200 sweeps' best for 4096x11008 (scripts/gpu_int8.py --sweep, notes/kernels.md int8 v2):
@@ -337,11 +280,10 @@ _empty = torch.empty  # scratch allocation; tests swap in a NaN-filling version 
 
 
 def list_counter(device) -> torch.Tensor:
-    """int32 [count, n, arrivals]: the active-row list's length, a workspace (see workspace.py):
-    the gate launch counts up from 0, the up launch copies count to n, the down launch reads n and
-    sets count back to 0 (with fuse_up, the last gate program to arrive copies and resets).
-    prepare_workspaces makes it, before any CUDA-graph capture."""
-    return int32_workspace("cats_mlp_list", device, 3)
+    """int32 [count, n]: the active-row list's length, a workspace (see workspace.py): the gate
+    launch counts up from 0, the up launch copies count to n, the down launch reads n and sets
+    count back to 0. prepare_workspaces makes it, before any CUDA-graph capture."""
+    return int32_workspace("cats_mlp_list", device, 2)
 
 
 def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None = None,
@@ -373,9 +315,6 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     # 1 / rms per token (with a norm): written by the gate launch, read by down; else unread
     r = _empty(B, **f32) if norm is not None else v
     count = list_counter(x.device)
-    if fma and cfg.fuse_up:
-        return _gate_up1_down1(x, w_gate, w_up, w_down_t, threshold, cfg, s_gate, s_up, s_down, norm, idx, count, y_acc,
-                               fp32_out)
 
     n_gate = triton.cdiv(F, cfg.gate_f)
     _gate_kernel[(n_gate,)](x, w_gate, s_gate, threshold, v, idx, count, u_acc, y_acc, B, D, F, g, r, eps,
@@ -394,34 +333,12 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
         _down1_kernel[(n_down * triton.cdiv(F, cfg.down_r * cfg.down_steps),)](
             v, u_acc, idx, count, w_down_t, s_down, y_acc, D, F, n_down, r, BLOCK_R=cfg.down_r, STEPS=cfg.down_steps,
             BLOCK_D=cfg.down_d, INT8=int8, EVEN=D % cfg.down_d == 0, NORM=norm is not None, FOLD=cfg.down_fold,
-            H_SLOTS=False, num_warps=cfg.down_warps or cfg.warps, num_stages=cfg.stages)
+            num_warps=cfg.down_warps or cfg.warps, num_stages=cfg.stages)
     else:
         _down_kernel[(n_down * triton.cdiv(F, cfg.down_r),)](
             x, v, u_acc, idx, count, w_down_t, s_down, y_acc, B, D, F, down_cols, n_down, r,
             BLOCK_R=cfg.down_r, BLOCK_D=cfg.down_d, DOT_F32=dot_f32, INT8=int8, NORM=norm is not None,
             num_warps=cfg.down_warps or cfg.warps, num_stages=cfg.stages)
-    return y_acc if fp32_out or x.dtype == torch.float32 else y_acc.to(x.dtype)
-
-
-def _gate_up1_down1(x, w_gate, w_up, w_down_t, threshold, cfg, s_gate, s_up, s_down, norm, idx, count, y_acc,
-                    fp32_out):
-    """One token, fuse_up: _gate_up1_kernel then _down1_kernel reading h by list slot."""
-    F, D = w_gate.shape
-    int8 = w_gate.dtype == torch.int8
-    g, eps = norm if norm is not None else (x, 0.0)
-    h = _empty(F, device=x.device, dtype=torch.float32)
-    n_gate = triton.cdiv(F, cfg.gate_f)
-    _gate_up1_kernel[(n_gate,)](x, w_gate, s_gate, w_up, s_up, threshold, h, idx, count, y_acc, D, F, n_gate, g, eps,
-                                T_PER_ROW=threshold.numel() > 1, BLOCK_F=cfg.gate_f, BLOCK_D=cfg.gate_d,
-                                UP_R=cfg.up_r, UP_D=cfg.up_d, ZBLOCK=triton.next_power_of_2(triton.cdiv(D, n_gate)),
-                                INT8=int8, EVEN=D % cfg.gate_d == 0, EVEN_UP=D % cfg.up_d == 0,
-                                NORM=norm is not None, SUB=cfg.sub, num_warps=cfg.gate_warps,
-                                num_stages=cfg.gate_stages)
-    n_down = triton.cdiv(D, cfg.down_d)
-    _down1_kernel[(n_down * triton.cdiv(F, cfg.down_r * cfg.down_steps),)](
-        h, h, idx, count, w_down_t, s_down, y_acc, D, F, n_down, h, BLOCK_R=cfg.down_r, STEPS=cfg.down_steps,
-        BLOCK_D=cfg.down_d, INT8=int8, EVEN=D % cfg.down_d == 0, NORM=norm is not None, FOLD=cfg.down_fold,
-        H_SLOTS=True, num_warps=cfg.down_warps or cfg.warps, num_stages=cfg.stages)
     return y_acc if fp32_out or x.dtype == torch.float32 else y_acc.to(x.dtype)
 
 

@@ -1,7 +1,6 @@
 """The CATS MLP's launches for one token (Llama-2-7B MLP shape, the block's RMSNorm folded in as the
 model runs it), bf16 and int8 weights:
   - per-launch times (torch profiler over eager calls: gate, up, down) at s = 0.5 and 0.7;
-  - the model's tiles with gate and up in one launch (fuse_up) against three launches;
   - `--sweep`: tilings tried one launch at a time (coordinate descent), scored by the s = 0.5 plus
     s = 0.7 times of the whole MLP as CUDA-graph replays over two weight copies (L2 holds neither);
   - `--ncu`: only run each candidate's three launches twice (for `ncu --kernel-name regex:...`).
@@ -29,6 +28,10 @@ COPIES = 2
 DEV = "cuda"  # a CPU smoke run (interpreter, tiny shapes) sets it to "cpu"
 SPARSITIES = (0.5, 0.7)
 
+# bf16 for one token on the FMA units (no padding to 16 tokens), runs of 8 as the float GEMV
+BF16_FMA = cm.Blocks(gate_f=16, gate_d=512, gate_warps=4, gate_stages=2, up_r=8, up_d=1024, up_steps=2,
+                     down_r=64, down_d=128, down_steps=4, warps=2, stages=1, fma_at_b1=True, sub=8)
+
 # one launch's tiles at a time; down: (rows, columns, row steps, warps, fold)
 GATE = [dict(gate_f=8, gate_d=512), dict(gate_f=16, gate_d=256), dict(gate_f=16, gate_d=512),
         dict(gate_f=16, gate_d=1024), dict(gate_f=32, gate_d=256), dict(gate_warps=2), dict(gate_warps=8),
@@ -42,10 +45,6 @@ DOWN = [dict(down_r=r, down_d=d, down_steps=st, down_warps=w, down_fold=f) for r
     (128, 128, 2, 4, 16), (64, 64, 4, 2, 8), (64, 256, 2, 2, 4), (32, 128, 8, 2, 8), (64, 128, 8, 2, 8),
     (128, 64, 2, 2, 16))]
 SHARED = [dict(stages=1), dict(stages=2), dict(stages=3)]
-# fuse_up: the gate launch also reads W_up for its active rows, up_r list entries x up_d columns a step
-FUSED = [dict(up_r=r, up_d=d) for r, d in ((4, 512), (8, 256), (8, 512), (8, 1024), (16, 256), (16, 512), (4, 1024))]
-FUSED_GATE = [dict(gate_f=8), dict(gate_f=32), dict(gate_d=256), dict(gate_d=512), dict(gate_d=1024),
-              dict(gate_warps=2), dict(gate_warps=8), dict(gate_stages=1), dict(gate_stages=2), dict(gate_stages=3)]
 
 
 def make_case(weights):
@@ -130,9 +129,7 @@ def report(tag, case, cfg):
 def sweep(case, base):
     best, best_us = base, sum(score(case, base).values())
     print(f"sweep base {best_us:.1f}: {base}", flush=True)
-    rounds = (("fused", FUSED), ("gate", FUSED_GATE), ("fused", FUSED), ("down", DOWN[:8])) if base.fuse_up else \
-        (("down", DOWN), ("up", UP), ("gate", GATE), ("stages", SHARED), ("down", DOWN[:8]))
-    for name, changes in rounds:
+    for name, changes in (("down", DOWN), ("up", UP), ("gate", GATE), ("stages", SHARED), ("down", DOWN[:8])):
         for change in changes:
             cfg = dataclasses.replace(best, **change)
             if cfg == best:
@@ -160,7 +157,8 @@ def main():
     for weights in a.weights:
         case = make_case(weights)
         bases = {"model": cm.pick_blocks(1, int8=weights == "int8")}
-        bases["fused"] = dataclasses.replace(bases["model"], fuse_up=True)
+        if weights == "bf16":
+            bases["fma"] = BF16_FMA
         for tag, cfg in bases.items():
             if a.ncu:
                 for s in SPARSITIES[:1]:
@@ -168,7 +166,7 @@ def main():
                 torch.cuda.synchronize()
                 continue
             report(f"{weights} {tag}", case, cfg)
-            if a.sweep and cfg.fuse_up:  # the three launches' tiles: swept in call 1 (session 9)
+            if a.sweep and cfg.fma_at_b1:
                 report(f"{weights} {tag} swept", case, sweep(case, cfg))
         del case
         torch.cuda.empty_cache()

@@ -6,7 +6,6 @@ Each kernel is launched by its own host code on small CPU tensors with `run` rep
 recorder; the recorded arguments give the signature and constexprs that triton.compile needs.
 DOT_F32 is set as on the GPU for 16-bit inputs (False): on CPU tensors the host code picks the
 interpreter's workaround."""
-import dataclasses
 import importlib
 import sys
 
@@ -69,12 +68,6 @@ def launch_all():
         scales = (torch.rand(F), torch.rand(F), torch.rand(D))
         cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales)
         cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm)
-        if B == 1:  # gate and up in one launch (fuse_up), then the down launch reading h by slot
-            fused = dataclasses.replace(cm.pick_blocks(1), fuse_up=True)
-            cm.cats_mlp_triton(x, *(torch.randn(F, D, **bf16) for _ in range(3)), torch.tensor(0.1), norm=norm,
-                               blocks=fused)
-            cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm,
-                               blocks=dataclasses.replace(cm.pick_blocks(1, int8=True), fuse_up=True))
         gm.int8_gemv_triton(x, q8[0], scales[0])
         gm.gemv_triton(x, torch.randn(D, D, **bf16), residual=torch.randn(B, D, **bf16))
         gm.gemv_triton(x, torch.randn(F, D, **bf16), up=(torch.randn(F, D, **bf16), None))  # the dense MLP's gated GEMV
@@ -82,7 +75,7 @@ def launch_all():
 
 
 def main():
-    for module, names in ((da, ["_split_kernel"]), (cm, ["_gate_kernel", "_up_kernel", "_down_kernel", "_down1_kernel", "_gate_up1_kernel"]),
+    for module, names in ((da, ["_split_kernel"]), (cm, ["_gate_kernel", "_up_kernel", "_down_kernel", "_down1_kernel"]),
                           (gm, ["_gemv_kernel"])):
         for name in names:
             record(getattr(module, name), module.__name__.rsplit(".", 1)[1])

@@ -2,7 +2,6 @@
 on its output, or gated (the dense MLP's SiLU(x W_gate^T) * (x W_up^T)), and the CATS MLP with the
 block's RMSNorm on its input, each against its torch reference under Triton's interpreter; the
 references against plain torch."""
-import dataclasses
 import importlib
 import os
 
@@ -157,33 +156,3 @@ def test_norm_reference_is_torchs_rms_norm():
     """The norm the CATS launches fold in (and the model's RMSNorm calls) against torch's own."""
     x, (weight, eps) = _stream(3, 40, seed=5, dtype=torch.float32), _norm(40, 6)
     assert rel_err(cm.rms_norm_reference(x, weight, eps), F.rms_norm(x, (40,), weight, eps)) < 1e-6
-
-
-FUSED = dataclasses.replace(SMALL_FMA, fuse_up=True, up_r=4, up_d=32, down_fold=4)  # several up steps, tails
-
-
-@pytest.mark.parametrize("int8", [False, True])
-@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("per_neuron", [False, True])
-def test_gate_and_up_in_one_launch_match_reference(poisoned_scratch, int8, sparsity, per_neuron):
-    """fuse_up (one token): the gate launch reads W_up for its own active rows and writes h by list
-    slot; the list's counters are left at [0, n, 0] for the next call, which gives the same y."""
-    d, f = 45, 70
-    x, norm = _stream(1, d, seed=7, dtype=torch.float32), _norm(d, 7)
-    (w_gate, s_gate), (w_up, s_up), (w_down, _) = [_weights(f, d, seed=s, dtype=torch.float32, int8=int8)
-                                                   for s in (1, 2, 3)]
-    scales, gate_float = None, w_gate
-    if int8:  # W_down^T's scales are per column (W_down's output channels)
-        q, s_down = quantize_int8(torch.randn(d, f, generator=torch.Generator().manual_seed(4)) / f**0.5)
-        w_down, scales = q.t().contiguous().to(DEV), (s_gate, s_up, s_down.to(DEV))
-        gate_float = w_gate.float() * s_gate[:, None]
-    t = threshold(cm.rms_norm_reference(x, *norm), gate_float, sparsity)
-    if per_neuron:  # a different threshold per neuron, as a weight-aware allocation makes
-        t = (t * torch.linspace(0.5, 1.5, f, device=t.device)).float()
-    out = cm.cats_mlp_triton(x, w_gate, w_up, w_down, t, blocks=FUSED, scales=scales, norm=norm)
-    ref = cats_mlp_reference(x, w_gate, w_up, w_down, t, scales=scales, norm=norm)
-    count = cm.list_counter(x.device)
-    assert count[0] == 0 and count[2] == 0
-    assert rel_err(out, ref) < 1e-5 if sparsity < 1 else (out == 0).all()
-    again = cm.cats_mlp_triton(x, w_gate, w_up, w_down, t, blocks=FUSED, scales=scales, norm=norm)
-    assert torch.equal(again, out)
