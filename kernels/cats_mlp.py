@@ -29,7 +29,6 @@ measurements: notes/kernels.md. Over 300 lines: one op whose three (four, with t
 down launch) launches share the row list, its counter, the tiles and the folded norm's 1 / rms
 (written by the gate launch, read by the down launch); they are not usable apart.
 """
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -127,18 +126,14 @@ if triton is not None:
 
     @triton.jit
     def _up_kernel(x_ptr, wu_ptr, su_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS, g_ptr,
-                   N_PROGRAMS, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
-                   INT8: tl.constexpr, FMA: tl.constexpr, EVEN: tl.constexpr, NORM: tl.constexpr, SUB: tl.constexpr):
-        pid = tl.program_id(0)
-        slots, rows, ok, n_active, n_items = _list_entries(idx_ptr, count_ptr, pid, F, N_COLS, BLOCK_R)
-        if pid == 0:
+                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, INT8: tl.constexpr,
+                   FMA: tl.constexpr, EVEN: tl.constexpr, NORM: tl.constexpr, SUB: tl.constexpr):
+        item = tl.program_id(0)
+        slots, rows, ok, n_active, n_items = _list_entries(idx_ptr, count_ptr, item, F, N_COLS, BLOCK_R)
+        if item == 0:
             tl.store(count_ptr + 1, n_active)  # for the down launch, which resets count_ptr[0]
         toks = tl.arange(0, 16)
-        for item in range(pid, n_items, N_PROGRAMS):  # one round unless the grid is short (grid_rows)
-            if item != pid:
-                slots = (item // N_COLS) * BLOCK_R + tl.arange(0, BLOCK_R)
-                ok = slots < n_active
-                rows = tl.load(idx_ptr + slots, mask=ok, other=0)
+        if item < n_items:
             c0 = (item % N_COLS) * COLS_PER_PROG
             c1 = tl.minimum(c0 + COLS_PER_PROG, D)
             if FMA:
@@ -185,7 +180,7 @@ if triton is not None:
 
 
     @triton.jit
-    def _down1_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, sd_ptr, y_acc_ptr, D, F, N_COLS, r_ptr, N_PROGRAMS,
+    def _down1_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, sd_ptr, y_acc_ptr, D, F, N_COLS, r_ptr,
                       BLOCK_R: tl.constexpr, STEPS: tl.constexpr, BLOCK_D: tl.constexpr, INT8: tl.constexpr,
                       EVEN: tl.constexpr, NORM: tl.constexpr, FOLD: tl.constexpr):
         """The down launch for one token (B = 1) on the FMA units: a program takes STEPS x BLOCK_R
@@ -196,11 +191,11 @@ if triton is not None:
         not two (the list entries, then the rows they name). FOLD > 0 (dividing BLOCK_R): the
         accumulator is [FOLD, BLOCK_D], each step's rows summed in groups r = a * FOLD + b over a;
         where FOLD is the rows one layout period covers, those sums stay inside a thread."""
-        pid = tl.program_id(0)
+        item = tl.program_id(0)
         n_active = tl.minimum(tl.load(count_ptr + 1), F)
-        if pid == 0:
+        if item == 0:
             tl.store(count_ptr, 0)  # the list is empty again for the next call's gate launch
-        for item in range(pid, tl.cdiv(n_active, BLOCK_R * STEPS) * N_COLS, N_PROGRAMS):  # see _up_kernel
+        if item < tl.cdiv(n_active, BLOCK_R * STEPS) * N_COLS:
             cols = (item % N_COLS) * BLOCK_D + tl.arange(0, BLOCK_D)
             col_ok = cols < D
             first = (item // N_COLS) * (BLOCK_R * STEPS)
@@ -238,8 +233,7 @@ class Blocks:
     16 tokens, and the down launch is _down1_kernel, whose down_steps are row steps (a program:
     down_r x down_steps list entries, down_d columns); sub: the gate and up FMA steps sum runs of
     sub adjacent columns first (tiles.rows_times_x1; 0 = a full accumulator). up_warps and
-    down_warps: the up and down launches' warps (0: warps). down_fold: _down1_kernel's FOLD. grid_rows: the one-token up
-    and down grids cover this fraction of the rows; programs loop where more are active."""
+    down_warps: the up and down launches' warps (0: warps). down_fold: _down1_kernel's FOLD."""
     gate_f: int = 64
     gate_d: int = 128
     gate_warps: int = 4
@@ -257,7 +251,6 @@ class Blocks:
     up_warps: int = 0
     down_warps: int = 0
     down_fold: int = 0
-    grid_rows: float = 1.0
 
 
 # The H200 sweeps' best for 4096x11008 (scripts/gpu_int8.py --sweep, notes/kernels.md int8 v2):
@@ -331,18 +324,14 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
                             SUB=cfg.sub, num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
     up_cols, down_cols = cfg.up_d * cfg.up_steps, cfg.down_d * cfg.down_steps
     n_up, n_down = triton.cdiv(D, up_cols), triton.cdiv(D, down_cols)  # column ranges
-    grid_rows = min(F, math.ceil(F * cfg.grid_rows)) if fma else F  # rows the sparse grids cover in one round
-    up_grid = n_up * triton.cdiv(grid_rows, cfg.up_r)
-    _up_kernel[(up_grid,)](
-        x, w_up, s_up, idx, count, u_acc, B, D, F, up_cols, n_up, g, up_grid, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d,
+    _up_kernel[(n_up * triton.cdiv(F, cfg.up_r),)](
+        x, w_up, s_up, idx, count, u_acc, B, D, F, up_cols, n_up, g, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d,
         DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % up_cols == 0, NORM=norm is not None, SUB=cfg.sub,
         num_warps=cfg.up_warps or cfg.warps, num_stages=cfg.stages)
     if fma:  # down_steps counts row steps here: a program covers down_r x down_steps entries, down_d columns
         n_down = triton.cdiv(D, cfg.down_d)
-        down_grid = n_down * triton.cdiv(grid_rows, cfg.down_r * cfg.down_steps)
-        _down1_kernel[(down_grid,)](
-            v, u_acc, idx, count, w_down_t, s_down, y_acc, D, F, n_down, r, down_grid, BLOCK_R=cfg.down_r,
-            STEPS=cfg.down_steps,
+        _down1_kernel[(n_down * triton.cdiv(F, cfg.down_r * cfg.down_steps),)](
+            v, u_acc, idx, count, w_down_t, s_down, y_acc, D, F, n_down, r, BLOCK_R=cfg.down_r, STEPS=cfg.down_steps,
             BLOCK_D=cfg.down_d, INT8=int8, EVEN=D % cfg.down_d == 0, NORM=norm is not None, FOLD=cfg.down_fold,
             num_warps=cfg.down_warps or cfg.warps, num_stages=cfg.stages)
     else:

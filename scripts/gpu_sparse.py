@@ -3,10 +3,9 @@ model runs it), bf16 and int8 weights:
   - per-launch times (torch profiler over eager calls: gate, up, down) at s = 0.5 and 0.7;
   - `--sweep`: tilings tried one launch at a time (coordinate descent), scored by the s = 0.5 plus
     s = 0.7 times of the whole MLP as CUDA-graph replays over two weight copies (L2 holds neither);
-  - `--ncu`: only run each candidate's three launches twice (for `ncu --kernel-name regex:...`);
-  - `--grid F...`: the model's tiles with the up / down grids sized for these fractions of the rows.
+  - `--ncu`: only run each candidate's three launches twice (for `ncu --kernel-name regex:...`).
 Every candidate is checked against the torch reference first.
-    python3 scripts/gpu_sparse.py [--weights bf16 int8] [--sweep] [--ncu] [--grid F...]
+    python3 scripts/gpu_sparse.py [--weights bf16 int8] [--sweep] [--ncu]
 """
 import argparse
 import dataclasses
@@ -28,6 +27,10 @@ D, FF = 4096, 11008
 COPIES = 2
 DEV = "cuda"  # a CPU smoke run (interpreter, tiny shapes) sets it to "cpu"
 SPARSITIES = (0.5, 0.7)
+
+# bf16 for one token on the FMA units (no padding to 16 tokens), runs of 8 as the float GEMV
+BF16_FMA = cm.Blocks(gate_f=16, gate_d=512, gate_warps=4, gate_stages=2, up_r=8, up_d=1024, up_steps=2,
+                     down_r=64, down_d=128, down_steps=4, warps=2, stages=1, fma_at_b1=True, sub=8)
 
 # one launch's tiles at a time; down: (rows, columns, row steps, warps, fold)
 GATE = [dict(gate_f=8, gate_d=512), dict(gate_f=16, gate_d=256), dict(gate_f=16, gate_d=512),
@@ -148,14 +151,14 @@ def main():
     p.add_argument("--weights", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8"])
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--ncu", action="store_true", help="only run each candidate twice, for ncu")
-    p.add_argument("--grid", nargs="*", type=float, default=[],
-                   help="also time the model's tiles with up / down grids for these fractions of the rows")
     a = p.parse_args()
     prepare_workspaces("cuda", 1, 1)
     print(torch.cuda.get_device_name(), torch.__version__)
     for weights in a.weights:
         case = make_case(weights)
         bases = {"model": cm.pick_blocks(1, int8=weights == "int8")}
+        if weights == "bf16":
+            bases["fma"] = BF16_FMA
         for tag, cfg in bases.items():
             if a.ncu:
                 for s in SPARSITIES[:1]:
@@ -163,9 +166,7 @@ def main():
                 torch.cuda.synchronize()
                 continue
             report(f"{weights} {tag}", case, cfg)
-            for rows in a.grid:
-                report(f"{weights} {tag} grid_rows={rows}", case, dataclasses.replace(cfg, grid_rows=rows))
-            if a.sweep:
+            if a.sweep and cfg.fma_at_b1:
                 report(f"{weights} {tag} swept", case, sweep(case, cfg))
         del case
         torch.cuda.empty_cache()

@@ -38,18 +38,6 @@ def test_down_fold_matches_reference(poisoned_scratch, dtype, fold):
     assert rel_err(out, cats_mlp_reference(x, w_gate, w_up, w_down_t, t)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("grid_rows", [0.2, 0.5])
-@pytest.mark.parametrize("sparsity", [0.0, 0.5])
-def test_short_grid_loops_over_the_list(poisoned_scratch, grid_rows, sparsity):
-    """One token, up and down grids sized for a fraction of the rows: programs take further list
-    entries in rounds when more rows are active."""
-    x, w_gate, w_up, w_down_t = _inputs(1, 72, 150, torch.float32, seed=11)
-    t = threshold(x, w_gate, sparsity)
-    blocks = dataclasses.replace(SMALL_FMA, grid_rows=grid_rows)
-    out = cm.cats_mlp_triton(x, w_gate, w_up, w_down_t, t, blocks=blocks)
-    assert rel_err(out, cats_mlp_reference(x, w_gate, w_up, w_down_t, t)) < TOL[torch.float32]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B", [1, 3, 8])
 @pytest.mark.parametrize("sparsity", [0, 0.5, 1])
