@@ -28,10 +28,6 @@ COPIES = 2
 DEV = "cuda"  # a CPU smoke run (interpreter, tiny shapes) sets it to "cpu"
 SPARSITIES = (0.5, 0.7)
 
-# bf16 for one token on the FMA units (no padding to 16 tokens), runs of 8 as the float GEMV
-BF16_FMA = cm.Blocks(gate_f=16, gate_d=512, gate_warps=4, gate_stages=2, up_r=8, up_d=1024, up_steps=2,
-                     down_r=64, down_d=128, down_steps=4, warps=2, stages=1, fma_at_b1=True, sub=8)
-
 # one launch's tiles at a time; down: (rows, columns, row steps, warps, fold)
 GATE = [dict(gate_f=8, gate_d=512), dict(gate_f=16, gate_d=256), dict(gate_f=16, gate_d=512),
         dict(gate_f=16, gate_d=1024), dict(gate_f=32, gate_d=256), dict(gate_warps=2), dict(gate_warps=8),
@@ -157,8 +153,6 @@ def main():
     for weights in a.weights:
         case = make_case(weights)
         bases = {"model": cm.pick_blocks(1, int8=weights == "int8")}
-        if weights == "bf16":
-            bases["fma"] = BF16_FMA
         for tag, cfg in bases.items():
             if a.ncu:
                 for s in SPARSITIES[:1]:
@@ -166,7 +160,7 @@ def main():
                 torch.cuda.synchronize()
                 continue
             report(f"{weights} {tag}", case, cfg)
-            if a.sweep and cfg.fma_at_b1:
+            if a.sweep:
                 report(f"{weights} {tag} swept", case, sweep(case, cfg))
         del case
         torch.cuda.empty_cache()
