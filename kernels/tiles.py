@@ -9,6 +9,8 @@ NORM: x is the residual stream and the matrix wants RMSNorm(x) * g: each x tile 
 g's tile (g_ptr) and its squares summed along the way, so the caller, which walked all of x, scales
 its result by 1 / rms itself (rsqrt_mean) and no norm kernel runs before it.
 """
+import os
+
 import triton
 import triton.language as tl
 
@@ -62,12 +64,32 @@ def rsqrt_mean(squares, D, eps):
     return tl.rsqrt(squares / D + eps)
 
 
+# Triton's interpreter runs no inline PTX (the CPU tests): there int8_to_f32 takes the plain path
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
 @triton.jit
 def int8_to_f32(w):
     """int8 -> fp32, exact, on the integer and FMA pipes instead of the conversion unit (16 per clock
     per SM on Hopper, fewer than the int8 weights HBM delivers): 2^23 has an fp32 ulp of 1, so the
-    bits of 2^23 + 128 + b, i.e. 0x4B000080 + b, read as fp32 are that number exactly."""
-    return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+    bits of 2^23 + 128 + b, i.e. 0x4B000080 + b, read as fp32 are that number exactly. On the GPU
+    four weights at a time: one XOR flips their sign bits (b + 128 as an unsigned byte), then a
+    byte permute per weight places it under the exponent bits 0x4B: two instructions a weight with
+    the subtraction, where sign-extending each byte first takes three."""
+    if _INTERPRETED:
+        return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+    else:
+        magic = tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t, k;
+            xor.b32 t, $4, 0x80808080;
+            mov.b32 k, 0x4B000000;
+            prmt.b32 $0, t, k, 0x7650;
+            prmt.b32 $1, t, k, 0x7651;
+            prmt.b32 $2, t, k, 0x7652;
+            prmt.b32 $3, t, k, 0x7653;
+            }""", "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
+        return magic - 8388736.0
 
 
 @triton.jit

@@ -61,6 +61,18 @@ def test_int8_to_float_conversion_is_exact_for_every_value(magic):
     assert torch.equal(out[0].cpu(), torch.arange(-128, 128, dtype=torch.float32))
 
 
+def test_int8_to_float_gpu_identity_for_every_value():
+    """The GPU path of int8_to_f32 (kernels/tiles.py, inline PTX the interpreter can not run): the
+    byte with its sign bit flipped (XOR 0x80), placed under 0x4B000000 (PRMT selector 0x765k for
+    byte k), read as fp32, minus 2^23 + 128, is b, for every int8 b and every byte position."""
+    b = torch.arange(-128, 128, dtype=torch.int32)
+    for k in range(4):
+        packed = (b & 0xFF) << (8 * k)  # b as byte k of a 32-bit register
+        t = packed ^ 0x80808080
+        bits = 0x4B000000 | ((t >> (8 * k)) & 0xFF)  # bytes 7, 6, 5 of {0x4B000000, t}: 0x4B, 0, 0
+        assert torch.equal(bits.view(torch.float32) - 8388736.0, b.float())
+
+
 def test_int8_gemv_reference_is_dequantized_linear():
     q, scale = _quantized(30, 20, seed=7)
     x = torch.randn(2, 20, dtype=torch.float64).to(DEV)
