@@ -25,6 +25,7 @@ for s in "${@:-checks attention profile bench}"; do
       kernels) step kernels 150 python3 -m catsgen.kernels.bench --shapes 4096x11008 --batch 1 --sparsity 0.5,0.7 ;;
       bench) step bench_llama 300 python3 bench.py --preset llama-2-7b --sparsity 0 0.5 0.7 --new-tokens 256 --repeats 5 --json "$OUT/llama-2-7b.json" ;;
       bench_int8) step bench_int8 300 python3 bench.py --preset llama-2-7b --quantize int8 --sparsity 0 0.5 0.7 --new-tokens 256 --repeats 5 --json "$OUT/llama-2-7b-int8.json" ;;
+      sparse) step sparse 200 python3 scripts/gpu_sparse.py ;;
       bench_mistral) step bench_mistral 300 python3 bench.py --preset mistral-7b --sparsity 0 0.5 0.7 --new-tokens 256 --repeats 5 --json "$OUT/mistral-7b.json" ;;
     esac
   done
