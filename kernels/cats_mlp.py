@@ -23,8 +23,9 @@ result, so the cast to x.dtype fuses into the model's residual add):
      (_down1_kernel for one token on the FMA units, see Blocks.fma_at_b1).
 The grid of the sparse launches is sized for "all rows active"; programs past the list's end
 return at once. The list's order varies between runs, so fp32 sums may differ in the last bits
-(as the atomics of split reductions make them anyway). Tokens are padded to 16 so each step is
-one tl.dot on the tensor cores (FMA units for fp32). Why this design and not others, with
+(as the atomics of split reductions make them anyway). Several tokens are padded to 16 so each
+step is one tl.dot on the tensor cores (FMA units for fp32); one token multiplies on the FMA units
+unpadded (pick_blocks). Why this design and not others, with
 measurements: notes/kernels.md. Over 300 lines: one op whose three (four, with the one-token
 down launch) launches share the row list, its counter, the tiles and the folded norm's 1 / rms
 (written by the gate launch, read by the down launch); they are not usable apart.
@@ -232,8 +233,8 @@ class Blocks:
     fma_at_b1 (B = 1 only): gate and up multiply-add in fp32 instead of a tl.dot with x padded to
     16 tokens, and the down launch is _down1_kernel, whose down_steps are row steps (a program:
     down_r x down_steps list entries, down_d columns); sub: the gate and up FMA steps sum runs of
-    sub adjacent columns first (tiles.rows_times_x1; 0 = a full accumulator). up_warps and
-    down_warps: the up and down launches' warps (0: warps). down_fold: _down1_kernel's FOLD."""
+    sub adjacent columns first (tiles.rows_times_x1; 0 = a full accumulator). down_fold:
+    _down1_kernel's FOLD."""
     gate_f: int = 64
     gate_d: int = 128
     gate_warps: int = 4
@@ -248,8 +249,6 @@ class Blocks:
     stages: int = 3
     fma_at_b1: bool = False
     sub: int = 0
-    up_warps: int = 0
-    down_warps: int = 0
     down_fold: int = 0
 
 
@@ -327,18 +326,18 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     _up_kernel[(n_up * triton.cdiv(F, cfg.up_r),)](
         x, w_up, s_up, idx, count, u_acc, B, D, F, up_cols, n_up, g, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d,
         DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % up_cols == 0, NORM=norm is not None, SUB=cfg.sub,
-        num_warps=cfg.up_warps or cfg.warps, num_stages=cfg.stages)
+        num_warps=cfg.warps, num_stages=cfg.stages)
     if fma:  # down_steps counts row steps here: a program covers down_r x down_steps entries, down_d columns
         n_down = triton.cdiv(D, cfg.down_d)
         _down1_kernel[(n_down * triton.cdiv(F, cfg.down_r * cfg.down_steps),)](
             v, u_acc, idx, count, w_down_t, s_down, y_acc, D, F, n_down, r, BLOCK_R=cfg.down_r, STEPS=cfg.down_steps,
             BLOCK_D=cfg.down_d, INT8=int8, EVEN=D % cfg.down_d == 0, NORM=norm is not None, FOLD=cfg.down_fold,
-            num_warps=cfg.down_warps or cfg.warps, num_stages=cfg.stages)
+            num_warps=cfg.warps, num_stages=cfg.stages)
     else:
         _down_kernel[(n_down * triton.cdiv(F, cfg.down_r),)](
             x, v, u_acc, idx, count, w_down_t, s_down, y_acc, B, D, F, down_cols, n_down, r,
             BLOCK_R=cfg.down_r, BLOCK_D=cfg.down_d, DOT_F32=dot_f32, INT8=int8, NORM=norm is not None,
-            num_warps=cfg.down_warps or cfg.warps, num_stages=cfg.stages)
+            num_warps=cfg.warps, num_stages=cfg.stages)
     return y_acc if fp32_out or x.dtype == torch.float32 else y_acc.to(x.dtype)
 
 

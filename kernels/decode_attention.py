@@ -149,11 +149,10 @@ if triton is not None:
                 row = tl.minimum(pos, S - 1).to(tl.int64) * D  # the tables cover the cache's S positions
                 cos = tl.load(cos_ptr + row + d, mask=d_ok, other=0.0)
                 sin = tl.load(sin_ptr + row + d, mask=d_ok, other=0.0)
-                # Only loaded here: the rotations are computed in the loop, after the first K/V loads
-                # are issued, so those do not wait for q (one memory round trip less, session 8).
-                q_x, q_partner = _rope_halves(q_rows, d[None, :], g_ok[:, None] & d_ok[None, :], D)
+                q = _rotated(q_rows, d[None, :], g_ok[:, None] & d_ok[None, :], cos[None, :], sin[None, :], D)
+                q = q.to(q_ptr.dtype.element_ty)
                 new_k = q_ptr + b.to(tl.int64) * sq_b + new_k_offset + kvh * D
-                k_x, k_partner = _rope_halves(new_k, d, d_ok, D)
+                k_new = _rotated(new_k, d, d_ok, cos, sin, D).to(k_ptr.dtype.element_ty)
                 v_new = tl.load(new_k + H_KV * D + d, mask=d_ok, other=0.0).to(v_ptr.dtype.element_ty)
             else:
                 q = tl.load(q_rows + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
@@ -171,8 +170,6 @@ if triton is not None:
                 v = tl.load(v_base + n[:, None].to(tl.int64) * sv_s + d[None, :], mask=kv_mask, other=0.0,
                             eviction_policy="evict_first")
                 if ROPE:  # the new key and value from registers in place of the cache row at pos
-                    q = (q_x * cos[None, :] + q_partner * sin[None, :]).to(q_ptr.dtype.element_ty)
-                    k_new = (k_x * cos + k_partner * sin).to(k_ptr.dtype.element_ty)
                     k = tl.where(n[:, None] == pos, k_new[None, :], k)
                     v = tl.where(n[:, None] == pos, v_new[None, :], v)
                 if DOT_F32:  # the interpreter's tl.dot misreads bf16 operands (triton 3.9)
@@ -196,7 +193,6 @@ if triton is not None:
             if ROPE:
                 if end == hi and pos < S:  # the part holding pos writes the new key and value
                     # (pos >= S: a caller's error; never write past the cache)
-                    k_new = (k_x * cos + k_partner * sin).to(k_ptr.dtype.element_ty)
                     tl.store(k_base + pos.to(tl.int64) * sk_s + d, k_new, mask=d_ok)
                     tl.store(v_base + pos.to(tl.int64) * sv_s + d, v_new, mask=d_ok)
             n_parts = tl.cdiv(hi - lo, part)  # the programs that write a partial: c in [0, n_parts)
@@ -225,12 +221,11 @@ if triton is not None:
         return pos, lo, hi, part
 
     @triton.jit
-    def _rope_halves(rows, d, mask, D: tl.constexpr):
-        """The head vectors at rows + d (d < D) in fp32, and rotate_half of them: RoPE of x is then
-        x * cos + rotated * sin (rope_reference)."""
+    def _rotated(rows, d, mask, cos, sin, D: tl.constexpr):
+        """rope_reference on the head vectors at rows + d (d < D): x * cos + rotate_half(x) * sin in fp32."""
         x = tl.load(rows + d, mask=mask, other=0.0).to(tl.float32)
         partner = tl.load(rows + (d + D // 2) % D, mask=mask, other=0.0).to(tl.float32)
-        return x, tl.where(d < D // 2, -partner, partner)
+        return x * cos + tl.where(d < D // 2, -partner, partner) * sin
 
     @triton.jit
     def _combine_parts(o_ptr, m_ptr, l_ptr, out_ptr, so_b, so_h, b, kvh, H, n_splits, n_parts,

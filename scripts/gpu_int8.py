@@ -7,8 +7,9 @@ kernels/cats_mlp.py) at the Llama-2-7B shapes:
      (50 MB on the H200) holds none of them: the int8 GEMV against bf16 cuBLAS of the same shape;
      the int8 CATS MLP at s = 0, 0.5, 0.7 against the int8 dense MLP (the int8 GEMV three times)
      and the bf16 cuBLAS dense MLP. GB/s counts the bytes read, scales included.
-`--sweep [gemv] [mlp]` also tries tilings of those kernels (all: --sweep alone) and prints the best.
-    python3 scripts/gpu_int8.py [--sweep [gemv] [mlp]] | --float-gemv | --gated
+`--sweep` also tries tilings of the GEMV and prints the best (the CATS MLP's one-token tiles:
+scripts/gpu_sparse.py --sweep).
+    python3 scripts/gpu_int8.py [--sweep] | --float-gemv | --gated
 Every section runs even if one before it failed; the exit code says whether all checks passed.
 """
 import argparse
@@ -274,10 +275,8 @@ def time_gated(sweep=False):
             print(f"   gated {'int8' if int8 else 'bf16'} {us:6.1f} us {nbytes / us / 1e3:6.0f} GB/s rel_err {err:.1e} {b}")
 
 
-def time_mlp(sweep):
-    int8_blocks = cm.pick_blocks(1, int8=True)
-    if sweep:
-        int8_blocks = sweep_mlp()
+def time_mlp():
+    int8_blocks = cm.pick_blocks(1, int8=True)  # their sweep: scripts/gpu_sparse.py --sweep
     print(f"\nint8 CATS MLP {D}x{FF}, blocks {int8_blocks}; int8 dense MLP: the int8 GEMV with "
           f"{gm.pick_gemv_blocks(FF, D)} (gate, up), {gm.pick_gemv_blocks(D, FF)} (down)")
     print(f"{'B':>2} {'s':>4} {'active':>6} {'cats_us':>8} {'GB/s':>6} {'limit':>6} {'i8dense':>8} {'vs_i8':>6} "
@@ -306,48 +305,10 @@ def time_mlp(sweep):
                   f"{i8_dense:>8.1f} {i8_dense / us:>5.2f}x {bf16:>8.1f} {bf16 / us:>6.2f}x")
 
 
-def sweep_mlp():
-    """Coordinate descent over the int8 tiles at B=1, scored by the s=0.5 plus s=0.7 times, with
-    the block's RMSNorm folded in as the model's decode runs it (the gate launch's x-side work
-    grows as its rows per program shrink, so a sweep without it favours too few rows)."""
-    _, qs, scales, _ = int8_mlp()
-    x = torch.randn(1, D, device=DEV, dtype=torch.bfloat16)
-    norm = (torch.rand(D, device=DEV, dtype=torch.bfloat16) + 0.5, 1e-5)
-    ts = [threshold(cm.rms_norm_reference(x, *norm), qs[0], scales[0], s)[0] for s in (0.5, 0.7)]
-
-    def score(cfg):
-        return sum(graph_time_us(lambda: cm.cats_mlp_triton(x, *qs, t, blocks=cfg, scales=scales, norm=norm))
-                   for t in ts)
-    best = cm.pick_blocks(1, int8=True)
-    best_us = score(best)
-    print(f"sweep int8 mlp base {best}: {best_us:.1f}")
-    for change in (dict(down_r=16, down_d=256, down_steps=8), dict(down_r=16, down_d=512, down_steps=4),
-                   dict(down_r=32, down_d=128, down_steps=8), dict(down_r=64, down_d=128, down_steps=4),
-                   dict(down_r=32, down_d=512, down_steps=2), dict(down_r=16, down_d=1024, down_steps=2),
-                   dict(down_r=8, down_d=512, down_steps=8), dict(down_r=32, down_d=256, down_steps=2),
-                   dict(down_r=32, down_d=256, down_steps=8), dict(warps=4), dict(stages=1), dict(stages=4),
-                   dict(gate_f=8, gate_d=512), dict(gate_warps=2), dict(up_r=32, up_d=256, up_steps=4),
-                   dict(up_r=8, up_d=512, up_steps=4), dict(up_r=16, up_d=512, up_steps=2),
-                   dict(down_r=32, down_steps=8), dict(down_r=64, down_steps=8),
-                   dict(down_r=32, down_d=256, down_steps=4), dict(down_r=16, down_d=256, down_steps=8),
-                   dict(warps=4), dict(stages=2)):
-        cfg = dataclasses.replace(best, **change)
-        try:
-            us = score(cfg)
-        except Exception as e:
-            print(f"sweep {change}: {type(e).__name__}")
-            continue
-        print(f"sweep {change}: {us:.1f}")
-        if us < best_us:
-            best, best_us = cfg, us
-    print(f"sweep BEST {best}: {best_us:.1f}")
-    return best
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sweep", nargs="*", choices=("gemv", "mlp"), default=(),
-                   help="also try a few tilings of these kernels (no value: both)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also try a few tilings of the GEMV")
     p.add_argument("--float-gemv", action="store_true", help="only: bf16 weights, Triton GEMV vs cuBLAS")
     p.add_argument("--gated", action="store_true", help="only: the gated GEMV's tiles, bf16 and int8")
     a = p.parse_args()
@@ -358,10 +319,8 @@ def main():
         sweep_float_gemv()
         time_gated()
         return
-    if a.sweep == []:  # --sweep alone
-        a.sweep = ("gemv", "mlp")
     print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())
-    for section in (check_kernels, check_compiled, lambda: time_gemv("gemv" in a.sweep), lambda: time_mlp("mlp" in a.sweep)):
+    for section in (check_kernels, check_compiled, lambda: time_gemv(a.sweep), time_mlp):
         try:
             section()
         except Exception:  # report and go on: one run on the device must give every answer it can

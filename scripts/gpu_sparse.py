@@ -28,19 +28,16 @@ COPIES = 2
 DEV = "cuda"  # a CPU smoke run (interpreter, tiny shapes) sets it to "cpu"
 SPARSITIES = (0.5, 0.7)
 
-# one launch's tiles at a time; down: (rows, columns, row steps, warps, fold)
+# one launch's tiles at a time; down: (rows, columns, row steps, fold); up and down share warps
 GATE = [dict(gate_f=8, gate_d=512), dict(gate_f=16, gate_d=256), dict(gate_f=16, gate_d=512),
         dict(gate_f=16, gate_d=1024), dict(gate_f=32, gate_d=256), dict(gate_warps=2), dict(gate_warps=8),
         dict(gate_stages=1), dict(gate_stages=3)]
-UP = [dict(up_r=r, up_d=d, up_steps=st, up_warps=w) for r, d, st, w in (
-    (8, 512, 4, 2), (8, 512, 4, 4), (8, 1024, 2, 2), (8, 1024, 2, 4), (8, 1024, 4, 4), (8, 2048, 1, 4),
-    (16, 512, 4, 4), (16, 512, 2, 4), (4, 2048, 2, 4), (4, 1024, 4, 2), (16, 1024, 2, 8))]
-DOWN = [dict(down_r=r, down_d=d, down_steps=st, down_warps=w, down_fold=f) for r, d, st, w, f in (
-    (64, 128, 4, 2, 0), (64, 128, 4, 2, 8), (64, 128, 4, 2, 4), (64, 128, 4, 2, 1), (64, 128, 2, 2, 8),
-    (128, 128, 2, 2, 8), (128, 128, 1, 2, 8), (256, 128, 1, 4, 16), (256, 128, 1, 4, 1), (64, 128, 4, 4, 16),
-    (128, 128, 2, 4, 16), (64, 64, 4, 2, 8), (64, 256, 2, 2, 4), (32, 128, 8, 2, 8), (64, 128, 8, 2, 8),
-    (128, 64, 2, 2, 16))]
-SHARED = [dict(stages=1), dict(stages=2), dict(stages=3)]
+UP = [dict(up_r=r, up_d=d, up_steps=st) for r, d, st in (
+    (8, 512, 4), (8, 1024, 2), (8, 1024, 4), (8, 2048, 1), (16, 512, 4), (16, 512, 2), (4, 2048, 2), (4, 1024, 4))]
+DOWN = [dict(down_r=r, down_d=d, down_steps=st, down_fold=f) for r, d, st, f in (
+    (64, 128, 4, 0), (64, 128, 4, 8), (64, 128, 4, 4), (64, 128, 4, 1), (64, 128, 2, 8), (128, 128, 2, 8),
+    (128, 128, 1, 8), (64, 64, 4, 8), (64, 256, 2, 4), (32, 128, 8, 8), (64, 128, 8, 8), (128, 64, 2, 16))]
+SHARED = [dict(stages=1), dict(stages=2), dict(stages=3), dict(warps=4)]
 
 
 def make_case(weights):
