@@ -37,6 +37,10 @@ UP = [dict(up_r=r, up_d=d, up_steps=st) for r, d, st in (
 DOWN = [dict(down_r=r, down_d=d, down_steps=st, down_fold=f) for r, d, st, f in (
     (64, 128, 4, 0), (64, 128, 4, 8), (64, 128, 4, 4), (64, 128, 4, 1), (64, 128, 2, 8), (128, 128, 2, 8),
     (128, 128, 1, 8), (64, 64, 4, 8), (64, 256, 2, 4), (32, 128, 8, 8), (64, 128, 8, 8), (128, 64, 2, 16))]
+GATE_NARROW = {"bf16": [(2, 1024, 4, 1), (4, 1024, 4, 1), (4, 512, 2, 2), (8, 512, 2, 2), (8, 1024, 4, 1),
+                        (2, 2048, 4, 1), (4, 512, 4, 2)],
+               "int8": [(4, 512, 2, 2), (4, 1024, 4, 1), (2, 1024, 2, 1), (8, 512, 2, 2), (8, 1024, 4, 1),
+                        (4, 1024, 2, 2), (2, 2048, 4, 1)]}
 SHARED = [dict(stages=1), dict(stages=2), dict(stages=3), dict(warps=4)]
 
 
@@ -86,6 +90,23 @@ def checked(case, cfg):
             raise AssertionError(f"rel_err {err:.2e}")
 
 
+def stress(case, cfg, calls=300):
+    """Many calls in a row, alternating copies and sparsities, each against the first result of its
+    (copy, s): the row list's counter and the ready counters must be left right for the next call."""
+    torch.manual_seed(0)
+    first, worst = {}, 0.0
+    for _ in range(calls):
+        i, s = int(torch.randint(COPIES, ())), SPARSITIES[int(torch.randint(len(SPARSITIES), ()))]
+        y = call(case, cfg, s, i).float()
+        ref = first.setdefault((i, s), y)
+        worst = max(worst, ((y - ref).norm() / ref.norm()).item())
+    torch.cuda.synchronize()
+    counter = cm.list_counter(DEV).tolist()
+    print(f"stress {calls} calls: worst rel diff {worst:.2e}, counter {counter}", flush=True)
+    if not (worst < 1e-3 and counter[0] == 0):
+        raise AssertionError("calls disagree or the counter was left set")
+
+
 def score(case, cfg):
     checked(case, cfg)
     return {s: graph_time_us(lambda: [call(case, cfg, s, i) for i in range(COPIES)], calls=10) / COPIES
@@ -108,6 +129,15 @@ def launch_times(case, cfg):
             if "kernel" in e.key:
                 out[(s, e.key)] = e.device_time_total / (10 * COPIES)
     return out
+
+
+def gemv_time(case):
+    """The dense GEMV of W_gate alone (the model's tiles for the shape), for the gate launch's rate."""
+    gm = importlib.import_module("catsgen.kernels.gemv")
+    copies, x = case[0], case[1]
+    us = graph_time_us(lambda: [gm.gemv_triton(x, ws[0], sc[0] if sc else None) for ws, sc in copies],
+                       calls=10) / COPIES
+    print(f"GEMV of W_gate alone: {us:.1f} us", flush=True)
 
 
 def report(tag, case, cfg):
@@ -144,12 +174,27 @@ def main():
     p.add_argument("--weights", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8"])
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--ncu", action="store_true", help="only run each candidate twice, for ncu")
+    p.add_argument("--variants", action="store_true", help="also the model's tiles with and without overlap")
+    p.add_argument("--gate", action="store_true", help="also gate tiles as narrow as the GEMV's (per-launch times)")
     a = p.parse_args()
     prepare_workspaces("cuda", 1, 1)
     print(torch.cuda.get_device_name(), torch.__version__)
     for weights in a.weights:
         case = make_case(weights)
-        bases = {"model": cm.pick_blocks(1, int8=weights == "int8")}
+        model = cm.pick_blocks(1, int8=weights == "int8")
+        bases = {"model": model}
+        if a.variants:  # the model's tiles with up and down in one launch or not, and a few neighbours
+            bases |= {"three launches": dataclasses.replace(model, overlap=False),
+                      "overlap": dataclasses.replace(model, overlap=True),
+                      "overlap stages 1": dataclasses.replace(model, overlap=True, stages=1),
+                      "overlap stages 2": dataclasses.replace(model, overlap=True, stages=2),
+                      "overlap warps 4": dataclasses.replace(model, overlap=True, warps=4)}
+            stress(case, model)
+        if a.gate:  # (rows, columns, warps, stages): the dense GEMV's own tiles among them
+            gemv_time(case)
+            bases |= {f"gate {f}x{d} w{w} s{st}": dataclasses.replace(model, gate_f=f, gate_d=d, gate_warps=w,
+                                                                     gate_stages=st)
+                      for f, d, w, st in GATE_NARROW[weights]}
         for tag, cfg in bases.items():
             if a.ncu:
                 for s in SPARSITIES[:1]:
