@@ -173,10 +173,7 @@ if triton is not None:
             u = tl.load(u_acc_ptr + toks[:, None] * F + slots[None, :], mask=m, other=0.0)
             if NORM:  # u was summed from x * g: the norm's 1 / rms per token, from the gate launch
                 u = u * tl.load(r_ptr + toks, mask=tok_ok, other=0.0)[:, None]
-            if INT8 and not DOT_F32:  # the dot's operands: fp16 with int8 weights (tiles.int8_to_f16), else x's dtype
-                h = (v * u).to(tl.float16)
-            else:
-                h = (v * u).to(x_ptr.dtype.element_ty)  # [16, BLOCK_R]
+            h = (v * u).to(x_ptr.dtype.element_ty)  # [16, BLOCK_R]; the dot's operands: x's dtype
             c0 = (item % N_COLS) * COLS_PER_PROG
             for c in range(c0, c0 + COLS_PER_PROG, BLOCK_D):
                 cols = c + tl.arange(0, BLOCK_D)
@@ -237,7 +234,7 @@ if triton is not None:
 
     @triton.jit
     def _up_down1_kernel(x_ptr, wu_ptr, su_ptr, v_ptr, u_acc_ptr, idx_ptr, count_ptr, ready_ptr, wd_ptr, sd_ptr,
-                         y_acc_ptr, D, F, g_ptr, r_ptr, N_UP, UP_COLS, N_UP_COLS, N_DOWN_COLS,
+                         y_acc_ptr, D, F, g_ptr, r_ptr, UP_COLS, N_UP_COLS, N_DOWN_COLS,
                          UP_R: tl.constexpr, UP_D: tl.constexpr, DOWN_R: tl.constexpr, STEPS: tl.constexpr,
                          DOWN_D: tl.constexpr, INT8: tl.constexpr, EVEN_UP: tl.constexpr, EVEN_DOWN: tl.constexpr,
                          NORM: tl.constexpr, SUB: tl.constexpr, FOLD: tl.constexpr):
@@ -251,21 +248,23 @@ if triton is not None:
         pid = tl.program_id(0)
         n_active = tl.minimum(tl.load(count_ptr + 1), F).to(tl.int32)
         GROUP: tl.constexpr = DOWN_R * STEPS
-        if pid < N_UP:
-            if pid < tl.cdiv(n_active, UP_R) * N_UP_COLS:
-                slots = (pid // N_UP_COLS) * UP_R + tl.arange(0, UP_R)
-                ok = slots < n_active
-                rows = tl.load(idx_ptr + slots, mask=ok, other=0)
-                c0 = (pid % N_UP_COLS) * UP_COLS
-                u, _ = rows_times_x1(wu_ptr, x_ptr, rows, ok, D, c0, tl.minimum(c0 + UP_COLS, D), UP_R, UP_D,
-                                     EVEN_UP, INT8, g_ptr, NORM, SUB)
-                if INT8:
-                    u = u * tl.load(su_ptr + rows, mask=ok, other=0.0)
-                tl.atomic_add(u_acc_ptr + slots, u, mask=ok, sem="relaxed")
-                tl.debug_barrier()  # every thread's atomics are issued before the program counts in
-                tl.atomic_add(ready_ptr + (pid // N_UP_COLS) * UP_R // GROUP, 1, sem="release")
+        # programs in order: the up work, then the down work, then the empty ones (the grid is sized
+        # for every row active), so no empty program holds an SM between the two phases
+        n_up_work = tl.cdiv(n_active, UP_R) * N_UP_COLS
+        if pid < n_up_work:
+            slots = (pid // N_UP_COLS) * UP_R + tl.arange(0, UP_R)
+            ok = slots < n_active
+            rows = tl.load(idx_ptr + slots, mask=ok, other=0)
+            c0 = (pid % N_UP_COLS) * UP_COLS
+            u, _ = rows_times_x1(wu_ptr, x_ptr, rows, ok, D, c0, tl.minimum(c0 + UP_COLS, D), UP_R, UP_D,
+                                 EVEN_UP, INT8, g_ptr, NORM, SUB)
+            if INT8:
+                u = u * tl.load(su_ptr + rows, mask=ok, other=0.0)
+            tl.atomic_add(u_acc_ptr + slots, u, mask=ok, sem="relaxed")
+            tl.debug_barrier()  # every thread's atomics are issued before the program counts in
+            tl.atomic_add(ready_ptr + (pid // N_UP_COLS) * UP_R // GROUP, 1, sem="release")
         else:
-            item = pid - N_UP
+            item = pid - n_up_work
             if item < tl.cdiv(n_active, GROUP) * N_DOWN_COLS:
                 group = item // N_DOWN_COLS
                 cols = (item % N_DOWN_COLS) * DOWN_D + tl.arange(0, DOWN_D)
@@ -410,7 +409,7 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     if overlap:
         n_up_items, n_down = n_up * triton.cdiv(F, cfg.up_r), triton.cdiv(D, cfg.down_d)
         _up_down1_kernel[(n_up_items + n_down * n_ready,)](
-            x, w_up, s_up, v, u_acc, idx, count, ready, w_down_t, s_down, y_acc, D, F, g, r, n_up_items, up_cols, n_up,
+            x, w_up, s_up, v, u_acc, idx, count, ready, w_down_t, s_down, y_acc, D, F, g, r, up_cols, n_up,
             n_down, UP_R=cfg.up_r, UP_D=cfg.up_d, DOWN_R=cfg.down_r, STEPS=cfg.down_steps, DOWN_D=cfg.down_d,
             INT8=int8, EVEN_UP=D % up_cols == 0, EVEN_DOWN=D % cfg.down_d == 0, NORM=norm is not None, SUB=cfg.sub,
             FOLD=cfg.down_fold, num_warps=cfg.warps, num_stages=cfg.stages)

@@ -29,8 +29,6 @@ def as_operand(w, dtype, DOT_F32: tl.constexpr):
     DOT_F32 (the interpreter's int8 -> bf16 conversion gives NaNs, triton 3.9)."""
     if DOT_F32:
         return w.to(tl.float32)
-    elif w.dtype == tl.int8:  # the caller's operand is fp16 (int8_operand_dtype)
-        return int8_to_f16(w)
     else:
         return w.to(dtype)
 
@@ -56,8 +54,6 @@ def rows_times_x(w_ptr, x_ptr, rows, row_mask, B, D, k_lo, k_hi,
             squares += xf * xf
             g = tl.load(g_ptr + cols, mask=cols < k_hi, other=0.0).to(tl.float32)
             xt = (xf * g[:, None]).to(xt.dtype)
-        if w_ptr.dtype.element_ty == tl.int8 and not DOT_F32:
-            xt = xt.to(tl.float16)  # int8 weights become fp16 operands (int8_to_f16)
         acc = dot(as_operand(w, xt.dtype, DOT_F32), xt, acc, DOT_F32)
     return acc, tl.sum(squares, axis=0)
 
@@ -94,28 +90,6 @@ def int8_to_f32(w):
             prmt.b32 $3, t, k, 0x7653;
             }""", "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
         return magic - 8388736.0
-
-
-@triton.jit
-def int8_to_f16(w):
-    """int8 -> fp16, exact, two weights an instruction: 1024 has an fp16 ulp of 1, so 0x6400 + b'
-    (b' = b + 128, an unsigned byte after one XOR flips four sign bits) is 1024 + b' exactly; a
-    byte permute places two weights under 0x64 in one register, one packed subtraction of 1152
-    leaves b. Four weights: XOR, 2 PRMT, 2 HSUB2 (against ~9 instructions through fp32)."""
-    if _INTERPRETED:
-        return w.to(tl.float16)
-    else:
-        return tl.inline_asm_elementwise(
-            """{
-            .reg .b32 t, k, c, lo, hi;
-            xor.b32 t, $2, 0x80808080;
-            mov.b32 k, 0x64646464;
-            mov.b32 c, 0x64806480;
-            prmt.b32 lo, t, k, 0x5140;
-            prmt.b32 hi, t, k, 0x7362;
-            sub.f16x2 $0, lo, c;
-            sub.f16x2 $1, hi, c;
-            }""", "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
 
 
 @triton.jit
@@ -168,3 +142,23 @@ def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.const
         else:
             acc += products
     return tl.sum(acc, axis=1), tl.sum(squares, axis=0)
+
+
+@triton.jit
+def prefetch_l2(base_ptr, nbytes, program, n_programs, NT: tl.constexpr):
+    """Ask L2 to fetch bytes [0, nbytes) from base_ptr (16-byte aligned, nbytes a multiple of 16)
+    without waiting: this program's share, NT bulk prefetches (one a thread with NT = the
+    program's threads). A launch that reads little from HBM (decode attention at short context)
+    brings in the weights of the launch after it, so that one reads them from L2."""
+    if not _INTERPRETED:  # the interpreter runs no PTX; a prefetch changes no result
+        chunk = tl.cdiv(tl.cdiv(nbytes, n_programs * NT), 16) * 16
+        offs = (program * NT + tl.arange(0, NT)).to(tl.int64) * chunk
+        size = tl.minimum(chunk, tl.maximum(nbytes - offs, 0)).to(tl.int32)
+        tl.inline_asm_elementwise(
+            """{
+            .reg .pred p;
+            setp.ne.s32 p, $2, 0;
+            @p cp.async.bulk.prefetch.L2.global [$1], $2;
+            mov.u32 $0, 0;
+            }""", "=r,l,r", [base_ptr.to(tl.pointer_type(tl.int8)) + offs, size], dtype=tl.int32,
+            is_pure=False, pack=1)

@@ -60,6 +60,9 @@ def launch_all():
         qkv = torch.randn(1, 1, (4 + 2 * Hkv) * 128, **bf16)
         da.decode_attention_rope_triton(qkv, torch.randn(64, 128), torch.randn(64, 128), torch.stack((k, v)),
                                         torch.tensor([9]), 4, 16)
+    # with W_o's bytes prefetched into L2 (the model's decode step)
+    da.decode_attention_rope_triton(qkv, torch.randn(64, 128), torch.randn(64, 128), torch.stack((k, v)),
+                                    torch.tensor([9]), 4, 16, prefetch=torch.empty(512, 128, **bf16))
     D, F = 256, 512
     for B in (1, 4):
         x = torch.randn(B, D, **bf16)
