@@ -15,7 +15,6 @@ from catsgen.errors import UserError
 from catsgen.kernels import decode_attention_rope, prepare_workspaces, rms_norm_reference, split_heads
 from catsgen.linear import Linear, Normed, mlp, on_kernels, one_thread, use_triton
 from catsgen.parallel import ShardPlan
-from catsgen.quantize import Int8Weight
 from catsgen.memory import check_fits, kv_cache_bytes
 
 
@@ -103,9 +102,6 @@ class Attention(nn.Module):
     # Decode on CUDA goes through the flash-decoding kernel (RoPE and the cache write fused in);
     # False keeps SDPA over the whole cache (the baseline scripts/gpu_attention.py measures against).
     decode_kernel = True
-    # The decode kernel asks L2 to fetch this fraction of W_o while it runs (HBM is mostly idle
-    # during attention at short context); 0: W_o's GEMV reads it all from HBM.
-    prefetch_wo = 1.0
 
     def __init__(self, config: ModelConfig, plan: ShardPlan):
         super().__init__()
@@ -124,7 +120,7 @@ class Attention(nn.Module):
         if cached and T == 1 and self.decode_kernel and on_kernels(qkv):
             # decode: RoPE, the cache write and attention over the allowed positions in one launch
             y = decode_attention_rope(qkv, *rope.tables, self.kv_cache.kv, input_pos, self.n_heads,
-                                      self.sliding_window, use_triton=use_triton(), prefetch=self._wo_bytes())
+                                      self.sliding_window, use_triton=use_triton())
             return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim), residual)
         q, k, v = split_heads(qkv, self.n_heads, self.n_kv_heads, rope.cos, rope.sin)
 
@@ -137,14 +133,6 @@ class Attention(nn.Module):
                         y = self._attend(q, k, v, None if self.sliding_window is None else mask)
                     return self.wo(y, residual)
         return self.wo(self._attend(q, k, v, mask), residual)
-
-    def _wo_bytes(self):
-        """The first prefetch_wo of W_o's weights (int8: of its q), for the attention launch to bring
-        into L2 before W_o reads them; None for none."""
-        w = self.wo.weight
-        w = w.q if isinstance(w, Int8Weight) else w
-        n = int(w.numel() * self.prefetch_wo)
-        return w.view(-1)[:n] if n > 0 and w.is_contiguous() else None
 
     def _attend(self, q, k, v, mask):
         """SDPA; q [B, H, T, D] -> [B, T, H * D]. mask None: every query sees every key."""

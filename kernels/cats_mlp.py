@@ -75,9 +75,8 @@ def cats_mlp_reference(x, w_gate, w_up, w_down_t, threshold, scales=None, norm=N
 if triton is not None:
     @triton.jit
     def _gate_kernel(x_ptr, wg_ptr, sg_ptr, t_ptr, v_ptr, idx_ptr, count_ptr, u_acc_ptr, y_acc_ptr, B, D, F,
-                     g_ptr, r_ptr, eps, ready_ptr, N_READY,
+                     g_ptr, r_ptr, eps,
                      T_PER_ROW: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, ZBLOCK: tl.constexpr,
-                     RBLOCK: tl.constexpr,
                      DOT_F32: tl.constexpr, INT8: tl.constexpr, FMA: tl.constexpr, EVEN: tl.constexpr,
                      NORM: tl.constexpr, SUB: tl.constexpr):
         pid = tl.program_id(0)
@@ -107,18 +106,8 @@ if triton is not None:
         tl.store(v_ptr + toks[None, :] * F + rows[:, None], v, mask=(toks < B)[None, :] & row_ok[:, None])
 
         active = (tl.max(tl.abs(v), axis=1) > 0).to(tl.int32)  # a row is read if any token needs it
-        n_here = tl.sum(active, axis=0)
-        # count[0]: rows listed (low 32 bits) and programs arrived (high 32), in one atomic (acq_rel)
-        before = tl.atomic_add(count_ptr, n_here.to(tl.int64) + (1 << 32))
-        listed = (before & 0xFFFFFFFF).to(tl.int32)
-        pos = listed + tl.cumsum(active, axis=0) - 1
+        pos = tl.atomic_add(count_ptr, tl.sum(active, axis=0)) + tl.cumsum(active, axis=0) - 1
         tl.store(idx_ptr + pos, rows, mask=(active > 0) & (pos < F))  # pos < F: only if the counter was stale
-        if (before >> 32) == tl.num_programs(0) - 1:  # the last program: every other's rows are counted
-            tl.store(count_ptr + 1, (listed + n_here).to(tl.int64))  # the list's length, for up and down
-            tl.store(count_ptr, tl.zeros([], tl.int64))  # empty again for the next call
-
-        zr = pid * RBLOCK + tl.arange(0, RBLOCK)  # the up+down launch's ready counters
-        tl.store(ready_ptr + zr, tl.zeros([RBLOCK], tl.int32), mask=zr < N_READY)
 
         z = pid * ZBLOCK + tl.arange(0, ZBLOCK)  # zero u_acc [B*F] then y_acc [B*D], one range each program
         tl.store(u_acc_ptr + z, tl.zeros([ZBLOCK], tl.float32), mask=z < B * F)
@@ -132,7 +121,7 @@ if triton is not None:
         the list's length, not after it: one L2 round trip less before the weights' loads."""
         slots = (item // N_COLS) * BLOCK_R + tl.arange(0, BLOCK_R)
         rows = tl.load(idx_ptr + slots, mask=slots < F, other=0)  # past the list: stale, masked below
-        n_active = tl.minimum(tl.load(count_ptr), F).to(tl.int32)  # min: a stale counter must not read past the list
+        n_active = tl.minimum(tl.load(count_ptr), F)  # min: a stale counter must not read past the list
         return slots, rows, slots < n_active, n_active, tl.cdiv(n_active, BLOCK_R) * N_COLS
 
 
@@ -141,7 +130,9 @@ if triton is not None:
                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, INT8: tl.constexpr,
                    FMA: tl.constexpr, EVEN: tl.constexpr, NORM: tl.constexpr, SUB: tl.constexpr):
         item = tl.program_id(0)
-        slots, rows, ok, n_active, n_items = _list_entries(idx_ptr, count_ptr + 1, item, F, N_COLS, BLOCK_R)
+        slots, rows, ok, n_active, n_items = _list_entries(idx_ptr, count_ptr, item, F, N_COLS, BLOCK_R)
+        if item == 0:
+            tl.store(count_ptr + 1, n_active)  # for the down launch, which resets count_ptr[0]
         toks = tl.arange(0, 16)
         if item < n_items:
             c0 = (item % N_COLS) * COLS_PER_PROG
@@ -165,6 +156,8 @@ if triton is not None:
                      INT8: tl.constexpr, NORM: tl.constexpr):
         item = tl.program_id(0)
         slots, rows, ok, n_active, n_items = _list_entries(idx_ptr, count_ptr + 1, item, F, N_COLS, BLOCK_R)
+        if item == 0:
+            tl.store(count_ptr, 0)  # the list is empty again for the next call's gate launch
         toks = tl.arange(0, 16)
         tok_ok = toks < B
         if item < n_items:
@@ -200,7 +193,9 @@ if triton is not None:
         accumulator is [FOLD, BLOCK_D], each step's rows summed in groups r = a * FOLD + b over a;
         where FOLD is the rows one layout period covers, those sums stay inside a thread."""
         item = tl.program_id(0)
-        n_active = tl.minimum(tl.load(count_ptr + 1), F).to(tl.int32)
+        n_active = tl.minimum(tl.load(count_ptr + 1), F)
+        if item == 0:
+            tl.store(count_ptr, 0)  # the list is empty again for the next call's gate launch
         if item < tl.cdiv(n_active, BLOCK_R * STEPS) * N_COLS:
             cols = (item % N_COLS) * BLOCK_D + tl.arange(0, BLOCK_D)
             col_ok = cols < D
@@ -232,75 +227,6 @@ if triton is not None:
             tl.atomic_add(y_acc_ptr + cols, y, mask=col_ok, sem="relaxed")
 
 
-    @triton.jit
-    def _up_down1_kernel(x_ptr, wu_ptr, su_ptr, v_ptr, u_acc_ptr, idx_ptr, count_ptr, ready_ptr, wd_ptr, sd_ptr,
-                         y_acc_ptr, D, F, g_ptr, r_ptr, UP_COLS, N_UP_COLS, N_DOWN_COLS,
-                         UP_R: tl.constexpr, UP_D: tl.constexpr, DOWN_R: tl.constexpr, STEPS: tl.constexpr,
-                         DOWN_D: tl.constexpr, INT8: tl.constexpr, EVEN_UP: tl.constexpr, EVEN_DOWN: tl.constexpr,
-                         NORM: tl.constexpr, SUB: tl.constexpr, FOLD: tl.constexpr):
-        """The up and down launches of one token as one launch (Blocks.overlap). Programs below N_UP
-        are _up_kernel's (FMA); each, once its u atomics are issued, counts itself into the ready
-        counter of its group of STEPS x DOWN_R list entries. The programs after them are
-        _down1_kernel's: each loads its first W_down^T tile, then waits until every up program of its
-        group has counted in, then forms h = v u. Programs start in order of id on the GPU, so every
-        up program runs before a down program waits on it; the down programs start on the SMs the up
-        programs leave, their first rows already on the way (one launch boundary less)."""
-        pid = tl.program_id(0)
-        n_active = tl.minimum(tl.load(count_ptr + 1), F).to(tl.int32)
-        GROUP: tl.constexpr = DOWN_R * STEPS
-        # programs in order: the up work, then the down work, then the empty ones (the grid is sized
-        # for every row active), so no empty program holds an SM between the two phases
-        n_up_work = tl.cdiv(n_active, UP_R) * N_UP_COLS
-        if pid < n_up_work:
-            slots = (pid // N_UP_COLS) * UP_R + tl.arange(0, UP_R)
-            ok = slots < n_active
-            rows = tl.load(idx_ptr + slots, mask=ok, other=0)
-            c0 = (pid % N_UP_COLS) * UP_COLS
-            u, _ = rows_times_x1(wu_ptr, x_ptr, rows, ok, D, c0, tl.minimum(c0 + UP_COLS, D), UP_R, UP_D,
-                                 EVEN_UP, INT8, g_ptr, NORM, SUB)
-            if INT8:
-                u = u * tl.load(su_ptr + rows, mask=ok, other=0.0)
-            tl.atomic_add(u_acc_ptr + slots, u, mask=ok, sem="relaxed")
-            tl.debug_barrier()  # every thread's atomics are issued before the program counts in
-            tl.atomic_add(ready_ptr + (pid // N_UP_COLS) * UP_R // GROUP, 1, sem="release")
-        else:
-            item = pid - n_up_work
-            if item < tl.cdiv(n_active, GROUP) * N_DOWN_COLS:
-                group = item // N_DOWN_COLS
-                cols = (item % N_DOWN_COLS) * DOWN_D + tl.arange(0, DOWN_D)
-                col_ok = cols < D
-                ACC_ROWS: tl.constexpr = FOLD if FOLD > 0 and DOWN_R % max(FOLD, 1) == 0 else DOWN_R
-                acc = tl.zeros([ACC_ROWS, DOWN_D], tl.float32)
-                expected = tl.cdiv(tl.minimum(n_active - group * GROUP, GROUP), UP_R) * N_UP_COLS
-                slots = group * GROUP + tl.arange(0, DOWN_R)
-                ok = slots < n_active
-                rows = tl.load(idx_ptr + slots, mask=ok, other=0)
-                while tl.atomic_add(ready_ptr + group, 0, sem="acquire") < expected:
-                    pass
-                r = 1.0
-                if NORM:
-                    r = tl.load(r_ptr)
-                for step in range(STEPS):
-                    # u from L2 (.cg): the up programs' atomics, after the acquire above
-                    h = tl.load(v_ptr + rows, mask=ok, other=0.0) * (
-                        tl.load(u_acc_ptr + slots, mask=ok, other=0.0, cache_modifier=".cg") * r)
-                    w_mask = ok[:, None] if EVEN_DOWN else ok[:, None] & col_ok[None, :]
-                    w = tl.load(wd_ptr + rows[:, None] * D + cols[None, :], mask=w_mask, other=0,
-                                eviction_policy="evict_first")
-                    slots = slots + DOWN_R
-                    ok = slots < n_active
-                    rows = tl.load(idx_ptr + slots, mask=ok, other=0)
-                    products = as_f32(w, INT8) * h[:, None]
-                    if ACC_ROWS < DOWN_R:
-                        acc += tl.sum(tl.reshape(products, [DOWN_R // ACC_ROWS, ACC_ROWS, DOWN_D]), axis=0)
-                    else:
-                        acc += products
-                y = tl.sum(acc, axis=0)
-                if INT8:
-                    y = y * tl.load(sd_ptr + cols, mask=col_ok, other=0.0)
-                tl.atomic_add(y_acc_ptr + cols, y, mask=col_ok, sem="relaxed")
-
-
 @dataclass(frozen=True)
 class Blocks:
     """Tile sizes (rows x columns per step), steps per program, warps, pipeline depth.
@@ -308,8 +234,7 @@ class Blocks:
     16 tokens, and the down launch is _down1_kernel, whose down_steps are row steps (a program:
     down_r x down_steps list entries, down_d columns); sub: the gate and up FMA steps sum runs of
     sub adjacent columns first (tiles.rows_times_x1; 0 = a full accumulator). down_fold:
-    _down1_kernel's FOLD. overlap (with fma_at_b1, B = 1): up and down in one launch,
-    _up_down1_kernel (up_r must divide down_r x down_steps)."""
+    _down1_kernel's FOLD."""
     gate_f: int = 64
     gate_d: int = 128
     gate_warps: int = 4
@@ -325,7 +250,6 @@ class Blocks:
     fma_at_b1: bool = False
     sub: int = 0
     down_fold: int = 0
-    overlap: bool = False
 
 
 # The H200 sweeps' best for 4096x11008 (scripts/gpu_int8.py --sweep, notes/kernels.md int8 v2):
@@ -335,11 +259,11 @@ INT8_BLOCKS = Blocks(gate_f=32, gate_d=128, gate_warps=4, gate_stages=4, up_r=32
 # down_fold 8: the down launch's accumulator [8, 128] (2 warps: one layout period of int8 rows)
 INT8_B1_BLOCKS = Blocks(gate_f=16, gate_d=512, gate_warps=4, gate_stages=2, up_r=8, up_d=512, up_steps=4,
                         down_r=64, down_d=128, down_steps=4, warps=2, stages=1, fma_at_b1=True, sub=16,
-                        down_fold=8, overlap=True)
+                        down_fold=8)
 # Float weights, one token: the FMA launches with runs of 8 (scripts/gpu_sparse.py --sweep, session 9)
 FLOAT_B1_BLOCKS = Blocks(gate_f=16, gate_d=256, gate_warps=4, gate_stages=3, up_r=8, up_d=1024, up_steps=2,
                          down_r=64, down_d=128, down_steps=2, warps=2, stages=2, fma_at_b1=True, sub=8,
-                         down_fold=8, overlap=True)
+                         down_fold=8)
 
 
 def pick_blocks(B: int, int8: bool = False) -> Blocks:
@@ -355,11 +279,10 @@ _empty = torch.empty  # scratch allocation; tests swap in a NaN-filling version 
 
 
 def list_counter(device) -> torch.Tensor:
-    """int64 [count, n], a workspace (see workspace.py): the gate launch's programs add their rows
-    (low 32 bits of count) and themselves (high 32) to count; the last to arrive writes the list's
-    length to n, for the up and down launches, and sets count back to 0. prepare_workspaces makes
-    it, before any CUDA-graph capture."""
-    return int32_workspace("cats_mlp_list", device, 4).view(torch.int64)
+    """int32 [count, n]: the active-row list's length, a workspace (see workspace.py): the gate
+    launch counts up from 0, the up launch copies count to n, the down launch reads n and sets
+    count back to 0. prepare_workspaces makes it, before any CUDA-graph capture."""
+    return int32_workspace("cats_mlp_list", device, 2)
 
 
 def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None = None,
@@ -388,32 +311,18 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     f32 = dict(device=x.device, dtype=torch.float32)
     v, u_acc, y_acc = _empty(B, F, **f32), _empty(B, F, **f32), _empty(B, D, **f32)
     idx = _empty(F, device=x.device, dtype=torch.int32)
-    group = cfg.down_r * cfg.down_steps  # list entries of one down program (fma: row steps)
-    overlap = cfg.overlap and fma
-    assert not overlap or group % cfg.up_r == 0, "overlap: up_r must divide down_r x down_steps"
-    n_ready = triton.cdiv(F, group) if overlap else 0
-    ready = _empty(max(n_ready, 1), device=x.device, dtype=torch.int32)  # zeroed by the gate launch
     # 1 / rms per token (with a norm): written by the gate launch, read by down; else unread
     r = _empty(B, **f32) if norm is not None else v
     count = list_counter(x.device)
 
     n_gate = triton.cdiv(F, cfg.gate_f)
     _gate_kernel[(n_gate,)](x, w_gate, s_gate, threshold, v, idx, count, u_acc, y_acc, B, D, F, g, r, eps,
-                            ready, n_ready, T_PER_ROW=threshold.numel() > 1, BLOCK_F=cfg.gate_f, BLOCK_D=cfg.gate_d,
+                            T_PER_ROW=threshold.numel() > 1, BLOCK_F=cfg.gate_f, BLOCK_D=cfg.gate_d,
                             ZBLOCK=triton.next_power_of_2(triton.cdiv(B * (F + D), n_gate)),
-                            RBLOCK=triton.next_power_of_2(max(triton.cdiv(n_ready, n_gate), 1)),
                             DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % cfg.gate_d == 0, NORM=norm is not None,
                             SUB=cfg.sub, num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
     up_cols, down_cols = cfg.up_d * cfg.up_steps, cfg.down_d * cfg.down_steps
     n_up, n_down = triton.cdiv(D, up_cols), triton.cdiv(D, down_cols)  # column ranges
-    if overlap:
-        n_up_items, n_down = n_up * triton.cdiv(F, cfg.up_r), triton.cdiv(D, cfg.down_d)
-        _up_down1_kernel[(n_up_items + n_down * n_ready,)](
-            x, w_up, s_up, v, u_acc, idx, count, ready, w_down_t, s_down, y_acc, D, F, g, r, up_cols, n_up,
-            n_down, UP_R=cfg.up_r, UP_D=cfg.up_d, DOWN_R=cfg.down_r, STEPS=cfg.down_steps, DOWN_D=cfg.down_d,
-            INT8=int8, EVEN_UP=D % up_cols == 0, EVEN_DOWN=D % cfg.down_d == 0, NORM=norm is not None, SUB=cfg.sub,
-            FOLD=cfg.down_fold, num_warps=cfg.warps, num_stages=cfg.stages)
-        return y_acc if fp32_out or x.dtype == torch.float32 else y_acc.to(x.dtype)
     _up_kernel[(n_up * triton.cdiv(F, cfg.up_r),)](
         x, w_up, s_up, idx, count, u_acc, B, D, F, up_cols, n_up, g, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d,
         DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % up_cols == 0, NORM=norm is not None, SUB=cfg.sub,

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -44,8 +43,6 @@ from .workspace import int32_workspace
 try:
     import triton
     import triton.language as tl
-
-    from .tiles import prefetch_l2
 except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
     triton = None
 
@@ -126,15 +123,12 @@ if triton is not None:
     def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, arrivals_ptr, out_ptr,
                       sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h,
                       H_KV, S, window, n_splits, scale_log2,
-                      cos_ptr, sin_ptr, new_k_offset, pf_ptr, pf_bytes,
+                      cos_ptr, sin_ptr, new_k_offset,
                       D: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_N: tl.constexpr, GRANULE: tl.constexpr, MIN_PART: tl.constexpr, BLOCK_C: tl.constexpr,
-                      USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, ROPE: tl.constexpr,
-                      PREFETCH: tl.constexpr, NT: tl.constexpr):
+                      USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, ROPE: tl.constexpr):
         c = tl.program_id(0)
         bkv = tl.program_id(1)
-        if PREFETCH:  # the next launch's weights into L2, while this one waits on its few loads
-            prefetch_l2(pf_ptr, pf_bytes, bkv * n_splits + c, n_splits * tl.num_programs(1), NT)
         b = bkv // H_KV
         kvh = bkv % H_KV
         pos, lo, hi, part = _allowed_parts(pos_ptr, S, window, n_splits, GRANULE, MIN_PART)
@@ -286,7 +280,7 @@ def decode_attention_triton(q, k_cache, v_cache, pos, sliding_window: int | None
 
 
 def decode_attention_rope_triton(qkv, cos, sin, kv, pos, n_heads: int, sliding_window: int | None = None,
-                                 blocks: Blocks = DEFAULT_BLOCKS, prefetch: torch.Tensor | None = None):
+                                 blocks: Blocks = DEFAULT_BLOCKS):
     """The Triton path of decode_attention_rope (contract: decode_attention_rope_reference)."""
     B, T, width = qkv.shape
     _, _, Hkv, S, D = kv.shape
@@ -295,12 +289,11 @@ def decode_attention_rope_triton(qkv, cos, sin, kv, pos, n_heads: int, sliding_w
     assert kv.stride(-1) == 1 and cos.shape[0] >= S, "RoPE tables cover every cache position"
     qkv, cos, sin = (t.contiguous() for t in (qkv, cos, sin))
     return _launch(qkv, (qkv.stride(0), D), n_heads, kv[0], kv[1], pos, sliding_window, blocks,
-                   rope=(cos, sin, n_heads * D), prefetch=prefetch)
+                   rope=(cos, sin, n_heads * D))
 
 
-def _launch(q, q_strides, H, k_cache, v_cache, pos, sliding_window, blocks, rope=None, prefetch=None):
-    """One _split_kernel launch; q_strides: (sequence, head) strides of q's [B, H, D] elements.
-    prefetch: a tensor the launch asks L2 to fetch (the weights read next), or None."""
+def _launch(q, q_strides, H, k_cache, v_cache, pos, sliding_window, blocks, rope=None):
+    """One _split_kernel launch; q_strides: (sequence, head) strides of q's [B, H, D] elements."""
     B, D = q.shape[0], k_cache.shape[3]
     _, Hkv, S, _ = k_cache.shape
     G = H // Hkv
@@ -318,17 +311,14 @@ def _launch(q, q_strides, H, k_cache, v_cache, pos, sliding_window, blocks, rope
     precision = "ieee" if q.dtype == torch.float32 or dot_f32 else "tf32"  # unused for 16-bit inputs
     gr = triton.next_power_of_2(G)
     cos, sin, new_k_offset = rope if rope is not None else (q, q, 0)  # unused without RoPE
-    # whole 16-byte pieces of a 16-byte aligned tensor (the bulk prefetch's unit); else none
-    pf_bytes = 0 if prefetch is None or prefetch.data_ptr() % 16 else prefetch.nbytes // 16 * 16
     _split_kernel[(n_splits, B * Hkv)](
         q, k_cache, v_cache, pos, o_part, m_part, l_part, arrival_counters(dev, B * Hkv), out,
         q_strides[0], q_strides[1], k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         Hkv, S, window, n_splits, math.log2(math.e) / math.sqrt(D), cos, sin, new_k_offset,
-        q if pf_bytes == 0 else prefetch, pf_bytes, D=D, G=G, GP=gp, GR=gr, BLOCK_D=block_d, BLOCK_N=blocks.block_n, GRANULE=blocks.granule,
+        D=D, G=G, GP=gp, GR=gr, BLOCK_D=block_d, BLOCK_N=blocks.block_n, GRANULE=blocks.granule,
         MIN_PART=blocks.min_part, BLOCK_C=max(1, blocks.block_c // gr), USE_DOT=use_dot, DOT_PRECISION=precision,
-        DOT_F32=dot_f32, ROPE=rope is not None, PREFETCH=pf_bytes > 0, NT=32 * blocks.warps,
-        num_warps=blocks.warps, num_stages=blocks.stages)
+        DOT_F32=dot_f32, ROPE=rope is not None, num_warps=blocks.warps, num_stages=blocks.stages)
     return out
 
 
@@ -347,31 +337,28 @@ def _(q, k_cache, v_cache, pos, sliding_window):
 
 @torch.library.custom_op("catsgen::decode_attention_rope", mutates_args=("kv",))
 def _decode_attention_rope_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor,
-                              pos: torch.Tensor, n_heads: int, sliding_window: int,
-                              prefetch: Optional[torch.Tensor] = None) -> torch.Tensor:
+                              pos: torch.Tensor, n_heads: int, sliding_window: int) -> torch.Tensor:
     if qkv.is_cuda:
-        return decode_attention_rope_triton(qkv, cos, sin, kv, pos, n_heads, sliding_window, prefetch=prefetch)
+        return decode_attention_rope_triton(qkv, cos, sin, kv, pos, n_heads, sliding_window)
     return decode_attention_rope_reference(qkv, cos, sin, kv, pos, n_heads, sliding_window)
 
 
 @_decode_attention_rope_op.register_fake
-def _(qkv, cos, sin, kv, pos, n_heads, sliding_window, prefetch=None):
+def _(qkv, cos, sin, kv, pos, n_heads, sliding_window):
     return qkv.new_empty(qkv.shape[0], n_heads, 1, kv.shape[-1])
 
 
 def decode_attention_rope(qkv, cos, sin, kv, pos, n_heads: int, sliding_window: int | None = None,
-                          use_triton: bool | None = None, prefetch: torch.Tensor | None = None):
+                          use_triton: bool | None = None):
     """decode_attention for the new token's W_qkv output qkv [B, 1, (H + 2 Hkv) * D]: RoPE (row pos
     of the fp32 tables cos, sin [L, D]) on q and k, the new key and value written into the cache kv [2, B, Hkv, S, D]
     at pos, then attention over the allowed keys; all in one launch on the Triton path.
-    Returns [B, H, 1, D]. use_triton as in decode_attention. prefetch: a tensor (the weights
-    read next, W_o) that the Triton launch asks L2 to fetch while it runs; no effect on results."""
+    Returns [B, H, 1, D]. use_triton as in decode_attention."""
     if use_triton:
-        return decode_attention_rope_triton(qkv, cos, sin, kv, pos, n_heads, sliding_window, prefetch=prefetch)
+        return decode_attention_rope_triton(qkv, cos, sin, kv, pos, n_heads, sliding_window)
     if use_triton is False:
         return decode_attention_rope_reference(qkv, cos, sin, kv, pos, n_heads, sliding_window)
-    return torch.ops.catsgen.decode_attention_rope(qkv, cos, sin, kv, pos, n_heads, int(sliding_window or 0),
-                                                   prefetch)
+    return torch.ops.catsgen.decode_attention_rope(qkv, cos, sin, kv, pos, n_heads, int(sliding_window or 0))
 
 
 def decode_attention(q, k_cache, v_cache, pos, sliding_window: int | None = None,

@@ -142,23 +142,3 @@ def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.const
         else:
             acc += products
     return tl.sum(acc, axis=1), tl.sum(squares, axis=0)
-
-
-@triton.jit
-def prefetch_l2(base_ptr, nbytes, program, n_programs, NT: tl.constexpr):
-    """Ask L2 to fetch bytes [0, nbytes) from base_ptr (16-byte aligned, nbytes a multiple of 16)
-    without waiting: this program's share, NT bulk prefetches (one a thread with NT = the
-    program's threads). A launch that reads little from HBM (decode attention at short context)
-    brings in the weights of the launch after it, so that one reads them from L2."""
-    if not _INTERPRETED:  # the interpreter runs no PTX; a prefetch changes no result
-        chunk = tl.cdiv(tl.cdiv(nbytes, n_programs * NT), 16) * 16
-        offs = (program * NT + tl.arange(0, NT)).to(tl.int64) * chunk
-        size = tl.minimum(chunk, tl.maximum(nbytes - offs, 0)).to(tl.int32)
-        tl.inline_asm_elementwise(
-            """{
-            .reg .pred p;
-            setp.ne.s32 p, $2, 0;
-            @p cp.async.bulk.prefetch.L2.global [$1], $2;
-            mov.u32 $0, 0;
-            }""", "=r,l,r", [base_ptr.to(tl.pointer_type(tl.int8)) + offs, size], dtype=tl.int32,
-            is_pure=False, pack=1)

@@ -26,11 +26,6 @@ for s in "${@:-checks attention profile bench}"; do
       bench) step bench_llama 300 python3 bench.py --preset llama-2-7b --sparsity 0 0.5 0.7 --new-tokens 256 --repeats 5 --json "$OUT/llama-2-7b.json" ;;
       bench_int8) step bench_int8 300 python3 bench.py --preset llama-2-7b --quantize int8 --sparsity 0 0.5 0.7 --new-tokens 256 --repeats 5 --json "$OUT/llama-2-7b-int8.json" ;;
       sparse) step sparse 200 python3 scripts/gpu_sparse.py ;;
-      variants) step variants 240 python3 scripts/gpu_sparse.py --variants ;;
-      bench_3l) step bench_llama_3l 300 python3 scripts/gpu_without.py overlap --preset llama-2-7b --sparsity 0 0.5 0.7 --new-tokens 256 --repeats 5 --json "$OUT/llama-2-7b-3l.json" ;;
-      bench_int8_3l) step bench_int8_3l 300 python3 scripts/gpu_without.py overlap --preset llama-2-7b --quantize int8 --sparsity 0 0.5 0.7 --new-tokens 256 --repeats 5 --json "$OUT/llama-2-7b-int8-3l.json" ;;
-      bench_nopf) step bench_llama_nopf 300 python3 scripts/gpu_without.py prefetch --preset llama-2-7b --sparsity 0 0.5 0.7 --new-tokens 256 --repeats 5 --json "$OUT/llama-2-7b-nopf.json" ;;
-      bench_int8_nopf) step bench_int8_nopf 300 python3 scripts/gpu_without.py prefetch --preset llama-2-7b --quantize int8 --sparsity 0 0.5 0.7 --new-tokens 256 --repeats 5 --json "$OUT/llama-2-7b-int8-nopf.json" ;;
       bench_mistral) step bench_mistral 300 python3 bench.py --preset mistral-7b --sparsity 0 0.5 0.7 --new-tokens 256 --repeats 5 --json "$OUT/mistral-7b.json" ;;
     esac
   done

@@ -63,16 +63,11 @@ def main():
     p.add_argument("--pos", type=int, default=256, help="cache position of the profiled steps")
     p.add_argument("--quantize", default="none", choices=("none", "int8"))
     p.add_argument("--unfused", action="store_true", help="also profile the decode attention before the fusion")
-    p.add_argument("--prefetch", type=float, nargs="+", help="fractions of W_o the attention launch prefetches")
     a = p.parse_args()
     torch.manual_seed(0)
     model = build_model(BenchSettings(device="cuda", dtype="bfloat16", quantize=a.quantize), None, a.preset)
     table = bench_thresholds(model, None, None, True)
     fused = Attention.forward
-    for fraction in a.prefetch or ():
-        Attention.prefetch_wo = fraction
-        torch._dynamo.reset()
-        profile_sparsities(model, table, a, f"prefetch {fraction}")
     for variant in ("fused", "unfused") if a.unfused else ("fused",):
         Attention.forward = fused if variant == "fused" else unfused_attention
         torch._dynamo.reset()

@@ -92,7 +92,7 @@ def checked(case, cfg):
 
 def stress(case, cfg, calls=300):
     """Many calls in a row, alternating copies and sparsities, each against the first result of its
-    (copy, s): the row list's counter and the ready counters must be left right for the next call."""
+    (copy, s): the row list's counter must be left at zero for the next call."""
     torch.manual_seed(0)
     first, worst = {}, 0.0
     for _ in range(calls):
@@ -174,7 +174,7 @@ def main():
     p.add_argument("--weights", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8"])
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--ncu", action="store_true", help="only run each candidate twice, for ncu")
-    p.add_argument("--variants", action="store_true", help="also the model's tiles with and without overlap")
+    p.add_argument("--stress", action="store_true", help="first: many calls in a row against their first results")
     p.add_argument("--gate", action="store_true", help="also gate tiles as narrow as the GEMV's (per-launch times)")
     a = p.parse_args()
     prepare_workspaces("cuda", 1, 1)
@@ -183,12 +183,7 @@ def main():
         case = make_case(weights)
         model = cm.pick_blocks(1, int8=weights == "int8")
         bases = {"model": model}
-        if a.variants:  # the model's tiles with up and down in one launch or not, and a few neighbours
-            bases |= {"three launches": dataclasses.replace(model, overlap=False),
-                      "overlap": dataclasses.replace(model, overlap=True),
-                      "overlap stages 1": dataclasses.replace(model, overlap=True, stages=1),
-                      "overlap stages 2": dataclasses.replace(model, overlap=True, stages=2),
-                      "overlap warps 4": dataclasses.replace(model, overlap=True, warps=4)}
+        if a.stress:
             stress(case, model)
         if a.gate:  # (rows, columns, warps, stages): the dense GEMV's own tiles among them
             gemv_time(case)

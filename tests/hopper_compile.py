@@ -6,7 +6,6 @@ Each kernel is launched by its own host code on small CPU tensors with `run` rep
 recorder; the recorded arguments give the signature and constexprs that triton.compile needs.
 DOT_F32 is set as on the GPU for 16-bit inputs (False): on CPU tensors the host code picks the
 interpreter's workaround."""
-import dataclasses
 import importlib
 import sys
 
@@ -20,7 +19,6 @@ da = importlib.import_module("catsgen.kernels.decode_attention")
 cm = importlib.import_module("catsgen.kernels.cats_mlp")
 gm = importlib.import_module("catsgen.kernels.gemv")
 HOPPER = GPUTarget("cuda", 90, 32)
-STAGES = {}
 launches = []  # (label, kernel, args by name, options)
 
 
@@ -60,9 +58,6 @@ def launch_all():
         qkv = torch.randn(1, 1, (4 + 2 * Hkv) * 128, **bf16)
         da.decode_attention_rope_triton(qkv, torch.randn(64, 128), torch.randn(64, 128), torch.stack((k, v)),
                                         torch.tensor([9]), 4, 16)
-    # with W_o's bytes prefetched into L2 (the model's decode step)
-    da.decode_attention_rope_triton(qkv, torch.randn(64, 128), torch.randn(64, 128), torch.stack((k, v)),
-                                    torch.tensor([9]), 4, 16, prefetch=torch.empty(512, 128, **bf16))
     D, F = 256, 512
     for B in (1, 4):
         x = torch.randn(B, D, **bf16)
@@ -73,10 +68,6 @@ def launch_all():
         scales = (torch.rand(F), torch.rand(F), torch.rand(D))
         cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales)
         cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm)
-        if B == 1:  # up and down in one launch (Blocks.overlap), float and int8
-            for w, sc in (([torch.randn(F, D, **bf16) for _ in range(3)], None), (q8, scales)):
-                cfg = dataclasses.replace(cm.pick_blocks(1, int8=sc is not None), overlap=True, **STAGES)
-                cm.cats_mlp_triton(x, *w, torch.tensor(0.1), blocks=cfg, scales=sc, norm=norm)
         gm.int8_gemv_triton(x, q8[0], scales[0])
         gm.gemv_triton(x, torch.randn(D, D, **bf16), residual=torch.randn(B, D, **bf16))
         gm.gemv_triton(x, torch.randn(F, D, **bf16), up=(torch.randn(F, D, **bf16), None))  # the dense MLP's gated GEMV
@@ -84,8 +75,7 @@ def launch_all():
 
 
 def main():
-    for module, names in ((da, ["_split_kernel"]), (cm, ["_gate_kernel", "_up_kernel", "_down_kernel", "_down1_kernel",
-                                                              "_up_down1_kernel"]),
+    for module, names in ((da, ["_split_kernel"]), (cm, ["_gate_kernel", "_up_kernel", "_down_kernel", "_down1_kernel"]),
                           (gm, ["_gemv_kernel"])):
         for name in names:
             record(getattr(module, name), module.__name__.rsplit(".", 1)[1])

@@ -195,20 +195,3 @@ def test_fused_op_under_torch_compile():
         assert _rel_err(out, expected) < 1e-6
         pos = pos + 17
     torch.library.opcheck(torch.ops.catsgen.decode_attention_rope.default, (qkv, cos, sin, kv.clone(), torch.tensor([30], device=DEV), H, 0))
-
-
-def test_prefetch_of_the_next_weights_changes_nothing():
-    """The launch that asks L2 for the next weights (W_o) gives the same output and cache, leaves
-    those weights as they were, and passes through the op (compiled, and opcheck's schema checks)."""
-    B, H, Hkv, S, D = 1, 4, 2, 50, 16
-    qkv, cos, sin, kv = _qkv_inputs(B, H, Hkv, S, D, torch.float32, seed=8)
-    w_o = torch.randn(H * D + 3, H * D, device=DEV)  # any tensor; its size not a multiple of 16 bytes
-    w_copy, kv_ref, pos = w_o.clone(), kv.clone(), torch.tensor([21], device=DEV)
-    out = da.decode_attention_rope_triton(qkv, cos, sin, kv, pos, H, 0, blocks=SMALL, prefetch=w_o)
-    ref = da.decode_attention_rope_triton(qkv, cos, sin, kv_ref, pos, H, 0, blocks=SMALL)
-    assert torch.equal(out, ref) and torch.equal(kv, kv_ref) and torch.equal(w_o, w_copy)
-    step = lambda qkv, kv, pos: da.decode_attention_rope(qkv, cos, sin, kv, pos, H, 8, prefetch=w_o)  # noqa: E731
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    assert _rel_err(compiled(qkv, kv.clone(), pos), step(qkv, kv.clone(), pos)) < 1e-6
-    torch.library.opcheck(torch.ops.catsgen.decode_attention_rope.default,
-                          (qkv, cos, sin, kv.clone(), torch.tensor([30], device=DEV), H, 0, w_o))
