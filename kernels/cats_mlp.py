@@ -41,7 +41,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .tiles import as_f32, as_operand, dot, rows_times_x, rows_times_x1, rsqrt_mean
+    from .tiles import OFFSET, as_f32, as_operand, dot, rows_times_x, rows_times_x1, rsqrt_mean
 except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
     triton = None
 
@@ -218,7 +218,12 @@ if triton is not None:
                 rows = tl.load(idx_ptr + slots, mask=ok, other=0)
                 products = as_f32(w, INT8) * h[:, None]
                 if ACC_ROWS < BLOCK_R:
-                    acc += tl.sum(tl.reshape(products, [BLOCK_R // ACC_ROWS, ACC_ROWS, BLOCK_D]), axis=0)
+                    step_sums = tl.sum(tl.reshape(products, [BLOCK_R // ACC_ROWS, ACC_ROWS, BLOCK_D]), axis=0)
+                    if INT8:  # int8_to_f32_offset's offset: OFFSET times the sum of h over each row group
+                        step_sums -= OFFSET * tl.sum(tl.reshape(h, [BLOCK_R // ACC_ROWS, ACC_ROWS]), axis=0)[:, None]
+                    acc += step_sums
+                elif INT8:
+                    acc += products - OFFSET * h[:, None]
                 else:
                     acc += products
             y = tl.sum(acc, axis=0)

@@ -68,34 +68,41 @@ def rsqrt_mean(squares, D, eps):
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
+# int8_to_f32_offset's offset: the caller takes OFFSET x (its x) off each step's sums
+OFFSET = tl.constexpr(32896.0)
+
+
 @triton.jit
-def int8_to_f32(w):
-    """int8 -> fp32, exact, on the integer and FMA pipes instead of the conversion unit (16 per clock
-    per SM on Hopper, fewer than the int8 weights HBM delivers): 2^23 has an fp32 ulp of 1, so the
-    bits of 2^23 + 128 + b, i.e. 0x4B000080 + b, read as fp32 are that number exactly. On the GPU
-    four weights at a time: one XOR flips their sign bits (b + 128 as an unsigned byte), then a
-    byte permute per weight places it under the exponent bits 0x4B: two instructions a weight with
-    the subtraction, where sign-extending each byte first takes three."""
-    if _INTERPRETED:
-        return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+def int8_to_f32_offset(w):
+    """int8 b -> fp32 OFFSET + b (OFFSET = 2^15 + 128), exact, one instruction a weight on the
+    GPU: one XOR flips four weights' sign bits (b + 128 as an unsigned byte), then a byte permute
+    a weight places it in byte 1 under the exponent byte 0x47: 0x4700XX00 read as fp32 is
+    2^15 + XX (the fp32 ulp at 2^15 is 2^-8). No subtraction a weight, as a float trick with byte 0
+    under 2^23 needs: the caller subtracts OFFSET x once a step for a whole run of weights
+    (rows_times_x1) or row group (the CATS down launch), where the sums are small enough that
+    the offset costs no accuracy (the conversion unit does 16 a clock an SM, fewer than HBM
+    delivers)."""
+    if _INTERPRETED:  # Triton's interpreter runs no inline PTX (the CPU tests)
+        return w.to(tl.float32) + OFFSET
     else:
-        magic = tl.inline_asm_elementwise(
+        return tl.inline_asm_elementwise(
             """{
             .reg .b32 t, k;
             xor.b32 t, $4, 0x80808080;
-            mov.b32 k, 0x4B000000;
-            prmt.b32 $0, t, k, 0x7650;
-            prmt.b32 $1, t, k, 0x7651;
-            prmt.b32 $2, t, k, 0x7652;
-            prmt.b32 $3, t, k, 0x7653;
+            mov.b32 k, 0x47000000;
+            prmt.b32 $0, t, k, 0x7404;
+            prmt.b32 $1, t, k, 0x7414;
+            prmt.b32 $2, t, k, 0x7424;
+            prmt.b32 $3, t, k, 0x7434;
             }""", "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
-        return magic - 8388736.0
 
 
 @triton.jit
 def as_f32(w, MAGIC: tl.constexpr):
+    """fp32 weights: int8 through int8_to_f32_offset (so OFFSET too: the caller corrects) under
+    MAGIC, else a plain conversion."""
     if MAGIC:
-        return int8_to_f32(w)
+        return int8_to_f32_offset(w)
     else:
         return w.to(tl.float32)
 
@@ -108,7 +115,8 @@ def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.const
     products are summed across columns once, after the loop (a [BLOCK_F, BLOCK_D] accumulator),
     not every step. EVEN: k_hi - k_lo is a multiple of BLOCK_D, so the loads need no column mask
     (a mask whose value changes along a row can split the int8 loads into single bytes).
-    MAGIC: int8 weights converted by int8_to_f32. SUB > 0 (and dividing BLOCK_D; else ignored):
+    MAGIC: int8 weights converted by int8_to_f32_offset, OFFSET x taken off each step's run sums
+    (RUNS) or off the sums at the end (a full accumulator: one product a column per step). SUB > 0 (and dividing BLOCK_D; else ignored):
     each step's products are first summed over runs of SUB adjacent columns (one thread's vector
     load, so no shuffles), and the accumulator is [BLOCK_F, BLOCK_D // SUB]: fewer registers a
     program, more programs an SM."""
@@ -118,6 +126,7 @@ def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.const
     else:
         acc = tl.zeros([BLOCK_F, BLOCK_D], tl.float32)
     squares = tl.zeros([BLOCK_D], tl.float32)
+    x_sums = tl.zeros([BLOCK_D], tl.float32)  # MAGIC without RUNS: each column's x, summed over the steps
     for k in range(k_lo, k_hi, BLOCK_D):
         cols = k + tl.arange(0, BLOCK_D)
         if EVEN:
@@ -138,7 +147,14 @@ def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.const
             xv = xv * g.to(tl.float32)
         products = as_f32(w, MAGIC) * xv[None, :]
         if RUNS:
-            acc += tl.sum(tl.reshape(products, [BLOCK_F, BLOCK_D // SUB, SUB]), axis=2)
+            run_sums = tl.sum(tl.reshape(products, [BLOCK_F, BLOCK_D // SUB, SUB]), axis=2)
+            if MAGIC:  # the offset's share, once a run: OFFSET x (the run's sum of x)
+                run_sums -= OFFSET * tl.sum(tl.reshape(xv, [BLOCK_D // SUB, SUB]), axis=1)[None, :]
+            acc += run_sums
         else:
             acc += products
+            if MAGIC:
+                x_sums += xv
+    if MAGIC and not RUNS:
+        acc -= OFFSET * x_sums[None, :]
     return tl.sum(acc, axis=1), tl.sum(squares, axis=0)

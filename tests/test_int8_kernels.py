@@ -9,16 +9,17 @@ import torch
 
 from catsgen.kernels import cats_mlp, cats_mlp_reference, int8_gemv, int8_gemv_reference
 from catsgen.quantize import dequantize_int8, quantize_int8
-from helpers_kernels import SMALL, SMALL_FMA, poisoned_scratch, rel_err  # noqa: F401 (poisoned_scratch: a fixture)
+from helpers_kernels import INT8_F32_TOL, SMALL, SMALL_FMA, poisoned_scratch, rel_err  # noqa: F401 (poisoned_scratch: a fixture)
 from helpers_kernels import threshold as float_threshold
 
 assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"  # conftest.py
 # White-box: the kernels' modules (tiles, Triton paths, scratch allocator), not the ops of the same names.
 cm = importlib.import_module("catsgen.kernels.cats_mlp")
 gm = importlib.import_module("catsgen.kernels.gemv")
+tiles = importlib.import_module("catsgen.kernels.tiles")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+TOL = {torch.float32: INT8_F32_TOL, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 SMALL_GEMV = gm.GemvBlocks(block_n=16, block_k=16, split_k=3)  # several steps and splits, ragged tails
 
 
@@ -62,15 +63,17 @@ def test_int8_to_float_conversion_is_exact_for_every_value(magic):
 
 
 def test_int8_to_float_gpu_identity_for_every_value():
-    """The GPU path of int8_to_f32 (kernels/tiles.py, inline PTX the interpreter can not run): the
-    byte with its sign bit flipped (XOR 0x80), placed under 0x4B000000 (PRMT selector 0x765k for
-    byte k), read as fp32, minus 2^23 + 128, is b, for every int8 b and every byte position."""
+    """The GPU path of int8_to_f32_offset (kernels/tiles.py, inline PTX the interpreter can not
+    run): the byte with its sign bit flipped (XOR 0x80), placed in byte 1 under 0x47 (PRMT selector
+    0x74k4 for byte k: bytes 4, k, 4, 7 of {0x47000000, t}), read as fp32, is OFFSET + b exactly,
+    for every int8 b and every byte position."""
     b = torch.arange(-128, 128, dtype=torch.int32)
     for k in range(4):
         packed = (b & 0xFF) << (8 * k)  # b as byte k of a 32-bit register
         t = packed ^ 0x80808080
-        bits = 0x4B000000 | ((t >> (8 * k)) & 0xFF)  # bytes 7, 6, 5 of {0x4B000000, t}: 0x4B, 0, 0
-        assert torch.equal(bits.view(torch.float32) - 8388736.0, b.float())
+        bits = 0x47000000 | (((t >> (8 * k)) & 0xFF) << 8)
+        assert torch.equal(bits.view(torch.float32), b.float() + 32896.0)
+    assert tiles.OFFSET == 32896.0
 
 
 def test_int8_gemv_reference_is_dequantized_linear():
@@ -154,7 +157,7 @@ def test_int8_skipped_neurons_read_no_byte(B):
     assert 0 < idle.sum() < 96
     qs[1][idle], qs[2][idle], scales[1][idle] = 127, -127, float("nan")
     for blocks in (None, SMALL):
-        assert rel_err(cm.cats_mlp_triton(x, *qs, t, blocks=blocks, scales=scales), ref) < 1e-5
+        assert rel_err(cm.cats_mlp_triton(x, *qs, t, blocks=blocks, scales=scales), ref) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("B", [1, 8])
