@@ -84,7 +84,7 @@ if triton is not None:
         row_ok = rows < F
         toks = tl.arange(0, 16)
         if FMA:  # one token: fp32 FMA, no padding to 16 tokens
-            g1, squares1 = rows_times_x1(wg_ptr, x_ptr, rows, row_ok, D, 0, D, BLOCK_F, BLOCK_D, EVEN, INT8,
+            g1, squares1 = rows_times_x1(wg_ptr, x_ptr, rows, row_ok, D, 0, D, BLOCK_F, BLOCK_D, EVEN, 2 * INT8,
                                          g_ptr, NORM, SUB)
             g = tl.where(toks[None, :] == 0, g1[:, None], 0.0)
             squares = tl.where(toks == 0, squares1, 0.0)
@@ -139,7 +139,7 @@ if triton is not None:
             c1 = tl.minimum(c0 + COLS_PER_PROG, D)
             if FMA:
                 # NORM: x * g here; 1 / rms (this program sees part of x) waits for the down launch
-                acc1, _ = rows_times_x1(wu_ptr, x_ptr, rows, ok, D, c0, c1, BLOCK_R, BLOCK_D, EVEN, INT8, g_ptr, NORM,
+                acc1, _ = rows_times_x1(wu_ptr, x_ptr, rows, ok, D, c0, c1, BLOCK_R, BLOCK_D, EVEN, 2 * INT8, g_ptr, NORM,
                                         SUB)
                 acc = tl.where(toks[None, :] == 0, acc1[:, None], 0.0)
             else:
@@ -216,7 +216,7 @@ if triton is not None:
                 slots = slots + BLOCK_R  # the next step's entries, loaded while this step's rows arrive
                 ok = slots < n_active
                 rows = tl.load(idx_ptr + slots, mask=ok, other=0)
-                products = as_f32(w, INT8) * h[:, None]
+                products = as_f32(w, 2 * INT8) * h[:, None]  # int8: OFFSET + q (tiles.int8_to_f32_offset)
                 if ACC_ROWS < BLOCK_R:
                     step_sums = tl.sum(tl.reshape(products, [BLOCK_R // ACC_ROWS, ACC_ROWS, BLOCK_D]), axis=0)
                     if INT8:  # int8_to_f32_offset's offset: OFFSET times the sum of h over each row group

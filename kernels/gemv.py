@@ -172,7 +172,7 @@ def gemv_triton(x, w, scale=None, residual=None, up=None, blocks: GemvBlocks | N
         x if residual is None else residual.contiguous(), out,
         B, N, K, k_per_split, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
         DOT_F32=x.dtype == torch.float32 or not x.is_cuda, FMA=blocks.fma_at_b1 and B == 1,
-        EVEN=K % k_per_split == 0 and k_per_split % blocks.block_k == 0, MAGIC=blocks.magic and int8,
+        EVEN=K % k_per_split == 0 and k_per_split % blocks.block_k == 0, MAGIC=1 if blocks.magic and int8 else 0,
         SCALED=int8, RESIDUAL=residual is not None, GATED=up is not None, SUB=blocks.sub,
         num_warps=blocks.warps_and_stages[0], num_stages=blocks.warps_and_stages[1])
     return out if split_k == 1 else out.sum(0).to(x.dtype)

@@ -68,6 +68,30 @@ def rsqrt_mean(squares, D, eps):
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
+@triton.jit
+def int8_to_f32(w):
+    """int8 -> fp32, exact, on the integer and FMA pipes instead of the conversion unit (16 per clock
+    per SM on Hopper, fewer than the int8 weights HBM delivers): 2^23 has an fp32 ulp of 1, so the
+    bits of 2^23 + 128 + b, i.e. 0x4B000080 + b, read as fp32 are that number exactly. On the GPU
+    four weights at a time: one XOR flips their sign bits (b + 128 as an unsigned byte), then a
+    byte permute per weight places it under the exponent bits 0x4B: two instructions a weight with
+    the subtraction, where sign-extending each byte first takes three."""
+    if _INTERPRETED:
+        return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+    else:
+        magic = tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t, k;
+            xor.b32 t, $4, 0x80808080;
+            mov.b32 k, 0x4B000000;
+            prmt.b32 $0, t, k, 0x7650;
+            prmt.b32 $1, t, k, 0x7651;
+            prmt.b32 $2, t, k, 0x7652;
+            prmt.b32 $3, t, k, 0x7653;
+            }""", "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
+        return magic - 8388736.0
+
+
 # int8_to_f32_offset's offset: the caller takes OFFSET x (its x) off each step's sums
 OFFSET = tl.constexpr(32896.0)
 
@@ -99,10 +123,12 @@ def int8_to_f32_offset(w):
 
 @triton.jit
 def as_f32(w, MAGIC: tl.constexpr):
-    """fp32 weights: int8 through int8_to_f32_offset (so OFFSET too: the caller corrects) under
-    MAGIC, else a plain conversion."""
-    if MAGIC:
+    """fp32 weights: MAGIC 0 a plain conversion, 1 int8 through int8_to_f32 (exact), 2 int8
+    through int8_to_f32_offset (OFFSET + b: the caller takes the offset off)."""
+    if MAGIC == 2:
         return int8_to_f32_offset(w)
+    elif MAGIC == 1:
+        return int8_to_f32(w)
     else:
         return w.to(tl.float32)
 
@@ -115,8 +141,9 @@ def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.const
     products are summed across columns once, after the loop (a [BLOCK_F, BLOCK_D] accumulator),
     not every step. EVEN: k_hi - k_lo is a multiple of BLOCK_D, so the loads need no column mask
     (a mask whose value changes along a row can split the int8 loads into single bytes).
-    MAGIC: int8 weights converted by int8_to_f32_offset, OFFSET x taken off each step's run sums
-    (RUNS) or off the sums at the end (a full accumulator: one product a column per step). SUB > 0 (and dividing BLOCK_D; else ignored):
+    MAGIC (as_f32): 1 int8 weights converted by int8_to_f32; 2 by int8_to_f32_offset, OFFSET x
+    taken off each step's run sums (RUNS) or off the sums at the end (a full accumulator: one
+    product a column per step). SUB > 0 (and dividing BLOCK_D; else ignored):
     each step's products are first summed over runs of SUB adjacent columns (one thread's vector
     load, so no shuffles), and the accumulator is [BLOCK_F, BLOCK_D // SUB]: fewer registers a
     program, more programs an SM."""
@@ -148,13 +175,13 @@ def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.const
         products = as_f32(w, MAGIC) * xv[None, :]
         if RUNS:
             run_sums = tl.sum(tl.reshape(products, [BLOCK_F, BLOCK_D // SUB, SUB]), axis=2)
-            if MAGIC:  # the offset's share, once a run: OFFSET x (the run's sum of x)
+            if MAGIC == 2:  # the offset's share, once a run: OFFSET x (the run's sum of x)
                 run_sums -= OFFSET * tl.sum(tl.reshape(xv, [BLOCK_D // SUB, SUB]), axis=1)[None, :]
             acc += run_sums
         else:
             acc += products
-            if MAGIC:
+            if MAGIC == 2:
                 x_sums += xv
-    if MAGIC and not RUNS:
+    if MAGIC == 2 and not RUNS:
         acc -= OFFSET * x_sums[None, :]
     return tl.sum(acc, axis=1), tl.sum(squares, axis=0)

@@ -22,10 +22,6 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 EPS = 1e-5
 
 
-def _tol(dtype, int8):
-    return INT8_F32_TOL if int8 and dtype == torch.float32 else TOL[dtype]
-
-
 def _norm(k, seed):
     """A norm weight far from 1 (folding it in must matter) and its eps."""
     return (torch.rand(k, generator=torch.Generator().manual_seed(seed)) * 2 + 0.25).to(DEV), EPS
@@ -63,7 +59,7 @@ def test_gemv_matches_reference(dtype, B, int8, residual, blocks):
     out = gm.gemv_triton(x, w, scale, residual=res, blocks=blocks)
     ref = gm.gemv_reference(x, w, scale, residual=res)
     assert out.shape == (B, n) and out.dtype == dtype
-    assert rel_err(out, ref) < _tol(dtype, int8)
+    assert rel_err(out, ref) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -77,7 +73,7 @@ def test_gated_gemv_matches_reference(dtype, B, int8, blocks):
     out = gm.gemv_triton(x, w, scale, up=up, blocks=blocks)  # a split-K tiling gets one split: SiLU needs the sum
     ref = gm.gemv_reference(x, w, scale, up=up)
     assert out.shape == (B, n) and out.dtype == dtype
-    assert rel_err(out, ref) < _tol(dtype, int8)
+    assert rel_err(out, ref) < TOL[dtype]
 
 
 def test_gated_reference_is_silu_gate_times_up():
@@ -134,7 +130,7 @@ def test_cats_mlp_with_norm_matches_reference(poisoned_scratch, int8, B, sparsit
     if sparsity == 1.0:
         assert (out == 0).all()
     else:
-        assert rel_err(out, ref) < _tol(torch.float32, int8)
+        assert rel_err(out, ref) < (INT8_F32_TOL if int8 else 1e-5)
 
 
 def test_cats_mlp_with_norm_per_neuron_thresholds():
