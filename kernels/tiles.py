@@ -4,7 +4,8 @@ Tokens are padded to 16 so each step is one tl.dot on the tensor cores (FMA unit
 Weights may be float or int8: a weight tile is converted to x's dtype in registers before the
 dot (exact for int8, |q| <= 127); the caller applies int8 scales to the fp32 result.
 One token (B = 1) can skip the padding: rows_times_x1 multiplies on the FMA units in fp32 and
-converts int8 without the I2F unit (int8_to_f32).
+converts int8 without the I2F unit (int8_to_f32: exact, two instructions a weight; or
+int8_to_f32_offset: one instruction a weight plus an offset taken off once per run of products).
 NORM: x is the residual stream and the matrix wants RMSNorm(x) * g: each x tile is multiplied by
 g's tile (g_ptr) and its squares summed along the way, so the caller, which walked all of x, scales
 its result by 1 / rms itself (rsqrt_mean) and no norm kernel runs before it.
@@ -103,9 +104,10 @@ def int8_to_f32_offset(w):
     a weight places it in byte 1 under the exponent byte 0x47: 0x4700XX00 read as fp32 is
     2^15 + XX (the fp32 ulp at 2^15 is 2^-8). No subtraction a weight, as a float trick with byte 0
     under 2^23 needs: the caller subtracts OFFSET x once a step for a whole run of weights
-    (rows_times_x1) or row group (the CATS down launch), where the sums are small enough that
-    the offset costs no accuracy (the conversion unit does 16 a clock an SM, fewer than HBM
-    delivers)."""
+    (rows_times_x1) or row group (the CATS down launch). The products carry the offset's rounding,
+    ~2^-9 |x| each against |b x| ~ 40 |x|: ~1e-4 relative in fp32 sums, below bf16's rounding.
+    The CATS launches use it (fewer instructions a weight measured faster there); the GEMVs, whose
+    2-4-row tiles pay for the per-step x sums, keep int8_to_f32 (notes/kernels.md v10)."""
     if _INTERPRETED:  # Triton's interpreter runs no inline PTX (the CPU tests)
         return w.to(tl.float32) + OFFSET
     else:
