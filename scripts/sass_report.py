@@ -1,0 +1,62 @@
+"""What each decode kernel compiles to for an H100/H200 (sm_90), without a GPU: registers, spills
+and the instruction mix of its main loop, per launch that tests/hopper_compile.py records. A
+prediction tool (notes/kernels.md v9, v10): a change that cuts a loop's instructions or a kernel's
+registers can be seen before any device time is spent on it.
+    python3 scripts/sass_report.py [name-substring ...]     (e.g. _gate_kernel int8)
+Uses Triton's bundled cuobjdump; run without TRITON_INTERPRET."""
+import collections
+import glob
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import hopper_compile as hc  # noqa: E402
+
+CUOBJDUMP = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))[0]
+
+
+def loops(sass: str):
+    """(instructions, {opcode: count}) of each backward branch's loop body."""
+    code = [(int(a, 16), ins) for a, ins in re.findall(r"/\*([0-9a-f]{4})\*/\s+(.*?);", sass)]
+    for addr, ins in code:
+        target = re.search(r"BRA (0x[0-9a-f]+)", ins)
+        if target and int(target.group(1), 16) < addr:
+            body = [i for a, i in code if int(target.group(1), 16) <= a <= addr]
+            yield len(body), collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", i).split()[0].split(".")[0] for i in body)
+
+
+def report(label, compiled):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+).*?LOCAL:(\d+)", usage)
+    print(f"{label}: {regs.group(1)} registers, {regs.group(2)} bytes spilled")
+    for n, ops in loops(sass):
+        print(f"    loop of {n} instructions: " + ", ".join(f"{op} {k}" for op, k in ops.most_common(8)))
+
+
+def main():
+    wanted = sys.argv[1:]
+    for module, names in ((hc.da, ["_split_kernel"]), (hc.cm, ["_gate_kernel", "_up_kernel", "_down_kernel",
+                                                              "_down1_kernel"]), (hc.gm, ["_gemv_kernel"])):
+        for name in names:
+            hc.record(getattr(module, name), module.__name__.rsplit(".", 1)[1])
+    hc.launch_all()
+    for label, kernel, named, options in hc.launches:
+        weights = next((v.dtype for k, v in named.items() if k.startswith("w") and hasattr(v, "dtype")), None)
+        tag = f"{label} {str(weights).removeprefix('torch.')} " + " ".join(
+            f"{k}={named[k]}" for k in ("B", "FMA", "NORM") if k in named)
+        if all(w in tag for w in wanted):
+            report(tag, hc.compile_for_hopper(kernel, named, options))
+
+
+if __name__ == "__main__":
+    main()
