@@ -69,6 +69,22 @@ def rsqrt_mean(squares, D, eps):
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
+def _permutes(exponent: str, selectors: tuple[str, ...]) -> tl.constexpr:
+    """PTX for four int8 weights in a register: one XOR flips their sign bits (b + 128 as unsigned
+    bytes), then a byte permute a weight builds its fp32 bits from those bytes and `exponent`'s."""
+    permutes = "".join(f"prmt.b32 ${i}, t, k, {sel};" for i, sel in enumerate(selectors))
+    return tl.constexpr(f"{{.reg .b32 t, k; xor.b32 t, $4, 0x80808080; mov.b32 k, {exponent}; {permutes}}}")
+
+
+_UNDER_2_23 = _permutes("0x4B000000", ("0x7650", "0x7651", "0x7652", "0x7653"))  # byte k in byte 0: 2^23 + b'
+_UNDER_2_15 = _permutes("0x47000000", ("0x7404", "0x7414", "0x7424", "0x7434"))  # byte k in byte 1: 2^15 + b'
+
+
+@triton.jit
+def _placed_bytes(w, PTX: tl.constexpr):
+    return tl.inline_asm_elementwise(PTX, "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
+
+
 @triton.jit
 def int8_to_f32(w):
     """int8 -> fp32, exact, on the integer and FMA pipes instead of the conversion unit (16 per clock
@@ -80,17 +96,7 @@ def int8_to_f32(w):
     if _INTERPRETED:
         return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
     else:
-        magic = tl.inline_asm_elementwise(
-            """{
-            .reg .b32 t, k;
-            xor.b32 t, $4, 0x80808080;
-            mov.b32 k, 0x4B000000;
-            prmt.b32 $0, t, k, 0x7650;
-            prmt.b32 $1, t, k, 0x7651;
-            prmt.b32 $2, t, k, 0x7652;
-            prmt.b32 $3, t, k, 0x7653;
-            }""", "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
-        return magic - 8388736.0
+        return _placed_bytes(w, _UNDER_2_23) - 8388736.0
 
 
 # int8_to_f32_offset's offset: the caller takes OFFSET x (its x) off each step's sums
@@ -111,16 +117,7 @@ def int8_to_f32_offset(w):
     if _INTERPRETED:  # Triton's interpreter runs no inline PTX (the CPU tests)
         return w.to(tl.float32) + OFFSET
     else:
-        return tl.inline_asm_elementwise(
-            """{
-            .reg .b32 t, k;
-            xor.b32 t, $4, 0x80808080;
-            mov.b32 k, 0x47000000;
-            prmt.b32 $0, t, k, 0x7404;
-            prmt.b32 $1, t, k, 0x7414;
-            prmt.b32 $2, t, k, 0x7424;
-            prmt.b32 $3, t, k, 0x7434;
-            }""", "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
+        return _placed_bytes(w, _UNDER_2_15)
 
 
 @triton.jit
