@@ -41,7 +41,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .tiles import OFFSET, as_f32, as_operand, dot, rows_times_x, rows_times_x1, rsqrt_mean
+    from .tiles import OFFSET, OFFSET_INT8, PLAIN, as_f32, as_operand, dot, rows_times_x, rows_times_x1, rsqrt_mean
 except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
     triton = None
 
@@ -84,7 +84,8 @@ if triton is not None:
         row_ok = rows < F
         toks = tl.arange(0, 16)
         if FMA:  # one token: fp32 FMA, no padding to 16 tokens
-            g1, squares1 = rows_times_x1(wg_ptr, x_ptr, rows, row_ok, D, 0, D, BLOCK_F, BLOCK_D, EVEN, 2 * INT8,
+            CONVERT: tl.constexpr = OFFSET_INT8 if INT8 else PLAIN
+            g1, squares1 = rows_times_x1(wg_ptr, x_ptr, rows, row_ok, D, 0, D, BLOCK_F, BLOCK_D, EVEN, CONVERT,
                                          g_ptr, NORM, SUB)
             g = tl.where(toks[None, :] == 0, g1[:, None], 0.0)
             squares = tl.where(toks == 0, squares1, 0.0)
@@ -139,8 +140,9 @@ if triton is not None:
             c1 = tl.minimum(c0 + COLS_PER_PROG, D)
             if FMA:
                 # NORM: x * g here; 1 / rms (this program sees part of x) waits for the down launch
-                acc1, _ = rows_times_x1(wu_ptr, x_ptr, rows, ok, D, c0, c1, BLOCK_R, BLOCK_D, EVEN, 2 * INT8, g_ptr, NORM,
-                                        SUB)
+                CONVERT: tl.constexpr = OFFSET_INT8 if INT8 else PLAIN
+                acc1, _ = rows_times_x1(wu_ptr, x_ptr, rows, ok, D, c0, c1, BLOCK_R, BLOCK_D, EVEN, CONVERT, g_ptr,
+                                        NORM, SUB)
                 acc = tl.where(toks[None, :] == 0, acc1[:, None], 0.0)
             else:
                 acc, _ = rows_times_x(wu_ptr, x_ptr, rows, ok, B, D, c0, c1, BLOCK_R, BLOCK_D, DOT_F32, g_ptr, NORM)
@@ -201,6 +203,7 @@ if triton is not None:
             col_ok = cols < D
             first = (item // N_COLS) * (BLOCK_R * STEPS)
             ACC_ROWS: tl.constexpr = FOLD if FOLD > 0 and BLOCK_R % max(FOLD, 1) == 0 else BLOCK_R
+            CONVERT: tl.constexpr = OFFSET_INT8 if INT8 else PLAIN  # int8: OFFSET + q, taken off below
             acc = tl.zeros([ACC_ROWS, BLOCK_D], tl.float32)
             r = 1.0
             if NORM:  # the norm's 1 / rms (see _down_kernel)
@@ -216,7 +219,7 @@ if triton is not None:
                 slots = slots + BLOCK_R  # the next step's entries, loaded while this step's rows arrive
                 ok = slots < n_active
                 rows = tl.load(idx_ptr + slots, mask=ok, other=0)
-                products = as_f32(w, 2 * INT8) * h[:, None]  # int8: OFFSET + q (tiles.int8_to_f32_offset)
+                products = as_f32(w, CONVERT) * h[:, None]
                 if ACC_ROWS < BLOCK_R:
                     step_sums = tl.sum(tl.reshape(products, [BLOCK_R // ACC_ROWS, ACC_ROWS, BLOCK_D]), axis=0)
                     if INT8:  # int8_to_f32_offset's offset: OFFSET times the sum of h over each row group

@@ -31,7 +31,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .tiles import rows_times_x, rows_times_x1
+    from .tiles import EXACT_INT8, PLAIN, rows_times_x, rows_times_x1
 except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
     triton = None
 
@@ -172,7 +172,8 @@ def gemv_triton(x, w, scale=None, residual=None, up=None, blocks: GemvBlocks | N
         x if residual is None else residual.contiguous(), out,
         B, N, K, k_per_split, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
         DOT_F32=x.dtype == torch.float32 or not x.is_cuda, FMA=blocks.fma_at_b1 and B == 1,
-        EVEN=K % k_per_split == 0 and k_per_split % blocks.block_k == 0, MAGIC=1 if blocks.magic and int8 else 0,
+        EVEN=K % k_per_split == 0 and k_per_split % blocks.block_k == 0,
+        MAGIC=(EXACT_INT8 if blocks.magic and int8 else PLAIN).value,
         SCALED=int8, RESIDUAL=residual is not None, GATED=up is not None, SUB=blocks.sub,
         num_warps=blocks.warps_and_stages[0], num_stages=blocks.warps_and_stages[1])
     return out if split_k == 1 else out.sum(0).to(x.dtype)

@@ -65,19 +65,26 @@ def rsqrt_mean(squares, D, eps):
     return tl.rsqrt(squares / D + eps)
 
 
-# Triton's interpreter runs no inline PTX (the CPU tests): there int8_to_f32 takes the plain path
+# Triton's interpreter runs no inline PTX (the CPU tests): there the int8 conversions take plain paths
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
-def _permutes(exponent: str, selectors: tuple[str, ...]) -> tl.constexpr:
+# The byte permutes of the two int8 conversions: (the register of constant bytes, one selector a
+# weight k of four): byte k of t = XOR(w, 0x80808080) into byte 0 under 0x4B (2^23 + b + 128) or
+# into byte 1 under 0x47 (2^15 + b + 128). tests/test_int8_kernels.py runs them on every value.
+PERMUTES_2_23 = ("0x4B000000", ("0x7650", "0x7651", "0x7652", "0x7653"))
+PERMUTES_2_15 = ("0x47000000", ("0x7404", "0x7414", "0x7424", "0x7434"))
+
+
+def _ptx(permutes) -> tl.constexpr:
     """PTX for four int8 weights in a register: one XOR flips their sign bits (b + 128 as unsigned
-    bytes), then a byte permute a weight builds its fp32 bits from those bytes and `exponent`'s."""
-    permutes = "".join(f"prmt.b32 ${i}, t, k, {sel};" for i, sel in enumerate(selectors))
-    return tl.constexpr(f"{{.reg .b32 t, k; xor.b32 t, $4, 0x80808080; mov.b32 k, {exponent}; {permutes}}}")
+    bytes), then a byte permute a weight builds its fp32 bits from those bytes and the constant's."""
+    constant, selectors = permutes
+    prmts = "".join(f"prmt.b32 ${i}, t, k, {sel};" for i, sel in enumerate(selectors))
+    return tl.constexpr(f"{{.reg .b32 t, k; xor.b32 t, $4, 0x80808080; mov.b32 k, {constant}; {prmts}}}")
 
 
-_UNDER_2_23 = _permutes("0x4B000000", ("0x7650", "0x7651", "0x7652", "0x7653"))  # byte k in byte 0: 2^23 + b'
-_UNDER_2_15 = _permutes("0x47000000", ("0x7404", "0x7414", "0x7424", "0x7434"))  # byte k in byte 1: 2^15 + b'
+_UNDER_2_23, _UNDER_2_15 = _ptx(PERMUTES_2_23), _ptx(PERMUTES_2_15)
 
 
 @triton.jit
@@ -120,13 +127,18 @@ def int8_to_f32_offset(w):
         return _placed_bytes(w, _UNDER_2_15)
 
 
+# as_f32's MAGIC: how weights become fp32
+PLAIN = tl.constexpr(0)  # .to(fp32): float weights (int8 too, through the conversion unit)
+EXACT_INT8 = tl.constexpr(1)  # int8_to_f32
+OFFSET_INT8 = tl.constexpr(2)  # int8_to_f32_offset: the caller takes OFFSET x off
+
+
 @triton.jit
 def as_f32(w, MAGIC: tl.constexpr):
-    """fp32 weights: MAGIC 0 a plain conversion, 1 int8 through int8_to_f32 (exact), 2 int8
-    through int8_to_f32_offset (OFFSET + b: the caller takes the offset off)."""
-    if MAGIC == 2:
+    """fp32 weights, converted as MAGIC says (PLAIN, EXACT_INT8, OFFSET_INT8)."""
+    if MAGIC == OFFSET_INT8:
         return int8_to_f32_offset(w)
-    elif MAGIC == 1:
+    elif MAGIC == EXACT_INT8:
         return int8_to_f32(w)
     else:
         return w.to(tl.float32)
@@ -140,8 +152,8 @@ def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.const
     products are summed across columns once, after the loop (a [BLOCK_F, BLOCK_D] accumulator),
     not every step. EVEN: k_hi - k_lo is a multiple of BLOCK_D, so the loads need no column mask
     (a mask whose value changes along a row can split the int8 loads into single bytes).
-    MAGIC (as_f32): 1 int8 weights converted by int8_to_f32; 2 by int8_to_f32_offset, OFFSET x
-    taken off each step's run sums (RUNS) or off the sums at the end (a full accumulator: one
+    MAGIC (as_f32): EXACT_INT8 int8 weights converted by int8_to_f32; OFFSET_INT8 by
+    int8_to_f32_offset, OFFSET x taken off each step's run sums (RUNS) or off the sums at the end (a full accumulator: one
     product a column per step). SUB > 0 (and dividing BLOCK_D; else ignored):
     each step's products are first summed over runs of SUB adjacent columns (one thread's vector
     load, so no shuffles), and the accumulator is [BLOCK_F, BLOCK_D // SUB]: fewer registers a
@@ -174,13 +186,13 @@ def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.const
         products = as_f32(w, MAGIC) * xv[None, :]
         if RUNS:
             run_sums = tl.sum(tl.reshape(products, [BLOCK_F, BLOCK_D // SUB, SUB]), axis=2)
-            if MAGIC == 2:  # the offset's share, once a run: OFFSET x (the run's sum of x)
+            if MAGIC == OFFSET_INT8:  # the offset's share, once a run: OFFSET x (the run's sum of x)
                 run_sums -= OFFSET * tl.sum(tl.reshape(xv, [BLOCK_D // SUB, SUB]), axis=1)[None, :]
             acc += run_sums
         else:
             acc += products
-            if MAGIC == 2:
+            if MAGIC == OFFSET_INT8:
                 x_sums += xv
-    if MAGIC == 2 and not RUNS:
+    if MAGIC == OFFSET_INT8 and not RUNS:
         acc -= OFFSET * x_sums[None, :]
     return tl.sum(acc, axis=1), tl.sum(squares, axis=0)

@@ -45,11 +45,7 @@ def report(label, compiled):
 
 def main():
     wanted = sys.argv[1:]
-    for module, names in ((hc.da, ["_split_kernel"]), (hc.cm, ["_gate_kernel", "_up_kernel", "_down_kernel",
-                                                              "_down1_kernel"]), (hc.gm, ["_gemv_kernel"])):
-        for name in names:
-            hc.record(getattr(module, name), module.__name__.rsplit(".", 1)[1])
-    hc.launch_all()
+    hc.record_all()
     for label, kernel, named, options in hc.launches:
         weights = next((v.dtype for k, v in named.items() if k.startswith("w") and hasattr(v, "dtype")), None)
         tag = f"{label} {str(weights).removeprefix('torch.')} " + " ".join(

@@ -63,29 +63,30 @@ def test_int8_to_float_conversion_is_exact_for_every_value(magic):
     assert torch.equal(out[0].cpu(), torch.arange(-128, 128, dtype=torch.float32))
 
 
-def test_int8_to_float_gpu_identity_for_every_value():
-    """The GPU path of int8_to_f32 (kernels/tiles.py, inline PTX the interpreter can not run): the
-    byte with its sign bit flipped (XOR 0x80), placed under 0x4B000000 (PRMT selector 0x765k for
-    byte k), read as fp32, minus 2^23 + 128, is b, for every int8 b and every byte position."""
-    b = torch.arange(-128, 128, dtype=torch.int32)
-    for k in range(4):
-        packed = (b & 0xFF) << (8 * k)  # b as byte k of a 32-bit register
-        t = packed ^ 0x80808080
-        bits = 0x4B000000 | ((t >> (8 * k)) & 0xFF)  # bytes 7, 6, 5 of {0x4B000000, t}: 0x4B, 0, 0
-        assert torch.equal(bits.view(torch.float32) - 8388736.0, b.float())
+def _prmt(a, b, selector):
+    """PTX prmt.b32 (default mode) on int64 tensors holding 32-bit values: byte i of the result is
+    byte (selector's nibble i & 7) of the 8 bytes {b, a} (a's bytes 0-3, b's 4-7)."""
+    out = torch.zeros_like(a)
+    for i in range(4):
+        k = (selector >> (4 * i)) & 7
+        byte = (a >> (8 * k)) & 0xFF if k < 4 else (b >> (8 * (k - 4))) & 0xFF
+        out |= byte << (8 * i)
+    return out
 
 
-def test_int8_to_float_with_offset_gpu_identity_for_every_value():
-    """The GPU path of int8_to_f32_offset (kernels/tiles.py, inline PTX the interpreter can not
-    run): the byte with its sign bit flipped (XOR 0x80), placed in byte 1 under 0x47 (PRMT selector
-    0x74k4 for byte k: bytes 4, k, 4, 7 of {0x47000000, t}), read as fp32, is OFFSET + b exactly,
-    for every int8 b and every byte position."""
-    b = torch.arange(-128, 128, dtype=torch.int32)
-    for k in range(4):
-        packed = (b & 0xFF) << (8 * k)  # b as byte k of a 32-bit register
-        t = packed ^ 0x80808080
-        bits = 0x47000000 | (((t >> (8 * k)) & 0xFF) << 8)
-        assert torch.equal(bits.view(torch.float32), b.float() + 32896.0)
+@pytest.mark.parametrize("permutes,offset", [("PERMUTES_2_23", 8388736.0), ("PERMUTES_2_15", 32896.0)])
+def test_int8_to_float_gpu_identity_for_every_value(permutes, offset):
+    """The GPU paths of int8_to_f32 and int8_to_f32_offset (kernels/tiles.py, inline PTX the
+    interpreter can not run), emulated from the constants tiles builds that PTX from: the XOR with
+    0x80808080, then for weight k the byte permute with its selector, read as fp32, is offset + b
+    exactly (int8_to_f32 then subtracts 2^23 + 128; the offset variant leaves OFFSET), for every
+    int8 b and every byte position."""
+    constant, selectors = getattr(tiles, permutes)
+    b = torch.arange(-128, 128, dtype=torch.int64)
+    for k, selector in enumerate(selectors):
+        t = ((b & 0xFF) << (8 * k)) ^ 0x80808080  # b as byte k of a 32-bit register, sign bit flipped
+        bits = _prmt(t, torch.full_like(t, int(constant, 16)), int(selector, 16)).to(torch.int32)
+        assert torch.equal(bits.view(torch.float32).double() - offset, b.double())
     assert tiles.OFFSET == 32896.0
 
 
