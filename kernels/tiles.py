@@ -145,8 +145,26 @@ def as_f32(w, MAGIC: tl.constexpr):
 
 
 @triton.jit
+def fma_chain(acc, w, x, F: tl.constexpr, R: tl.constexpr, N: tl.constexpr, XF: tl.constexpr, XR: tl.constexpr):
+    """acc [F, R] + the sums over the last axis of w [F, R, N] times x [XF, XR, N] (XF 1 or F, XR 1
+    or R: x broadcast only at the FMAs, as broadcasting first costs a layout conversion; N a power
+    of 2) as one chain of FMAs, acc + w0 x0 + w1 x1 + ...: tl.sum's tree costs an FMUL or FADD more
+    a product. Each halving (tl.split of the last axis) stays in a thread's registers when the
+    runs do."""
+    if N == 1:
+        w1, x1 = tl.broadcast(tl.reshape(w, [F, R]), tl.reshape(x, [XF, XR]))
+        return tl.fma(w1, x1, acc)
+    else:
+        w_even, w_odd = tl.split(tl.reshape(w, [F, R, N // 2, 2]))
+        x_even, x_odd = tl.split(tl.reshape(x, [XF, XR, N // 2, 2]))
+        acc = fma_chain(acc, w_even, x_even, F, R, N // 2, XF, XR)
+        return fma_chain(acc, w_odd, x_odd, F, R, N // 2, XF, XR)
+
+
+@triton.jit
 def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-                  EVEN: tl.constexpr, MAGIC: tl.constexpr, g_ptr, NORM: tl.constexpr, SUB: tl.constexpr):
+                  EVEN: tl.constexpr, MAGIC: tl.constexpr, g_ptr, NORM: tl.constexpr, SUB: tl.constexpr,
+                  CHAIN: tl.constexpr = True):
     """([BLOCK_F] fp32 = w[rows, k_lo:k_hi] @ x[0, k_lo:k_hi], the sum of x^2 over those columns
     (NORM; else 0)) for one token, on the FMA units (NORM: x * g in place of x). The
     products are summed across columns once, after the loop (a [BLOCK_F, BLOCK_D] accumulator),
@@ -183,16 +201,24 @@ def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.const
             else:
                 g = tl.load(g_ptr + cols, mask=cols < k_hi, other=0.0)
             xv = xv * g.to(tl.float32)
-        products = as_f32(w, MAGIC) * xv[None, :]
-        if RUNS:
-            run_sums = tl.sum(tl.reshape(products, [BLOCK_F, BLOCK_D // SUB, SUB]), axis=2)
-            if MAGIC == OFFSET_INT8:  # the offset's share, once a run: OFFSET x (the run's sum of x)
-                run_sums -= OFFSET * tl.sum(tl.reshape(xv, [BLOCK_D // SUB, SUB]), axis=1)[None, :]
-            acc += run_sums
-        else:
-            acc += products
+        if RUNS and not CHAIN:
+            products = as_f32(w, MAGIC) * xv[None, :]
+            acc += tl.sum(tl.reshape(products, [BLOCK_F, BLOCK_D // SUB, SUB]), axis=2)
             if MAGIC == OFFSET_INT8:
                 x_sums += xv
-    if MAGIC == OFFSET_INT8 and not RUNS:
-        acc -= OFFSET * x_sums[None, :]
+        elif RUNS:
+            w_runs = tl.reshape(as_f32(w, MAGIC), [BLOCK_F, BLOCK_D // SUB, SUB])
+            x_runs = tl.reshape(tl.broadcast_to(xv[None, :], [BLOCK_F, BLOCK_D]), [BLOCK_F, BLOCK_D // SUB, SUB])
+            acc = fma_chain(acc, w_runs, x_runs, BLOCK_F, BLOCK_D // SUB, SUB, BLOCK_F, BLOCK_D // SUB)
+            if MAGIC == OFFSET_INT8:  # the offset's share, once a run: OFFSET x (the run's sum of x)
+                x_sums += xv
+        else:
+            acc += as_f32(w, MAGIC) * xv[None, :]
+            if MAGIC == OFFSET_INT8:
+                x_sums += xv
+    if MAGIC == OFFSET_INT8:
+        if RUNS:
+            acc -= OFFSET * tl.sum(tl.reshape(x_sums, [BLOCK_D // SUB, SUB]), axis=1)[None, :]
+        else:
+            acc -= OFFSET * x_sums[None, :]
     return tl.sum(acc, axis=1), tl.sum(squares, axis=0)

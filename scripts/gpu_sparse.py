@@ -42,6 +42,7 @@ GATE_NARROW = {"bf16": [(2, 1024, 4, 1), (4, 1024, 4, 1), (4, 512, 2, 2), (8, 51
                "int8": [(4, 512, 2, 2), (4, 1024, 4, 1), (2, 1024, 2, 1), (8, 512, 2, 2), (8, 1024, 4, 1),
                         (4, 1024, 2, 2), (2, 2048, 4, 1)]}
 SHARED = [dict(stages=1), dict(stages=2), dict(stages=3), dict(warps=4)]
+SUBS = [dict(sub=8), dict(sub=16), dict(sub=32)]
 
 
 def make_case(weights):
@@ -152,7 +153,7 @@ def report(tag, case, cfg):
 def sweep(case, base):
     best, best_us = base, sum(score(case, base).values())
     print(f"sweep base {best_us:.1f}: {base}", flush=True)
-    for name, changes in (("down", DOWN), ("up", UP), ("gate", GATE), ("stages", SHARED), ("down", DOWN[:8])):
+    for name, changes in (("down", DOWN), ("up", UP), ("gate", GATE), ("stages", SHARED), ("sub", SUBS), ("down", DOWN[:8])):
         for change in changes:
             cfg = dataclasses.replace(best, **change)
             if cfg == best:
@@ -176,6 +177,7 @@ def main():
     p.add_argument("--ncu", action="store_true", help="only run each candidate twice, for ncu")
     p.add_argument("--stress", action="store_true", help="first: many calls in a row against their first results")
     p.add_argument("--gate", action="store_true", help="also gate tiles as narrow as the GEMV's (per-launch times)")
+    p.add_argument("--trees", action="store_true", help="also the launches summing products as tl.sum trees, not FMA chains")
     a = p.parse_args()
     prepare_workspaces("cuda", 1, 1)
     print(torch.cuda.get_device_name(), torch.__version__)
@@ -183,6 +185,8 @@ def main():
         case = make_case(weights)
         model = cm.pick_blocks(1, int8=weights == "int8")
         bases = {"model": model}
+        if a.trees:
+            bases["sums as trees"] = dataclasses.replace(model, chain=False)
         if a.stress:
             stress(case, model)
         if a.gate:  # (rows, columns, warps, stages): the dense GEMV's own tiles among them
@@ -197,7 +201,7 @@ def main():
                 torch.cuda.synchronize()
                 continue
             report(f"{weights} {tag}", case, cfg)
-            if a.sweep:
+            if a.sweep and tag == "model":
                 report(f"{weights} {tag} swept", case, sweep(case, cfg))
         del case
         torch.cuda.empty_cache()

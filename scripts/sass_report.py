@@ -2,7 +2,9 @@
 and the instruction mix of its main loop, per launch that tests/hopper_compile.py records. A
 prediction tool (notes/kernels.md v9, v10): a change that cuts a loop's instructions or a kernel's
 registers can be seen before any device time is spent on it.
-    python3 scripts/sass_report.py [name-substring ...]     (e.g. _gate_kernel int8)
+    python3 scripts/sass_report.py [--model] [name-substring ...]     (e.g. _gate_kernel int8)
+--model: the MLP at Llama-2-7B's shape (4096 x 11008, the tiles dividing it as in the model);
+without it the test's small shape, where some loads keep masks the model's do not.
 Uses Triton's bundled cuobjdump; run without TRITON_INTERPRET."""
 import collections
 import glob
@@ -44,8 +46,8 @@ def report(label, compiled):
 
 
 def main():
-    wanted = sys.argv[1:]
-    hc.record_all()
+    wanted = [a for a in sys.argv[1:] if a != "--model"]
+    hc.record_all(*((4096, 11008) if "--model" in sys.argv else ()))
     for label, kernel, named, options in hc.launches:
         weights = next((v.dtype for k, v in named.items() if k.startswith("w") and hasattr(v, "dtype")), None)
         tag = f"{label} {str(weights).removeprefix('torch.')} " + " ".join(

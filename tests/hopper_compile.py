@@ -50,7 +50,9 @@ def compile_for_hopper(kernel, named, options):
                           target=HOPPER, options=options)
 
 
-def launch_all():
+def launch_all(D=256, F=512):
+    """D, F: the MLP's shape (small for the test; scripts/sass_report.py --model takes Llama-2-7B's,
+    whose tiles divide it as the model's do)."""
     bf16 = dict(dtype=torch.bfloat16)
     for label, Hkv in (("MHA", 4), ("GQA", 1)):
         q, (k, v) = torch.randn(1, 4, 1, 128, **bf16), torch.randn(2, 1, Hkv, 64, 128, **bf16)
@@ -58,7 +60,6 @@ def launch_all():
         qkv = torch.randn(1, 1, (4 + 2 * Hkv) * 128, **bf16)
         da.decode_attention_rope_triton(qkv, torch.randn(64, 128), torch.randn(64, 128), torch.stack((k, v)),
                                         torch.tensor([9]), 4, 16)
-    D, F = 256, 512
     for B in (1, 4):
         x = torch.randn(B, D, **bf16)
         norm = (torch.rand(D, **bf16), 1e-5)  # the block's RMSNorm folded in (issue 14)
@@ -74,13 +75,13 @@ def launch_all():
         gm.gemv_triton(x, q8[0], scales[0], up=(q8[1], scales[1]))
 
 
-def record_all():
+def record_all(D=256, F=512):
     """Every decode kernel's launches by its host code, into `launches` (nothing runs)."""
     for module, names in ((da, ["_split_kernel"]), (cm, ["_gate_kernel", "_up_kernel", "_down_kernel", "_down1_kernel"]),
                           (gm, ["_gemv_kernel"])):
         for name in names:
             record(getattr(module, name), module.__name__.rsplit(".", 1)[1])
-    launch_all()
+    launch_all(D, F)
 
 
 def main():
