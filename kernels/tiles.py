@@ -145,37 +145,33 @@ def as_f32(w, MAGIC: tl.constexpr):
 
 
 @triton.jit
-def fma_chain(acc, w, x, F: tl.constexpr, R: tl.constexpr, N: tl.constexpr, XF: tl.constexpr, XR: tl.constexpr):
-    """acc [F, R] + the sums over the last axis of w [F, R, N] times x [XF, XR, N] (XF 1 or F, XR 1
-    or R: x broadcast only at the FMAs, as broadcasting first costs a layout conversion; N a power
-    of 2) as one chain of FMAs, acc + w0 x0 + w1 x1 + ...: tl.sum's tree costs an FMUL or FADD more
-    a product. Each halving (tl.split of the last axis) stays in a thread's registers when the
-    runs do."""
-    if N == 1:
-        w1, x1 = tl.broadcast(tl.reshape(w, [F, R]), tl.reshape(x, [XF, XR]))
-        return tl.fma(w1, x1, acc)
+def _w_step(w_ptr, rows, row_mask, D, cols, k_hi, EVEN: tl.constexpr):
+    """One step's weight tile w[rows, cols] (rows outside row_mask read as 0). EVEN: the columns are
+    all inside k_hi, so no mask along a row (one that changes along a row can split int8 loads into
+    single bytes)."""
+    if EVEN:
+        mask = row_mask[:, None]
     else:
-        w_even, w_odd = tl.split(tl.reshape(w, [F, R, N // 2, 2]))
-        x_even, x_odd = tl.split(tl.reshape(x, [XF, XR, N // 2, 2]))
-        acc = fma_chain(acc, w_even, x_even, F, R, N // 2, XF, XR)
-        return fma_chain(acc, w_odd, x_odd, F, R, N // 2, XF, XR)
+        mask = row_mask[:, None] & (cols < k_hi)[None, :]
+    return tl.load(w_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0,
+                   eviction_policy="evict_first")  # weights are read once: leave L2 to x, v, h, y
 
 
 @triton.jit
 def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
                   EVEN: tl.constexpr, MAGIC: tl.constexpr, g_ptr, NORM: tl.constexpr, SUB: tl.constexpr,
-                  CHAIN: tl.constexpr = True):
+                  AHEAD: tl.constexpr = False):
     """([BLOCK_F] fp32 = w[rows, k_lo:k_hi] @ x[0, k_lo:k_hi], the sum of x^2 over those columns
     (NORM; else 0)) for one token, on the FMA units (NORM: x * g in place of x). The
     products are summed across columns once, after the loop (a [BLOCK_F, BLOCK_D] accumulator),
-    not every step. EVEN: k_hi - k_lo is a multiple of BLOCK_D, so the loads need no column mask
-    (a mask whose value changes along a row can split the int8 loads into single bytes).
+    not every step. EVEN: k_hi - k_lo is a multiple of BLOCK_D (see _w_step).
     MAGIC (as_f32): EXACT_INT8 int8 weights converted by int8_to_f32; OFFSET_INT8 by
     int8_to_f32_offset, OFFSET x taken off each step's run sums (RUNS) or off the sums at the end (a full accumulator: one
     product a column per step). SUB > 0 (and dividing BLOCK_D; else ignored):
     each step's products are first summed over runs of SUB adjacent columns (one thread's vector
     load, so no shuffles), and the accumulator is [BLOCK_F, BLOCK_D // SUB]: fewer registers a
-    program, more programs an SM."""
+    program, more programs an SM. AHEAD: each step's weights are loaded a step early (registers
+    for one more tile), so two steps' bytes are in flight a warp, not one."""
     RUNS: tl.constexpr = SUB > 0 and BLOCK_D % max(SUB, 1) == 0
     if RUNS:
         acc = tl.zeros([BLOCK_F, BLOCK_D // SUB], tl.float32)
@@ -183,15 +179,19 @@ def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.const
         acc = tl.zeros([BLOCK_F, BLOCK_D], tl.float32)
     squares = tl.zeros([BLOCK_D], tl.float32)
     x_sums = tl.zeros([BLOCK_D], tl.float32)  # MAGIC without RUNS: each column's x, summed over the steps
+    if AHEAD:
+        w_next = _w_step(w_ptr, rows, row_mask, D, k_lo + tl.arange(0, BLOCK_D), k_hi, EVEN)
     for k in range(k_lo, k_hi, BLOCK_D):
         cols = k + tl.arange(0, BLOCK_D)
+        if AHEAD:  # this step's tile arrived during the last step; the next one's loads go out now
+            w = w_next
+            more = tl.full([BLOCK_F], k + BLOCK_D, tl.int32) < k_hi  # past the last step: nothing read
+            w_next = _w_step(w_ptr, rows, row_mask & more, D, cols + BLOCK_D, k_hi, EVEN)
+        else:
+            w = _w_step(w_ptr, rows, row_mask, D, cols, k_hi, EVEN)
         if EVEN:
-            w = tl.load(w_ptr + rows[:, None] * D + cols[None, :], mask=row_mask[:, None], other=0,
-                        eviction_policy="evict_first")
             xv = tl.load(x_ptr + cols)
         else:
-            w = tl.load(w_ptr + rows[:, None] * D + cols[None, :], mask=row_mask[:, None] & (cols < k_hi)[None, :],
-                        other=0, eviction_policy="evict_first")
             xv = tl.load(x_ptr + cols, mask=cols < k_hi, other=0.0)
         xv = xv.to(tl.float32)
         if NORM:
@@ -201,24 +201,16 @@ def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.const
             else:
                 g = tl.load(g_ptr + cols, mask=cols < k_hi, other=0.0)
             xv = xv * g.to(tl.float32)
-        if RUNS and not CHAIN:
-            products = as_f32(w, MAGIC) * xv[None, :]
-            acc += tl.sum(tl.reshape(products, [BLOCK_F, BLOCK_D // SUB, SUB]), axis=2)
-            if MAGIC == OFFSET_INT8:
-                x_sums += xv
-        elif RUNS:
-            w_runs = tl.reshape(as_f32(w, MAGIC), [BLOCK_F, BLOCK_D // SUB, SUB])
-            x_runs = tl.reshape(tl.broadcast_to(xv[None, :], [BLOCK_F, BLOCK_D]), [BLOCK_F, BLOCK_D // SUB, SUB])
-            acc = fma_chain(acc, w_runs, x_runs, BLOCK_F, BLOCK_D // SUB, SUB, BLOCK_F, BLOCK_D // SUB)
-            if MAGIC == OFFSET_INT8:  # the offset's share, once a run: OFFSET x (the run's sum of x)
-                x_sums += xv
-        else:
-            acc += as_f32(w, MAGIC) * xv[None, :]
-            if MAGIC == OFFSET_INT8:
-                x_sums += xv
-    if MAGIC == OFFSET_INT8:
+        products = as_f32(w, MAGIC) * xv[None, :]
         if RUNS:
-            acc -= OFFSET * tl.sum(tl.reshape(x_sums, [BLOCK_D // SUB, SUB]), axis=1)[None, :]
+            run_sums = tl.sum(tl.reshape(products, [BLOCK_F, BLOCK_D // SUB, SUB]), axis=2)
+            if MAGIC == OFFSET_INT8:  # the offset's share, once a run: OFFSET x (the run's sum of x)
+                run_sums -= OFFSET * tl.sum(tl.reshape(xv, [BLOCK_D // SUB, SUB]), axis=1)[None, :]
+            acc += run_sums
         else:
-            acc -= OFFSET * x_sums[None, :]
+            acc += products
+            if MAGIC == OFFSET_INT8:
+                x_sums += xv
+    if MAGIC == OFFSET_INT8 and not RUNS:
+        acc -= OFFSET * x_sums[None, :]
     return tl.sum(acc, axis=1), tl.sum(squares, axis=0)
