@@ -78,7 +78,7 @@ if triton is not None:
                      g_ptr, r_ptr, eps,
                      T_PER_ROW: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, ZBLOCK: tl.constexpr,
                      DOT_F32: tl.constexpr, INT8: tl.constexpr, FMA: tl.constexpr, EVEN: tl.constexpr,
-                     NORM: tl.constexpr, SUB: tl.constexpr, AHEAD: tl.constexpr):
+                     NORM: tl.constexpr, SUB: tl.constexpr, STAGES: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCK_F + tl.arange(0, BLOCK_F)
         row_ok = rows < F
@@ -86,7 +86,7 @@ if triton is not None:
         if FMA:  # one token: fp32 FMA, no padding to 16 tokens
             CONVERT: tl.constexpr = OFFSET_INT8 if INT8 else PLAIN
             g1, squares1 = rows_times_x1(wg_ptr, x_ptr, rows, row_ok, D, 0, D, BLOCK_F, BLOCK_D, EVEN, CONVERT,
-                                         g_ptr, NORM, SUB, AHEAD)
+                                         g_ptr, NORM, SUB, STAGES)
             g = tl.where(toks[None, :] == 0, g1[:, None], 0.0)
             squares = tl.where(toks == 0, squares1, 0.0)
         else:
@@ -130,7 +130,7 @@ if triton is not None:
     def _up_kernel(x_ptr, wu_ptr, su_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS, g_ptr,
                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, INT8: tl.constexpr,
                    FMA: tl.constexpr, EVEN: tl.constexpr, NORM: tl.constexpr, SUB: tl.constexpr,
-                   AHEAD: tl.constexpr):
+                   STAGES: tl.constexpr):
         item = tl.program_id(0)
         slots, rows, ok, n_active, n_items = _list_entries(idx_ptr, count_ptr, item, F, N_COLS, BLOCK_R)
         if item == 0:
@@ -143,7 +143,7 @@ if triton is not None:
                 # NORM: x * g here; 1 / rms (this program sees part of x) waits for the down launch
                 CONVERT: tl.constexpr = OFFSET_INT8 if INT8 else PLAIN
                 acc1, _ = rows_times_x1(wu_ptr, x_ptr, rows, ok, D, c0, c1, BLOCK_R, BLOCK_D, EVEN, CONVERT, g_ptr,
-                                        NORM, SUB, AHEAD)
+                                        NORM, SUB, STAGES)
                 acc = tl.where(toks[None, :] == 0, acc1[:, None], 0.0)
             else:
                 acc, _ = rows_times_x(wu_ptr, x_ptr, rows, ok, B, D, c0, c1, BLOCK_R, BLOCK_D, DOT_F32, g_ptr, NORM)
@@ -184,18 +184,9 @@ if triton is not None:
 
 
     @triton.jit
-    def _down1_step(v_ptr, u_acc_ptr, wd_ptr, rows, slots, ok, cols, col_ok, D, r, EVEN: tl.constexpr):
-        """A down step's h = v u / rms of its list entries and its rows of W_down^T (0 outside ok)."""
-        h = tl.load(v_ptr + rows, mask=ok, other=0.0) * (tl.load(u_acc_ptr + slots, mask=ok, other=0.0) * r)
-        w_mask = ok[:, None] if EVEN else ok[:, None] & col_ok[None, :]  # EVEN: no mask along a row
-        w = tl.load(wd_ptr + rows[:, None] * D + cols[None, :], mask=w_mask, other=0, eviction_policy="evict_first")
-        return h, w
-
-
-    @triton.jit
     def _down1_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, sd_ptr, y_acc_ptr, D, F, N_COLS, r_ptr,
                       BLOCK_R: tl.constexpr, STEPS: tl.constexpr, BLOCK_D: tl.constexpr, INT8: tl.constexpr,
-                      EVEN: tl.constexpr, NORM: tl.constexpr, FOLD: tl.constexpr, AHEAD: tl.constexpr):
+                      EVEN: tl.constexpr, NORM: tl.constexpr, FOLD: tl.constexpr, STAGES: tl.constexpr):
         """The down launch for one token (B = 1) on the FMA units: a program takes STEPS x BLOCK_R
         consecutive list entries and BLOCK_D columns, and sums its rows in a [BLOCK_R, BLOCK_D]
         accumulator: one reduction across rows and one atomic add per program, where a program of
@@ -203,9 +194,8 @@ if triton is not None:
         step's list entries before its rows, so a step waits for one memory round trip (its rows),
         not two (the list entries, then the rows they name). FOLD > 0 (dividing BLOCK_R): the
         accumulator is [FOLD, BLOCK_D], each step's rows summed in groups r = a * FOLD + b over a;
-        where FOLD is the rows one layout period covers, those sums stay inside a thread. AHEAD: a
-        step's h and rows are loaded during the step before (its entries two steps ahead), so two
-        steps' bytes are in flight a warp."""
+        where FOLD is the rows one layout period covers, those sums stay inside a thread. STAGES:
+        the row steps' loads software-pipelined (tiles.rows_times_x1)."""
         item = tl.program_id(0)
         n_active = tl.minimum(tl.load(count_ptr + 1), F)
         if item == 0:
@@ -223,16 +213,11 @@ if triton is not None:
             slots = first + tl.arange(0, BLOCK_R)
             ok = slots < n_active
             rows = tl.load(idx_ptr + slots, mask=ok, other=0)
-            if AHEAD:  # step 0's h and rows now; each step then loads the next one's before its math
-                h_next, w_next = _down1_step(v_ptr, u_acc_ptr, wd_ptr, rows, slots, ok, cols, col_ok, D, r, EVEN)
-                slots, ok = slots + BLOCK_R, slots + BLOCK_R < n_active
-                rows = tl.load(idx_ptr + slots, mask=ok, other=0)
-            for step in range(STEPS):
-                if AHEAD:
-                    h, w = h_next, w_next
-                    h_next, w_next = _down1_step(v_ptr, u_acc_ptr, wd_ptr, rows, slots, ok, cols, col_ok, D, r, EVEN)
-                else:
-                    h, w = _down1_step(v_ptr, u_acc_ptr, wd_ptr, rows, slots, ok, cols, col_ok, D, r, EVEN)
+            for step in tl.range(STEPS, num_stages=STAGES):
+                h = tl.load(v_ptr + rows, mask=ok, other=0.0) * (tl.load(u_acc_ptr + slots, mask=ok, other=0.0) * r)
+                w_mask = ok[:, None] if EVEN else ok[:, None] & col_ok[None, :]  # EVEN: no mask along a row
+                w = tl.load(wd_ptr + rows[:, None] * D + cols[None, :], mask=w_mask, other=0,
+                            eviction_policy="evict_first")
                 slots = slots + BLOCK_R  # the next step's entries, loaded while this step's rows arrive
                 ok = slots < n_active
                 rows = tl.load(idx_ptr + slots, mask=ok, other=0)
@@ -259,8 +244,7 @@ class Blocks:
     16 tokens, and the down launch is _down1_kernel, whose down_steps are row steps (a program:
     down_r x down_steps list entries, down_d columns); sub: the gate and up FMA steps sum runs of
     sub adjacent columns first (tiles.rows_times_x1; 0 = a full accumulator). down_fold:
-    _down1_kernel's FOLD. gate_ahead, up_ahead, down_ahead (fma_at_b1): the launch loads each
-    step's weights a step early (tiles.rows_times_x1's AHEAD, _down1_kernel's)."""
+    _down1_kernel's FOLD."""
     gate_f: int = 64
     gate_d: int = 128
     gate_warps: int = 4
@@ -276,9 +260,6 @@ class Blocks:
     fma_at_b1: bool = False
     sub: int = 0
     down_fold: int = 0
-    gate_ahead: bool = False
-    up_ahead: bool = False
-    down_ahead: bool = False
 
 
 # The H200 sweeps' best for 4096x11008 (scripts/gpu_int8.py --sweep, notes/kernels.md int8 v2):
@@ -349,19 +330,19 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
                             T_PER_ROW=threshold.numel() > 1, BLOCK_F=cfg.gate_f, BLOCK_D=cfg.gate_d,
                             ZBLOCK=triton.next_power_of_2(triton.cdiv(B * (F + D), n_gate)),
                             DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % cfg.gate_d == 0, NORM=norm is not None,
-                            SUB=cfg.sub, AHEAD=cfg.gate_ahead, num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
+                            SUB=cfg.sub, STAGES=cfg.gate_stages, num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
     up_cols, down_cols = cfg.up_d * cfg.up_steps, cfg.down_d * cfg.down_steps
     n_up, n_down = triton.cdiv(D, up_cols), triton.cdiv(D, down_cols)  # column ranges
     _up_kernel[(n_up * triton.cdiv(F, cfg.up_r),)](
         x, w_up, s_up, idx, count, u_acc, B, D, F, up_cols, n_up, g, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d,
         DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % up_cols == 0, NORM=norm is not None, SUB=cfg.sub,
-        AHEAD=cfg.up_ahead, num_warps=cfg.warps, num_stages=cfg.stages)
+        STAGES=cfg.stages, num_warps=cfg.warps, num_stages=cfg.stages)
     if fma:  # down_steps counts row steps here: a program covers down_r x down_steps entries, down_d columns
         n_down = triton.cdiv(D, cfg.down_d)
         _down1_kernel[(n_down * triton.cdiv(F, cfg.down_r * cfg.down_steps),)](
             v, u_acc, idx, count, w_down_t, s_down, y_acc, D, F, n_down, r, BLOCK_R=cfg.down_r, STEPS=cfg.down_steps,
             BLOCK_D=cfg.down_d, INT8=int8, EVEN=D % cfg.down_d == 0, NORM=norm is not None, FOLD=cfg.down_fold,
-            AHEAD=cfg.down_ahead, num_warps=cfg.warps, num_stages=cfg.stages)
+            STAGES=cfg.stages, num_warps=cfg.warps, num_stages=cfg.stages)
     else:
         _down_kernel[(n_down * triton.cdiv(F, cfg.down_r),)](
             x, v, u_acc, idx, count, w_down_t, s_down, y_acc, B, D, F, down_cols, n_down, r,

@@ -145,33 +145,22 @@ def as_f32(w, MAGIC: tl.constexpr):
 
 
 @triton.jit
-def _w_step(w_ptr, rows, row_mask, D, cols, k_hi, EVEN: tl.constexpr):
-    """One step's weight tile w[rows, cols] (rows outside row_mask read as 0). EVEN: the columns are
-    all inside k_hi, so no mask along a row (one that changes along a row can split int8 loads into
-    single bytes)."""
-    if EVEN:
-        mask = row_mask[:, None]
-    else:
-        mask = row_mask[:, None] & (cols < k_hi)[None, :]
-    return tl.load(w_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0,
-                   eviction_policy="evict_first")  # weights are read once: leave L2 to x, v, h, y
-
-
-@triton.jit
 def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
                   EVEN: tl.constexpr, MAGIC: tl.constexpr, g_ptr, NORM: tl.constexpr, SUB: tl.constexpr,
-                  AHEAD: tl.constexpr = False):
+                  STAGES: tl.constexpr = 1):
     """([BLOCK_F] fp32 = w[rows, k_lo:k_hi] @ x[0, k_lo:k_hi], the sum of x^2 over those columns
     (NORM; else 0)) for one token, on the FMA units (NORM: x * g in place of x). The
     products are summed across columns once, after the loop (a [BLOCK_F, BLOCK_D] accumulator),
-    not every step. EVEN: k_hi - k_lo is a multiple of BLOCK_D (see _w_step).
+    not every step. EVEN: k_hi - k_lo is a multiple of BLOCK_D, so the loads need no column mask
+    (a mask whose value changes along a row can split the int8 loads into single bytes).
     MAGIC (as_f32): EXACT_INT8 int8 weights converted by int8_to_f32; OFFSET_INT8 by
     int8_to_f32_offset, OFFSET x taken off each step's run sums (RUNS) or off the sums at the end (a full accumulator: one
     product a column per step). SUB > 0 (and dividing BLOCK_D; else ignored):
     each step's products are first summed over runs of SUB adjacent columns (one thread's vector
     load, so no shuffles), and the accumulator is [BLOCK_F, BLOCK_D // SUB]: fewer registers a
-    program, more programs an SM. AHEAD: each step's weights are loaded a step early (registers
-    for one more tile), so two steps' bytes are in flight a warp, not one."""
+    program, more programs an SM. STAGES > 1: the loop's loads are software-pipelined through
+    shared memory (cp.async, STAGES - 1 steps ahead), so a warp has several steps' bytes in flight;
+    a plain loop without a tl.dot is not pipelined by the launch's num_stages."""
     RUNS: tl.constexpr = SUB > 0 and BLOCK_D % max(SUB, 1) == 0
     if RUNS:
         acc = tl.zeros([BLOCK_F, BLOCK_D // SUB], tl.float32)
@@ -179,19 +168,15 @@ def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.const
         acc = tl.zeros([BLOCK_F, BLOCK_D], tl.float32)
     squares = tl.zeros([BLOCK_D], tl.float32)
     x_sums = tl.zeros([BLOCK_D], tl.float32)  # MAGIC without RUNS: each column's x, summed over the steps
-    if AHEAD:
-        w_next = _w_step(w_ptr, rows, row_mask, D, k_lo + tl.arange(0, BLOCK_D), k_hi, EVEN)
-    for k in range(k_lo, k_hi, BLOCK_D):
+    for k in tl.range(k_lo, k_hi, BLOCK_D, num_stages=STAGES):
         cols = k + tl.arange(0, BLOCK_D)
-        if AHEAD:  # this step's tile arrived during the last step; the next one's loads go out now
-            w = w_next
-            more = tl.full([BLOCK_F], k + BLOCK_D, tl.int32) < k_hi  # past the last step: nothing read
-            w_next = _w_step(w_ptr, rows, row_mask & more, D, cols + BLOCK_D, k_hi, EVEN)
-        else:
-            w = _w_step(w_ptr, rows, row_mask, D, cols, k_hi, EVEN)
         if EVEN:
+            w = tl.load(w_ptr + rows[:, None] * D + cols[None, :], mask=row_mask[:, None], other=0,
+                        eviction_policy="evict_first")
             xv = tl.load(x_ptr + cols)
         else:
+            w = tl.load(w_ptr + rows[:, None] * D + cols[None, :], mask=row_mask[:, None] & (cols < k_hi)[None, :],
+                        other=0, eviction_policy="evict_first")
             xv = tl.load(x_ptr + cols, mask=cols < k_hi, other=0.0)
         xv = xv.to(tl.float32)
         if NORM:

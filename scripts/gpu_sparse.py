@@ -43,7 +43,7 @@ GATE_NARROW = {"bf16": [(2, 1024, 4, 1), (4, 1024, 4, 1), (4, 512, 2, 2), (8, 51
                         (4, 1024, 2, 2), (2, 2048, 4, 1)]}
 SHARED = [dict(stages=1), dict(stages=2), dict(stages=3), dict(warps=4)]
 SUBS = [dict(sub=8), dict(sub=16), dict(sub=32)]
-AHEAD = [dict(gate_ahead=True), dict(up_ahead=True), dict(down_ahead=True)]
+STAGES = [(1, 1), (2, 2), (3, 3), (4, 4), (3, 2), (4, 3), (2, 3)]  # (gate_stages, stages)
 
 
 def make_case(weights):
@@ -154,7 +154,7 @@ def report(tag, case, cfg):
 def sweep(case, base):
     best, best_us = base, sum(score(case, base).values())
     print(f"sweep base {best_us:.1f}: {base}", flush=True)
-    for name, changes in (("ahead", AHEAD), ("down", DOWN), ("up", UP), ("gate", GATE), ("stages", SHARED), ("sub", SUBS), ("down", DOWN[:8])):
+    for name, changes in (("down", DOWN), ("up", UP), ("gate", GATE), ("stages", SHARED), ("sub", SUBS), ("down", DOWN[:8])):
         for change in changes:
             cfg = dataclasses.replace(best, **change)
             if cfg == best:
@@ -178,7 +178,7 @@ def main():
     p.add_argument("--ncu", action="store_true", help="only run each candidate twice, for ncu")
     p.add_argument("--stress", action="store_true", help="first: many calls in a row against their first results")
     p.add_argument("--gate", action="store_true", help="also gate tiles as narrow as the GEMV's (per-launch times)")
-    p.add_argument("--ahead", action="store_true", help="also each launch with its weights loaded a step early")
+    p.add_argument("--stages", action="store_true", help="also the launches with other pipeline depths")
     a = p.parse_args()
     prepare_workspaces("cuda", 1, 1)
     print(torch.cuda.get_device_name(), torch.__version__)
@@ -186,9 +186,8 @@ def main():
         case = make_case(weights)
         model = cm.pick_blocks(1, int8=weights == "int8")
         bases = {"model": model}
-        if a.ahead:  # each launch loading its weights a step early, one at a time, then all three
-            bases |= {k: dataclasses.replace(model, **{k: True}) for k in ("gate_ahead", "up_ahead", "down_ahead")}
-            bases["all ahead"] = dataclasses.replace(model, gate_ahead=True, up_ahead=True, down_ahead=True)
+        if a.stages:  # the FMA loops' software pipelining: 1 = none (before session 11)
+            bases |= {f"stages {gs}/{st}": dataclasses.replace(model, gate_stages=gs, stages=st) for gs, st in STAGES}
         if a.stress:
             stress(case, model)
         if a.gate:  # (rows, columns, warps, stages): the dense GEMV's own tiles among them
