@@ -78,7 +78,7 @@ if triton is not None:
                      g_ptr, r_ptr, eps,
                      T_PER_ROW: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, ZBLOCK: tl.constexpr,
                      DOT_F32: tl.constexpr, INT8: tl.constexpr, FMA: tl.constexpr, EVEN: tl.constexpr,
-                     NORM: tl.constexpr, SUB: tl.constexpr, STAGES: tl.constexpr):
+                     NORM: tl.constexpr, SUB: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCK_F + tl.arange(0, BLOCK_F)
         row_ok = rows < F
@@ -86,7 +86,7 @@ if triton is not None:
         if FMA:  # one token: fp32 FMA, no padding to 16 tokens
             CONVERT: tl.constexpr = OFFSET_INT8 if INT8 else PLAIN
             g1, squares1 = rows_times_x1(wg_ptr, x_ptr, rows, row_ok, D, 0, D, BLOCK_F, BLOCK_D, EVEN, CONVERT,
-                                         g_ptr, NORM, SUB, STAGES)
+                                         g_ptr, NORM, SUB)
             g = tl.where(toks[None, :] == 0, g1[:, None], 0.0)
             squares = tl.where(toks == 0, squares1, 0.0)
         else:
@@ -129,8 +129,7 @@ if triton is not None:
     @triton.jit
     def _up_kernel(x_ptr, wu_ptr, su_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS, g_ptr,
                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, INT8: tl.constexpr,
-                   FMA: tl.constexpr, EVEN: tl.constexpr, NORM: tl.constexpr, SUB: tl.constexpr,
-                   STAGES: tl.constexpr):
+                   FMA: tl.constexpr, EVEN: tl.constexpr, NORM: tl.constexpr, SUB: tl.constexpr):
         item = tl.program_id(0)
         slots, rows, ok, n_active, n_items = _list_entries(idx_ptr, count_ptr, item, F, N_COLS, BLOCK_R)
         if item == 0:
@@ -143,7 +142,7 @@ if triton is not None:
                 # NORM: x * g here; 1 / rms (this program sees part of x) waits for the down launch
                 CONVERT: tl.constexpr = OFFSET_INT8 if INT8 else PLAIN
                 acc1, _ = rows_times_x1(wu_ptr, x_ptr, rows, ok, D, c0, c1, BLOCK_R, BLOCK_D, EVEN, CONVERT, g_ptr,
-                                        NORM, SUB, STAGES)
+                                        NORM, SUB)
                 acc = tl.where(toks[None, :] == 0, acc1[:, None], 0.0)
             else:
                 acc, _ = rows_times_x(wu_ptr, x_ptr, rows, ok, B, D, c0, c1, BLOCK_R, BLOCK_D, DOT_F32, g_ptr, NORM)
@@ -186,7 +185,7 @@ if triton is not None:
     @triton.jit
     def _down1_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, sd_ptr, y_acc_ptr, D, F, N_COLS, r_ptr,
                       BLOCK_R: tl.constexpr, STEPS: tl.constexpr, BLOCK_D: tl.constexpr, INT8: tl.constexpr,
-                      EVEN: tl.constexpr, NORM: tl.constexpr, FOLD: tl.constexpr, STAGES: tl.constexpr):
+                      EVEN: tl.constexpr, NORM: tl.constexpr, FOLD: tl.constexpr):
         """The down launch for one token (B = 1) on the FMA units: a program takes STEPS x BLOCK_R
         consecutive list entries and BLOCK_D columns, and sums its rows in a [BLOCK_R, BLOCK_D]
         accumulator: one reduction across rows and one atomic add per program, where a program of
@@ -194,8 +193,7 @@ if triton is not None:
         step's list entries before its rows, so a step waits for one memory round trip (its rows),
         not two (the list entries, then the rows they name). FOLD > 0 (dividing BLOCK_R): the
         accumulator is [FOLD, BLOCK_D], each step's rows summed in groups r = a * FOLD + b over a;
-        where FOLD is the rows one layout period covers, those sums stay inside a thread. STAGES:
-        the row steps' loads software-pipelined (tiles.rows_times_x1)."""
+        where FOLD is the rows one layout period covers, those sums stay inside a thread."""
         item = tl.program_id(0)
         n_active = tl.minimum(tl.load(count_ptr + 1), F)
         if item == 0:
@@ -213,7 +211,7 @@ if triton is not None:
             slots = first + tl.arange(0, BLOCK_R)
             ok = slots < n_active
             rows = tl.load(idx_ptr + slots, mask=ok, other=0)
-            for step in tl.range(STEPS, num_stages=STAGES):
+            for step in range(STEPS):
                 h = tl.load(v_ptr + rows, mask=ok, other=0.0) * (tl.load(u_acc_ptr + slots, mask=ok, other=0.0) * r)
                 w_mask = ok[:, None] if EVEN else ok[:, None] & col_ok[None, :]  # EVEN: no mask along a row
                 w = tl.load(wd_ptr + rows[:, None] * D + cols[None, :], mask=w_mask, other=0,
@@ -330,19 +328,19 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
                             T_PER_ROW=threshold.numel() > 1, BLOCK_F=cfg.gate_f, BLOCK_D=cfg.gate_d,
                             ZBLOCK=triton.next_power_of_2(triton.cdiv(B * (F + D), n_gate)),
                             DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % cfg.gate_d == 0, NORM=norm is not None,
-                            SUB=cfg.sub, STAGES=cfg.gate_stages, num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
+                            SUB=cfg.sub, num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
     up_cols, down_cols = cfg.up_d * cfg.up_steps, cfg.down_d * cfg.down_steps
     n_up, n_down = triton.cdiv(D, up_cols), triton.cdiv(D, down_cols)  # column ranges
     _up_kernel[(n_up * triton.cdiv(F, cfg.up_r),)](
         x, w_up, s_up, idx, count, u_acc, B, D, F, up_cols, n_up, g, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d,
         DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % up_cols == 0, NORM=norm is not None, SUB=cfg.sub,
-        STAGES=cfg.stages, num_warps=cfg.warps, num_stages=cfg.stages)
+        num_warps=cfg.warps, num_stages=cfg.stages)
     if fma:  # down_steps counts row steps here: a program covers down_r x down_steps entries, down_d columns
         n_down = triton.cdiv(D, cfg.down_d)
         _down1_kernel[(n_down * triton.cdiv(F, cfg.down_r * cfg.down_steps),)](
             v, u_acc, idx, count, w_down_t, s_down, y_acc, D, F, n_down, r, BLOCK_R=cfg.down_r, STEPS=cfg.down_steps,
             BLOCK_D=cfg.down_d, INT8=int8, EVEN=D % cfg.down_d == 0, NORM=norm is not None, FOLD=cfg.down_fold,
-            STAGES=cfg.stages, num_warps=cfg.warps, num_stages=cfg.stages)
+            num_warps=cfg.warps, num_stages=cfg.stages)
     else:
         _down_kernel[(n_down * triton.cdiv(F, cfg.down_r),)](
             x, v, u_acc, idx, count, w_down_t, s_down, y_acc, B, D, F, down_cols, n_down, r,

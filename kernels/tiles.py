@@ -146,8 +146,7 @@ def as_f32(w, MAGIC: tl.constexpr):
 
 @triton.jit
 def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-                  EVEN: tl.constexpr, MAGIC: tl.constexpr, g_ptr, NORM: tl.constexpr, SUB: tl.constexpr,
-                  STAGES: tl.constexpr = 1):
+                  EVEN: tl.constexpr, MAGIC: tl.constexpr, g_ptr, NORM: tl.constexpr, SUB: tl.constexpr):
     """([BLOCK_F] fp32 = w[rows, k_lo:k_hi] @ x[0, k_lo:k_hi], the sum of x^2 over those columns
     (NORM; else 0)) for one token, on the FMA units (NORM: x * g in place of x). The
     products are summed across columns once, after the loop (a [BLOCK_F, BLOCK_D] accumulator),
@@ -158,9 +157,7 @@ def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.const
     product a column per step). SUB > 0 (and dividing BLOCK_D; else ignored):
     each step's products are first summed over runs of SUB adjacent columns (one thread's vector
     load, so no shuffles), and the accumulator is [BLOCK_F, BLOCK_D // SUB]: fewer registers a
-    program, more programs an SM. STAGES > 1: the loop's loads are software-pipelined through
-    shared memory (cp.async, STAGES - 1 steps ahead), so a warp has several steps' bytes in flight;
-    a plain loop without a tl.dot is not pipelined by the launch's num_stages."""
+    program, more programs an SM."""
     RUNS: tl.constexpr = SUB > 0 and BLOCK_D % max(SUB, 1) == 0
     if RUNS:
         acc = tl.zeros([BLOCK_F, BLOCK_D // SUB], tl.float32)
@@ -168,7 +165,7 @@ def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.const
         acc = tl.zeros([BLOCK_F, BLOCK_D], tl.float32)
     squares = tl.zeros([BLOCK_D], tl.float32)
     x_sums = tl.zeros([BLOCK_D], tl.float32)  # MAGIC without RUNS: each column's x, summed over the steps
-    for k in tl.range(k_lo, k_hi, BLOCK_D, num_stages=STAGES):
+    for k in range(k_lo, k_hi, BLOCK_D):
         cols = k + tl.arange(0, BLOCK_D)
         if EVEN:
             w = tl.load(w_ptr + rows[:, None] * D + cols[None, :], mask=row_mask[:, None], other=0,
