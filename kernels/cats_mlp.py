@@ -75,10 +75,10 @@ def cats_mlp_reference(x, w_gate, w_up, w_down_t, threshold, scales=None, norm=N
 if triton is not None:
     @triton.jit
     def _gate_kernel(x_ptr, wg_ptr, sg_ptr, t_ptr, v_ptr, idx_ptr, count_ptr, u_acc_ptr, y_acc_ptr, B, D, F,
-                     g_ptr, r_ptr, eps, ready_ptr, N_READY,
+                     g_ptr, r_ptr, eps,
                      T_PER_ROW: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, ZBLOCK: tl.constexpr,
                      DOT_F32: tl.constexpr, INT8: tl.constexpr, FMA: tl.constexpr, EVEN: tl.constexpr,
-                     NORM: tl.constexpr, SUB: tl.constexpr, PUBLISH: tl.constexpr, RBLOCK: tl.constexpr):
+                     NORM: tl.constexpr, SUB: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCK_F + tl.arange(0, BLOCK_F)
         row_ok = rows < F
@@ -109,13 +109,6 @@ if triton is not None:
         active = (tl.max(tl.abs(v), axis=1) > 0).to(tl.int32)  # a row is read if any token needs it
         pos = tl.atomic_add(count_ptr, tl.sum(active, axis=0)) + tl.cumsum(active, axis=0) - 1
         tl.store(idx_ptr + pos, rows, mask=(active > 0) & (pos < F))  # pos < F: only if the counter was stale
-        if PUBLISH:  # for _up_down1_kernel: the last program to arrive publishes the list's length
-            if tl.atomic_add(count_ptr + 2, 1) == tl.num_programs(0) - 1:  # acq_rel: after every program's count
-                tl.store(count_ptr + 1, tl.minimum(tl.atomic_add(count_ptr, 0), F))
-                tl.store(count_ptr, 0)
-                tl.store(count_ptr + 2, 0)
-            zr = pid * RBLOCK + tl.arange(0, RBLOCK)  # its groups' ready counters
-            tl.store(ready_ptr + zr, tl.zeros([RBLOCK], tl.int32), mask=zr < N_READY)
 
         z = pid * ZBLOCK + tl.arange(0, ZBLOCK)  # zero u_acc [B*F] then y_acc [B*D], one range each program
         tl.store(u_acc_ptr + z, tl.zeros([ZBLOCK], tl.float32), mask=z < B * F)
@@ -242,78 +235,6 @@ if triton is not None:
             tl.atomic_add(y_acc_ptr + cols, y, mask=col_ok, sem="relaxed")
 
 
-if triton is not None:
-    @triton.jit
-    def _up_down1_kernel(x_ptr, wu_ptr, su_ptr, v_ptr, u_acc_ptr, idx_ptr, count_ptr, ready_ptr, wd_ptr, sd_ptr,
-                         y_acc_ptr, D, F, g_ptr, r_ptr, UP_COLS, N_UP_COLS, N_DOWN_COLS,
-                         UP_R: tl.constexpr, UP_D: tl.constexpr, DOWN_R: tl.constexpr, STEPS: tl.constexpr,
-                         DOWN_D: tl.constexpr, INT8: tl.constexpr, EVEN_UP: tl.constexpr, EVEN_DOWN: tl.constexpr,
-                         NORM: tl.constexpr, SUB: tl.constexpr, FOLD: tl.constexpr):
-        """The up and down launches of one token as one launch (Blocks.overlap), work first: the
-        first programs are _up_kernel's work items, each counting itself into the ready counter of
-        its group (DOWN_R x STEPS list entries) once its u atomics are issued; the next are
-        _down1_kernel's, each waiting until its group's up items have all counted in; the rest
-        (sized for every row active) return. The GPU starts programs in order of id, so a down
-        program waits only on programs already running. The list's length is the gate launch's
-        (PUBLISH), read by every program alike."""
-        pid = tl.program_id(0)
-        n_active = tl.load(count_ptr + 1)
-        GROUP: tl.constexpr = DOWN_R * STEPS
-        n_up = tl.cdiv(n_active, UP_R) * N_UP_COLS
-        CONVERT: tl.constexpr = OFFSET_INT8 if INT8 else PLAIN
-        if pid < n_up:
-            slots = (pid // N_UP_COLS) * UP_R + tl.arange(0, UP_R)
-            ok = slots < n_active
-            rows = tl.load(idx_ptr + slots, mask=ok, other=0)
-            c0 = (pid % N_UP_COLS) * UP_COLS
-            u, _ = rows_times_x1(wu_ptr, x_ptr, rows, ok, D, c0, tl.minimum(c0 + UP_COLS, D), UP_R, UP_D,
-                                 EVEN_UP, CONVERT, g_ptr, NORM, SUB)
-            if INT8:
-                u = u * tl.load(su_ptr + rows, mask=ok, other=0.0)
-            tl.atomic_add(u_acc_ptr + slots, u, mask=ok, sem="relaxed")
-            tl.debug_barrier()  # every thread's atomics are issued before the program counts in
-            tl.atomic_add(ready_ptr + (pid // N_UP_COLS) * UP_R // GROUP, 1, sem="release")
-        elif pid < n_up + tl.cdiv(n_active, GROUP) * N_DOWN_COLS:
-            item = pid - n_up
-            group = item // N_DOWN_COLS
-            cols = (item % N_DOWN_COLS) * DOWN_D + tl.arange(0, DOWN_D)
-            col_ok = cols < D
-            ACC_ROWS: tl.constexpr = FOLD if FOLD > 0 and DOWN_R % max(FOLD, 1) == 0 else DOWN_R
-            acc = tl.zeros([ACC_ROWS, DOWN_D], tl.float32)
-            expected = tl.cdiv(tl.minimum(n_active - group * GROUP, GROUP), UP_R) * N_UP_COLS
-            slots = group * GROUP + tl.arange(0, DOWN_R)
-            ok = slots < n_active
-            rows = tl.load(idx_ptr + slots, mask=ok, other=0)
-            while tl.atomic_add(ready_ptr + group, 0, sem="acquire") < expected:
-                pass
-            r = 1.0
-            if NORM:
-                r = tl.load(r_ptr)
-            for step in range(STEPS):
-                # u from L2 (.cg): the up programs' atomics, after the acquire above
-                h = tl.load(v_ptr + rows, mask=ok, other=0.0) * (
-                    tl.load(u_acc_ptr + slots, mask=ok, other=0.0, cache_modifier=".cg") * r)
-                w_mask = ok[:, None] if EVEN_DOWN else ok[:, None] & col_ok[None, :]
-                w = tl.load(wd_ptr + rows[:, None] * D + cols[None, :], mask=w_mask, other=0,
-                            eviction_policy="evict_first")
-                slots = slots + DOWN_R
-                ok = slots < n_active
-                rows = tl.load(idx_ptr + slots, mask=ok, other=0)
-                products = as_f32(w, CONVERT) * h[:, None]
-                if ACC_ROWS < DOWN_R:
-                    acc += tl.sum(tl.reshape(products, [DOWN_R // ACC_ROWS, ACC_ROWS, DOWN_D]), axis=0)
-                    if INT8:  # int8_to_f32_offset's offset, as in _down1_kernel
-                        acc -= OFFSET * tl.sum(tl.reshape(h, [DOWN_R // ACC_ROWS, ACC_ROWS]), axis=0)[:, None]
-                elif INT8:
-                    acc += products - OFFSET * h[:, None]
-                else:
-                    acc += products
-            y = tl.sum(acc, axis=0)
-            if INT8:
-                y = y * tl.load(sd_ptr + cols, mask=col_ok, other=0.0)
-            tl.atomic_add(y_acc_ptr + cols, y, mask=col_ok, sem="relaxed")
-
-
 @dataclass(frozen=True)
 class Blocks:
     """Tile sizes (rows x columns per step), steps per program, warps, pipeline depth.
@@ -321,8 +242,7 @@ class Blocks:
     16 tokens, and the down launch is _down1_kernel, whose down_steps are row steps (a program:
     down_r x down_steps list entries, down_d columns); sub: the gate and up FMA steps sum runs of
     sub adjacent columns first (tiles.rows_times_x1; 0 = a full accumulator). down_fold:
-    _down1_kernel's FOLD. overlap (fma_at_b1): up and down in one launch, _up_down1_kernel (up_r
-    must divide down_r x down_steps)."""
+    _down1_kernel's FOLD."""
     gate_f: int = 64
     gate_d: int = 128
     gate_warps: int = 4
@@ -338,7 +258,6 @@ class Blocks:
     fma_at_b1: bool = False
     sub: int = 0
     down_fold: int = 0
-    overlap: bool = False
 
 
 # The H200 sweeps' best for 4096x11008 (scripts/gpu_int8.py --sweep, notes/kernels.md int8 v2):
@@ -368,12 +287,10 @@ _empty = torch.empty  # scratch allocation; tests swap in a NaN-filling version 
 
 
 def list_counter(device) -> torch.Tensor:
-    """int32 [count, n, arrived]: the active-row list's length, a workspace (see workspace.py): the
-    gate launch counts up from 0, the up launch copies count to n, the down launch reads n and sets
-    count back to 0; with Blocks.overlap the gate launch's last program copies count to n and sets
-    count and arrived (its programs' arrivals) back to 0. prepare_workspaces makes it, before any
-    CUDA-graph capture."""
-    return int32_workspace("cats_mlp_list", device, 3)
+    """int32 [count, n]: the active-row list's length, a workspace (see workspace.py): the gate
+    launch counts up from 0, the up launch copies count to n, the down launch reads n and sets
+    count back to 0. prepare_workspaces makes it, before any CUDA-graph capture."""
+    return int32_workspace("cats_mlp_list", device, 2)
 
 
 def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None = None,
@@ -407,28 +324,13 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     count = list_counter(x.device)
 
     n_gate = triton.cdiv(F, cfg.gate_f)
-    overlap = fma and cfg.overlap
-    group = cfg.down_r * cfg.down_steps
-    n_ready = triton.cdiv(F, group) if overlap else 1
-    ready = _empty(n_ready, device=x.device, dtype=torch.int32)  # zeroed by the gate launch (overlap)
     _gate_kernel[(n_gate,)](x, w_gate, s_gate, threshold, v, idx, count, u_acc, y_acc, B, D, F, g, r, eps,
-                            ready, n_ready, PUBLISH=overlap, RBLOCK=triton.next_power_of_2(triton.cdiv(n_ready, n_gate)),
                             T_PER_ROW=threshold.numel() > 1, BLOCK_F=cfg.gate_f, BLOCK_D=cfg.gate_d,
                             ZBLOCK=triton.next_power_of_2(triton.cdiv(B * (F + D), n_gate)),
                             DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % cfg.gate_d == 0, NORM=norm is not None,
                             SUB=cfg.sub, num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
     up_cols, down_cols = cfg.up_d * cfg.up_steps, cfg.down_d * cfg.down_steps
     n_up, n_down = triton.cdiv(D, up_cols), triton.cdiv(D, down_cols)  # column ranges
-    if overlap:
-        assert group % cfg.up_r == 0, "overlap: up_r must divide down_r x down_steps"
-        n_down = triton.cdiv(D, cfg.down_d)
-        n_progs = n_up * triton.cdiv(F, cfg.up_r) + n_down * triton.cdiv(F, group)
-        _up_down1_kernel[(n_progs,)](
-            x, w_up, s_up, v, u_acc, idx, count, ready, w_down_t, s_down, y_acc, D, F, g, r, up_cols, n_up, n_down,
-            UP_R=cfg.up_r, UP_D=cfg.up_d, DOWN_R=cfg.down_r, STEPS=cfg.down_steps, DOWN_D=cfg.down_d, INT8=int8,
-            EVEN_UP=D % up_cols == 0, EVEN_DOWN=D % cfg.down_d == 0, NORM=norm is not None, SUB=cfg.sub,
-            FOLD=cfg.down_fold, num_warps=cfg.warps, num_stages=cfg.stages)
-        return y_acc if fp32_out or x.dtype == torch.float32 else y_acc.to(x.dtype)
     _up_kernel[(n_up * triton.cdiv(F, cfg.up_r),)](
         x, w_up, s_up, idx, count, u_acc, B, D, F, up_cols, n_up, g, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d,
         DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % up_cols == 0, NORM=norm is not None, SUB=cfg.sub,

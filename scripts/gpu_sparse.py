@@ -43,10 +43,6 @@ GATE_NARROW = {"bf16": [(2, 1024, 4, 1), (4, 1024, 4, 1), (4, 512, 2, 2), (8, 51
                         (4, 1024, 2, 2), (2, 2048, 4, 1)]}
 SHARED = [dict(stages=1), dict(stages=2), dict(stages=3), dict(warps=4)]
 SUBS = [dict(sub=8), dict(sub=16), dict(sub=32)]
-# up + down in one launch (Blocks.overlap) with up items small enough to span several rounds of
-# programs, so down items can start while later up items still stream: (up_r, up_d, up_steps)
-OVERLAP = [None, (8, 512, 1), (8, 512, 2), (4, 512, 2), (8, 256, 2), (8, 1024, 1)]
-
 
 def make_case(weights):
     """(per copy: (w_gate, w_up, w_down_t), scales or None), x, norm, {s: per-copy thresholds}."""
@@ -181,7 +177,6 @@ def main():
     p.add_argument("--ncu", action="store_true", help="only run each candidate twice, for ncu")
     p.add_argument("--stress", action="store_true", help="first: many calls in a row against their first results")
     p.add_argument("--gate", action="store_true", help="also gate tiles as narrow as the GEMV's (per-launch times)")
-    p.add_argument("--overlap", action="store_true", help="also up + down in one launch, several up item sizes")
     a = p.parse_args()
     prepare_workspaces("cuda", 1, 1)
     print(torch.cuda.get_device_name(), torch.__version__)
@@ -189,14 +184,8 @@ def main():
         case = make_case(weights)
         model = cm.pick_blocks(1, int8=weights == "int8")
         bases = {"model": model}
-        if a.overlap:
-            for tiles in OVERLAP:
-                up = dict(zip(("up_r", "up_d", "up_steps"), tiles)) if tiles else {}
-                bases[f"overlap {tiles or 'model up'}"] = dataclasses.replace(model, overlap=True, **up)
         if a.stress:
             stress(case, model)
-            if a.overlap:
-                stress(case, dataclasses.replace(model, overlap=True, up_steps=1))
         if a.gate:  # (rows, columns, warps, stages): the dense GEMV's own tiles among them
             gemv_time(case)
             bases |= {f"gate {f}x{d} w{w} s{st}": dataclasses.replace(model, gate_f=f, gate_d=d, gate_warps=w,
