@@ -107,7 +107,9 @@ if triton is not None:
         tl.store(v_ptr + toks[None, :] * F + rows[:, None], v, mask=(toks < B)[None, :] & row_ok[:, None])
 
         active = (tl.max(tl.abs(v), axis=1) > 0).to(tl.int32)  # a row is read if any token needs it
-        pos = tl.atomic_add(count_ptr, tl.sum(active, axis=0)) + tl.cumsum(active, axis=0) - 1
+        # relaxed: no program reads the list during this launch (the next launch sees it), and an
+        # acq_rel atomic waits for the program's stores first (measured -0.45 us a gate launch)
+        pos = tl.atomic_add(count_ptr, tl.sum(active, axis=0), sem="relaxed") + tl.cumsum(active, axis=0) - 1
         tl.store(idx_ptr + pos, rows, mask=(active > 0) & (pos < F))  # pos < F: only if the counter was stale
 
         z = pid * ZBLOCK + tl.arange(0, ZBLOCK)  # zero u_acc [B*F] then y_acc [B*D], one range each program
