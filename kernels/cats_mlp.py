@@ -83,6 +83,13 @@ if triton is not None:
         rows = pid * BLOCK_F + tl.arange(0, BLOCK_F)
         row_ok = rows < F
         toks = tl.arange(0, 16)
+        # the epilogue's loads before the loop, so their round trip is not added to the program's end
+        if INT8:  # per-row (= per-neuron) scales
+            s_rows = tl.load(sg_ptr + rows, mask=row_ok, other=0.0)
+        if T_PER_ROW:  # per-neuron thresholds (e.g. a weight-aware score |v_i| s_i > t, as t / s_i)
+            t = tl.load(t_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        else:
+            t = tl.load(t_ptr)
         if FMA:  # one token: fp32 FMA, no padding to 16 tokens
             CONVERT: tl.constexpr = OFFSET_INT8 if INT8 else PLAIN
             g1, squares1 = rows_times_x1(wg_ptr, x_ptr, rows, row_ok, D, 0, D, BLOCK_F, BLOCK_D, EVEN, CONVERT,
@@ -91,18 +98,14 @@ if triton is not None:
             squares = tl.where(toks == 0, squares1, 0.0)
         else:
             g, squares = rows_times_x(wg_ptr, x_ptr, rows, row_ok, B, D, 0, D, BLOCK_F, BLOCK_D, DOT_F32, g_ptr, NORM)
-        if INT8:  # per-row (= per-neuron) scales
-            g = g * tl.load(sg_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        if INT8:
+            g = g * s_rows[:, None]
         if NORM:  # every program walked all of x: each has the tokens' 1 / rms; one keeps it for down
             r = rsqrt_mean(squares, D, eps)
             g = g * r[None, :]
             if pid == 0:
                 tl.store(r_ptr + toks, r, mask=toks < B)
         v = g * tl.sigmoid(g)
-        if T_PER_ROW:  # per-neuron thresholds (e.g. a weight-aware score |v_i| s_i > t, as t / s_i)
-            t = tl.load(t_ptr + rows, mask=row_ok, other=0.0)[:, None]
-        else:
-            t = tl.load(t_ptr)
         v = tl.where(tl.abs(v) > t, v, 0.0)  # padded tokens and rows: g = 0, so v = 0
         tl.store(v_ptr + toks[None, :] * F + rows[:, None], v, mask=(toks < B)[None, :] & row_ok[:, None])
 
@@ -140,6 +143,8 @@ if triton is not None:
         if item < n_items:
             c0 = (item % N_COLS) * COLS_PER_PROG
             c1 = tl.minimum(c0 + COLS_PER_PROG, D)
+            if INT8:  # the scales of the listed rows only (a skipped neuron's is not read), before the loop
+                s_rows = tl.load(su_ptr + rows, mask=ok, other=0.0)
             if FMA:
                 # NORM: x * g here; 1 / rms (this program sees part of x) waits for the down launch
                 CONVERT: tl.constexpr = OFFSET_INT8 if INT8 else PLAIN
@@ -148,8 +153,8 @@ if triton is not None:
                 acc = tl.where(toks[None, :] == 0, acc1[:, None], 0.0)
             else:
                 acc, _ = rows_times_x(wu_ptr, x_ptr, rows, ok, B, D, c0, c1, BLOCK_R, BLOCK_D, DOT_F32, g_ptr, NORM)
-            if INT8:  # the scales of the listed rows only: a skipped neuron's scale is not read either
-                acc = acc * tl.load(su_ptr + rows, mask=ok, other=0.0)[:, None]
+            if INT8:
+                acc = acc * s_rows[:, None]
             tl.atomic_add(u_acc_ptr + toks[None, :] * F + slots[:, None], acc, mask=(toks < B)[None, :] & ok[:, None],
                           sem="relaxed")
 
@@ -197,22 +202,26 @@ if triton is not None:
         accumulator is [FOLD, BLOCK_D], each step's rows summed in groups r = a * FOLD + b over a;
         where FOLD is the rows one layout period covers, those sums stay inside a thread."""
         item = tl.program_id(0)
+        first = (item // N_COLS) * (BLOCK_R * STEPS)
+        slots = first + tl.arange(0, BLOCK_R)
+        # the first step's rows alongside the list's length, not after it (see _list_entries);
+        # entries past the length are stale, masked below
+        rows = tl.load(idx_ptr + slots, mask=slots < F, other=0)
         n_active = tl.minimum(tl.load(count_ptr + 1), F)
         if item == 0:
             tl.store(count_ptr, 0)  # the list is empty again for the next call's gate launch
         if item < tl.cdiv(n_active, BLOCK_R * STEPS) * N_COLS:
             cols = (item % N_COLS) * BLOCK_D + tl.arange(0, BLOCK_D)
             col_ok = cols < D
-            first = (item // N_COLS) * (BLOCK_R * STEPS)
             ACC_ROWS: tl.constexpr = FOLD if FOLD > 0 and BLOCK_R % max(FOLD, 1) == 0 else BLOCK_R
             CONVERT: tl.constexpr = OFFSET_INT8 if INT8 else PLAIN  # int8: OFFSET + q, taken off below
             acc = tl.zeros([ACC_ROWS, BLOCK_D], tl.float32)
             r = 1.0
             if NORM:  # the norm's 1 / rms (see _down_kernel)
                 r = tl.load(r_ptr)
-            slots = first + tl.arange(0, BLOCK_R)
+            if INT8:  # W_down's output-channel scales, before the loop (not at the program's end)
+                s_cols = tl.load(sd_ptr + cols, mask=col_ok, other=0.0)
             ok = slots < n_active
-            rows = tl.load(idx_ptr + slots, mask=ok, other=0)
             for step in range(STEPS):
                 h = tl.load(v_ptr + rows, mask=ok, other=0.0) * (tl.load(u_acc_ptr + slots, mask=ok, other=0.0) * r)
                 w_mask = ok[:, None] if EVEN else ok[:, None] & col_ok[None, :]  # EVEN: no mask along a row
@@ -233,7 +242,7 @@ if triton is not None:
                     acc += products
             y = tl.sum(acc, axis=0)
             if INT8:
-                y = y * tl.load(sd_ptr + cols, mask=col_ok, other=0.0)
+                y = y * s_cols
             tl.atomic_add(y_acc_ptr + cols, y, mask=col_ok, sem="relaxed")
 
 

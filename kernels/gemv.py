@@ -110,6 +110,8 @@ if triton is not None:
                       MAGIC: tl.constexpr, SCALED: tl.constexpr, SUB: tl.constexpr):
         """[BLOCK_N, 16] fp32 = rows of W times x's tokens, scaled for int8."""
         toks = tl.arange(0, 16)
+        if SCALED:  # int8: the rows' scales, loaded before the loop (not at the program's end)
+            s_rows = tl.load(s_ptr + rows, mask=row_ok, other=0.0)
         if FMA:  # B = 1: one token, no tl.dot
             acc1, _ = rows_times_x1(w_ptr, x_ptr, rows, row_ok, K, k_lo, k_hi, BLOCK_N, BLOCK_K, EVEN, MAGIC,
                                     x_ptr, False, SUB)
@@ -117,8 +119,8 @@ if triton is not None:
         else:
             acc, _ = rows_times_x(w_ptr, x_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N, BLOCK_K, DOT_F32,
                                   x_ptr, False)
-        if SCALED:  # int8: the rows' scales
-            acc = acc * tl.load(s_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        if SCALED:
+            acc = acc * s_rows[:, None]
         return acc
 
     @triton.jit
@@ -132,15 +134,17 @@ if triton is not None:
         k_lo = split * K_PER_SPLIT
         k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
         toks = tl.arange(0, 16)
+        out_mask = (toks < B)[None, :] & row_ok[:, None]
+        if RESIDUAL:  # loaded before the loop, so its round trip is not added to the program's end
+            res = tl.load(res_ptr + toks[None, :] * N + rows[:, None], mask=out_mask, other=0.0).to(tl.float32)
         acc = _rows_product(w_ptr, s_ptr, x_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N, BLOCK_K,
                             DOT_F32, FMA, EVEN, MAGIC, SCALED, SUB)
         if GATED:  # the dense MLP's SiLU(x W_gate^T) * (x W_up^T): the same rows of W_up, x read from L1
             up = _rows_product(up_ptr, s_up_ptr, x_ptr, rows, row_ok, B, K, k_lo, k_hi, BLOCK_N, BLOCK_K,
                                DOT_F32, FMA, EVEN, MAGIC, SCALED, SUB)
             acc = acc * tl.sigmoid(acc) * up
-        out_mask = (toks < B)[None, :] & row_ok[:, None]
         if RESIDUAL:  # the residual stream's add, in fp32 before the one rounding (split_k = 1)
-            acc += tl.load(res_ptr + toks[None, :] * N + rows[:, None], mask=out_mask, other=0.0).to(tl.float32)
+            acc += res
         tl.store(out_ptr + split * B * N + toks[None, :] * N + rows[:, None], acc.to(out_ptr.dtype.element_ty),
                  mask=out_mask)
 
