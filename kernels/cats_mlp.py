@@ -253,7 +253,7 @@ class Blocks:
     16 tokens, and the down launch is _down1_kernel, whose down_steps are row steps (a program:
     down_r x down_steps list entries, down_d columns); sub: the gate and up FMA steps sum runs of
     sub adjacent columns first (tiles.rows_times_x1; 0 = a full accumulator). down_fold:
-    _down1_kernel's FOLD."""
+    _down1_kernel's FOLD; down_warps: its warps (0: warps, as up)."""
     gate_f: int = 64
     gate_d: int = 128
     gate_warps: int = 4
@@ -269,6 +269,7 @@ class Blocks:
     fma_at_b1: bool = False
     sub: int = 0
     down_fold: int = 0
+    down_warps: int = 0
 
 
 # The H200 sweeps' best for 4096x11008 (scripts/gpu_int8.py --sweep, notes/kernels.md int8 v2):
@@ -351,7 +352,7 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
         _down1_kernel[(n_down * triton.cdiv(F, cfg.down_r * cfg.down_steps),)](
             v, u_acc, idx, count, w_down_t, s_down, y_acc, D, F, n_down, r, BLOCK_R=cfg.down_r, STEPS=cfg.down_steps,
             BLOCK_D=cfg.down_d, INT8=int8, EVEN=D % cfg.down_d == 0, NORM=norm is not None, FOLD=cfg.down_fold,
-            num_warps=cfg.warps, num_stages=cfg.stages)
+            num_warps=cfg.down_warps or cfg.warps, num_stages=cfg.stages)
     else:
         _down_kernel[(n_down * triton.cdiv(F, cfg.down_r),)](
             x, v, u_acc, idx, count, w_down_t, s_down, y_acc, B, D, F, down_cols, n_down, r,

@@ -43,6 +43,9 @@ GATE_NARROW = {"bf16": [(2, 1024, 4, 1), (4, 1024, 4, 1), (4, 512, 2, 2), (8, 51
                         (4, 1024, 2, 2), (2, 2048, 4, 1)]}
 SHARED = [dict(stages=1), dict(stages=2), dict(stages=3), dict(warps=4)]
 SUBS = [dict(sub=8), dict(sub=16), dict(sub=32)]
+# the down launch with its own warps (rows, columns, row steps, fold: one layout period of rows)
+DOWN_WARPS = {4: [(64, 128, 4, 16), (128, 128, 2, 16), (64, 128, 2, 16), (128, 64, 2, 16), (32, 128, 8, 16)],
+              1: [(64, 128, 4, 4), (32, 128, 4, 4), (32, 128, 8, 4)]}
 
 def make_case(weights):
     """(per copy: (w_gate, w_up, w_down_t), scales or None), x, norm, {s: per-copy thresholds}."""
@@ -177,6 +180,7 @@ def main():
     p.add_argument("--ncu", action="store_true", help="only run each candidate twice, for ncu")
     p.add_argument("--stress", action="store_true", help="first: many calls in a row against their first results")
     p.add_argument("--gate", action="store_true", help="also gate tiles as narrow as the GEMV's (per-launch times)")
+    p.add_argument("--down-warps", action="store_true", help="also the down launch with 4 or 1 warps")
     a = p.parse_args()
     prepare_workspaces("cuda", 1, 1)
     print(torch.cuda.get_device_name(), torch.__version__)
@@ -184,6 +188,9 @@ def main():
         case = make_case(weights)
         model = cm.pick_blocks(1, int8=weights == "int8")
         bases = {"model": model}
+        if a.down_warps:
+            bases |= {f"down {w} warps {t}": dataclasses.replace(model, down_warps=w, **dict(zip(
+                ("down_r", "down_d", "down_steps", "down_fold"), t))) for w, ts in DOWN_WARPS.items() for t in ts}
         if a.stress:
             stress(case, model)
         if a.gate:  # (rows, columns, warps, stages): the dense GEMV's own tiles among them
