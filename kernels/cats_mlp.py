@@ -276,10 +276,12 @@ class Blocks:
 # B = 1 on the FMA units (few rows, long int8 steps); B > 1 through tl.dot (16-row tiles at least).
 INT8_BLOCKS = Blocks(gate_f=32, gate_d=128, gate_warps=4, gate_stages=4, up_r=32, up_d=256, up_steps=4,
                      down_r=64, down_d=128, down_steps=2, warps=4, stages=4)
-# down_fold 8: the down launch's accumulator [8, 128] (2 warps: one layout period of int8 rows)
+# the down launch: 32 rows x 128 columns x 4 steps on one warp, accumulator [4, 128] (one layout
+# period of int8 rows with one warp): twice the programs of 64-row tiles on 2 warps, 9.4 against
+# 11.2 us at s=0.5 (session 11, call 10)
 INT8_B1_BLOCKS = Blocks(gate_f=16, gate_d=512, gate_warps=4, gate_stages=2, up_r=8, up_d=512, up_steps=4,
-                        down_r=64, down_d=128, down_steps=4, warps=2, stages=1, fma_at_b1=True, sub=16,
-                        down_fold=8)
+                        down_r=32, down_d=128, down_steps=4, warps=2, stages=1, fma_at_b1=True, sub=16,
+                        down_fold=4, down_warps=1)
 # Float weights, one token: the FMA launches with runs of 8 (scripts/gpu_sparse.py --sweep, session 9)
 FLOAT_B1_BLOCKS = Blocks(gate_f=16, gate_d=256, gate_warps=4, gate_stages=3, up_r=8, up_d=1024, up_steps=2,
                          down_r=64, down_d=128, down_steps=2, warps=2, stages=2, fma_at_b1=True, sub=8,

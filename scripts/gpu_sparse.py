@@ -45,7 +45,9 @@ SHARED = [dict(stages=1), dict(stages=2), dict(stages=3), dict(warps=4)]
 SUBS = [dict(sub=8), dict(sub=16), dict(sub=32)]
 # the down launch with its own warps (rows, columns, row steps, fold: one layout period of rows)
 DOWN_WARPS = {4: [(64, 128, 4, 16), (128, 128, 2, 16), (64, 128, 2, 16), (128, 64, 2, 16), (32, 128, 8, 16)],
-              1: [(64, 128, 4, 4), (32, 128, 4, 4), (32, 128, 8, 4)]}
+              2: [(64, 128, 4, 8)],
+              1: [(64, 128, 4, 4), (32, 128, 4, 4), (32, 128, 8, 4), (32, 128, 2, 4), (16, 128, 8, 4),
+                  (32, 64, 4, 4), (32, 256, 4, 4), (32, 128, 4, 8)]}
 
 def make_case(weights):
     """(per copy: (w_gate, w_up, w_down_t), scales or None), x, norm, {s: per-copy thresholds}."""
