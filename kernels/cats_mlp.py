@@ -111,7 +111,7 @@ if triton is not None:
 
         active = (tl.max(tl.abs(v), axis=1) > 0).to(tl.int32)  # a row is read if any token needs it
         # relaxed: no program reads the list during this launch (the next launch sees it), and an
-        # acq_rel atomic waits for the program's stores first (measured -0.45 us a gate launch)
+        # acq_rel atomic would wait for the program's stores first (notes/kernels.md v11)
         pos = tl.atomic_add(count_ptr, tl.sum(active, axis=0), sem="relaxed") + tl.cumsum(active, axis=0) - 1
         tl.store(idx_ptr + pos, rows, mask=(active > 0) & (pos < F))  # pos < F: only if the counter was stale
 
@@ -277,8 +277,8 @@ class Blocks:
 INT8_BLOCKS = Blocks(gate_f=32, gate_d=128, gate_warps=4, gate_stages=4, up_r=32, up_d=256, up_steps=4,
                      down_r=64, down_d=128, down_steps=2, warps=4, stages=4)
 # the down launch: 32 rows x 128 columns x 4 steps on one warp, accumulator [4, 128] (one layout
-# period of int8 rows with one warp): twice the programs of 64-row tiles on 2 warps, 9.4 against
-# 11.2 us at s=0.5 (session 11, call 10)
+# period of int8 rows with one warp): twice the programs of 64-row tiles on 2 warps, which left
+# most warp slots idle (notes/kernels.md v11)
 INT8_B1_BLOCKS = Blocks(gate_f=16, gate_d=512, gate_warps=4, gate_stages=2, up_r=8, up_d=512, up_steps=4,
                         down_r=32, down_d=128, down_steps=4, warps=2, stages=1, fma_at_b1=True, sub=16,
                         down_fold=4, down_warps=1)

@@ -3,9 +3,12 @@ model runs it), bf16 and int8 weights:
   - per-launch times (torch profiler over eager calls: gate, up, down) at s = 0.5 and 0.7;
   - `--sweep`: tilings tried one launch at a time (coordinate descent), scored by the s = 0.5 plus
     s = 0.7 times of the whole MLP as CUDA-graph replays over two weight copies (L2 holds neither);
-  - `--ncu`: only run each candidate's three launches twice (for `ncu --kernel-name regex:...`).
+  - `--ncu`: only run each candidate's three launches twice (for `ncu --kernel-name regex:...`);
+  - `--stress`: 300 calls in a row against their first results (the list's counter left at zero);
+  - `--gate`, `--down-warps`: the gate launch with the GEMV's narrow tiles, the down launch with 4
+    or 1 warps (per-launch times).
 Every candidate is checked against the torch reference first.
-    python3 scripts/gpu_sparse.py [--weights bf16 int8] [--sweep] [--ncu]
+    python3 scripts/gpu_sparse.py [--weights bf16 int8] [--sweep] [--ncu] [--stress] [--gate] [--down-warps]
 """
 import argparse
 import dataclasses
@@ -48,6 +51,7 @@ DOWN_WARPS = {4: [(64, 128, 4, 16), (128, 128, 2, 16), (64, 128, 2, 16), (128, 6
               2: [(64, 128, 4, 8)],
               1: [(64, 128, 4, 4), (32, 128, 4, 4), (32, 128, 8, 4), (32, 128, 2, 4), (16, 128, 8, 4),
                   (32, 64, 4, 4), (32, 256, 4, 4), (32, 128, 4, 8)]}
+
 
 def make_case(weights):
     """(per copy: (w_gate, w_up, w_down_t), scales or None), x, norm, {s: per-copy thresholds}."""
@@ -158,7 +162,8 @@ def report(tag, case, cfg):
 def sweep(case, base):
     best, best_us = base, sum(score(case, base).values())
     print(f"sweep base {best_us:.1f}: {base}", flush=True)
-    for name, changes in (("down", DOWN), ("up", UP), ("gate", GATE), ("stages", SHARED), ("sub", SUBS), ("down", DOWN[:8])):
+    for name, changes in (("down", DOWN), ("up", UP), ("gate", GATE), ("stages", SHARED), ("sub", SUBS),
+                          ("down", DOWN[:8])):
         for change in changes:
             cfg = dataclasses.replace(best, **change)
             if cfg == best:
