@@ -44,7 +44,8 @@ GATE_NARROW = {"bf16": [(2, 1024, 4, 1), (4, 1024, 4, 1), (4, 512, 2, 2), (8, 51
                         (2, 2048, 4, 1), (4, 512, 4, 2)],
                "int8": [(4, 512, 2, 2), (4, 1024, 4, 1), (2, 1024, 2, 1), (8, 512, 2, 2), (8, 1024, 4, 1),
                         (4, 1024, 2, 2), (2, 2048, 4, 1)]}
-SHARED = [dict(stages=1), dict(stages=2), dict(stages=3), dict(warps=4)]
+# warps: the up launch's (and the down launch's where down_warps is 0)
+SHARED = [dict(stages=1), dict(stages=2), dict(stages=3), dict(warps=4), dict(warps=1)]
 SUBS = [dict(sub=8), dict(sub=16), dict(sub=32)]
 # the down launch with its own warps (rows, columns, row steps, fold: one layout period of rows)
 DOWN_WARPS = {4: [(64, 128, 4, 16), (128, 128, 2, 16), (64, 128, 2, 16), (128, 64, 2, 16), (32, 128, 8, 16)],
