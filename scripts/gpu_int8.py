@@ -176,7 +176,8 @@ def gemv_candidates(k):
     fma = [(2, 1024, 2, 1), (2, 1024, 2, 2), (2, 1024, 4, 1), (2, 2048, 4, 1), (1, 4096, 4, 1), (4, 1024, 4, 1),
            (4, 1024, 4, 2), (4, 1024, 4, 3), (4, 2048, 4, 1), (4, 512, 2, 2), (8, 1024, 4, 1), (8, 1024, 8, 1),
            (8, 512, 4, 2), (16, 512, 4, 1), (4, 1024, 2, 2),
-           (2, 512, 1, 1), (4, 512, 1, 1), (2, 1024, 1, 1), (1, 1024, 1, 1)]  # one warp: the int8 down launch's gain (v11)
+           # one warp a program: what sped up the int8 CATS down launch (notes/kernels.md v11)
+           (2, 512, 1, 1), (4, 512, 1, 1), (2, 1024, 1, 1), (1, 1024, 1, 1)]
     tries = [gm.GemvBlocks(n, bk, 1, (w, st), True, sub=16) for n, bk, w, st in fma if bk <= k]
     tries += [gm.GemvBlocks(n, bk, 1, (w, st), True) for n, bk, w, st in fma[:8] if bk <= k]
     return tries
