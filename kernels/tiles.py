@@ -153,8 +153,8 @@ def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.const
     not every step. EVEN: k_hi - k_lo is a multiple of BLOCK_D, so the loads need no column mask
     (a mask whose value changes along a row can split the int8 loads into single bytes).
     MAGIC (as_f32): EXACT_INT8 int8 weights converted by int8_to_f32; OFFSET_INT8 by
-    int8_to_f32_offset, OFFSET x taken off each step's run sums (RUNS) or off the sums at the end (a full accumulator: one
-    product a column per step). SUB > 0 (and dividing BLOCK_D; else ignored):
+    int8_to_f32_offset, OFFSET x taken off each step's run sums (RUNS) or off the sums at the end
+    (a full accumulator: one product a column per step). SUB > 0 (and dividing BLOCK_D; else ignored):
     each step's products are first summed over runs of SUB adjacent columns (one thread's vector
     load, so no shuffles), and the accumulator is [BLOCK_F, BLOCK_D // SUB]: fewer registers a
     program, more programs an SM."""
