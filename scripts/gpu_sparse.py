@@ -6,9 +6,11 @@ model runs it), bf16 and int8 weights:
   - `--ncu`: only run each candidate's three launches twice (for `ncu --kernel-name regex:...`);
   - `--stress`: 300 calls in a row against their first results (the list's counter left at zero);
   - `--gate`, `--down-warps`: the gate launch with the GEMV's narrow tiles, the down launch with 4
-    or 1 warps (per-launch times).
+    or 1 warps (per-launch times);
+  - `--try prefetch=3 warps=1,up_r=16`: the model's tiles with these Blocks fields changed.
 Every candidate is checked against the torch reference first.
     python3 scripts/gpu_sparse.py [--weights bf16 int8] [--sweep] [--ncu] [--stress] [--gate] [--down-warps]
+                                  [--try FIELD=INT[,FIELD=INT...] ...]
 """
 import argparse
 import dataclasses
@@ -189,6 +191,8 @@ def main():
     p.add_argument("--stress", action="store_true", help="first: many calls in a row against their first results")
     p.add_argument("--gate", action="store_true", help="also gate tiles as narrow as the GEMV's (per-launch times)")
     p.add_argument("--down-warps", action="store_true", help="also the down launch with 4 or 1 warps")
+    p.add_argument("--try", dest="tries", nargs="+", default=[], metavar="FIELD=INT[,...]",
+                   help="variants of the model's tiles, e.g. prefetch=3 warps=1,up_r=16")
     a = p.parse_args()
     prepare_workspaces("cuda", 1, 1)
     print(torch.cuda.get_device_name(), torch.__version__)
@@ -199,6 +203,8 @@ def main():
         if a.down_warps:
             bases |= {f"down {w} warps {t}": dataclasses.replace(model, down_warps=w, **dict(zip(
                 ("down_r", "down_d", "down_steps", "down_fold"), t))) for w, ts in DOWN_WARPS.items() for t in ts}
+        for t in a.tries:
+            bases[t] = dataclasses.replace(model, **{k: int(v) for k, v in (kv.split("=") for kv in t.split(","))})
         if a.stress:
             stress(case, model)
         if a.gate:  # (rows, columns, warps, stages): the dense GEMV's own tiles among them
