@@ -41,8 +41,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .tiles import (OFFSET, OFFSET_INT8, PLAIN, as_f32, as_operand, dot, prefetch_rows_l2, rows_times_x,
-                       rows_times_x1, rsqrt_mean)
+    from .tiles import OFFSET, OFFSET_INT8, PLAIN, as_f32, as_operand, dot, rows_times_x, rows_times_x1, rsqrt_mean
 except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
     triton = None
 
@@ -76,7 +75,7 @@ def cats_mlp_reference(x, w_gate, w_up, w_down_t, threshold, scales=None, norm=N
 if triton is not None:
     @triton.jit
     def _gate_kernel(x_ptr, wg_ptr, sg_ptr, t_ptr, v_ptr, idx_ptr, count_ptr, u_acc_ptr, y_acc_ptr, B, D, F,
-                     g_ptr, r_ptr, eps, wu_ptr, PF_PIECES: tl.constexpr, PF_BYTES: tl.constexpr,
+                     g_ptr, r_ptr, eps,
                      T_PER_ROW: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, ZBLOCK: tl.constexpr,
                      DOT_F32: tl.constexpr, INT8: tl.constexpr, FMA: tl.constexpr, EVEN: tl.constexpr,
                      NORM: tl.constexpr, SUB: tl.constexpr):
@@ -111,8 +110,6 @@ if triton is not None:
         tl.store(v_ptr + toks[None, :] * F + rows[:, None], v, mask=(toks < B)[None, :] & row_ok[:, None])
 
         active = (tl.max(tl.abs(v), axis=1) > 0).to(tl.int32)  # a row is read if any token needs it
-        if PF_BYTES > 0:  # the active rows of W_up into L2 for the up launch
-            prefetch_rows_l2(wu_ptr, rows, active > 0, D, 0, PF_PIECES, PF_BYTES)
         # relaxed: no program reads the list during this launch (the next launch sees it), and an
         # acq_rel atomic would wait for the program's stores first (notes/kernels.md v11)
         pos = tl.atomic_add(count_ptr, tl.sum(active, axis=0), sem="relaxed") + tl.cumsum(active, axis=0) - 1
@@ -136,7 +133,6 @@ if triton is not None:
 
     @triton.jit
     def _up_kernel(x_ptr, wu_ptr, su_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS, g_ptr,
-                   wd_ptr, PF_PIECES: tl.constexpr, PF_BYTES: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, INT8: tl.constexpr,
                    FMA: tl.constexpr, EVEN: tl.constexpr, NORM: tl.constexpr, SUB: tl.constexpr):
         item = tl.program_id(0)
@@ -147,8 +143,6 @@ if triton is not None:
         if item < n_items:
             c0 = (item % N_COLS) * COLS_PER_PROG
             c1 = tl.minimum(c0 + COLS_PER_PROG, D)
-            if PF_BYTES > 0:  # the same rows and columns of W_down^T into L2 for the down launch
-                prefetch_rows_l2(wd_ptr, rows, ok, D, c0, PF_PIECES, PF_BYTES)
             if INT8:  # the scales of the listed rows only (a skipped neuron's is not read), before the loop
                 s_rows = tl.load(su_ptr + rows, mask=ok, other=0.0)
             if FMA:
@@ -259,9 +253,7 @@ class Blocks:
     16 tokens, and the down launch is _down1_kernel, whose down_steps are row steps (a program:
     down_r x down_steps list entries, down_d columns); sub: the gate and up FMA steps sum runs of
     sub adjacent columns first (tiles.rows_times_x1; 0 = a full accumulator). down_fold:
-    _down1_kernel's FOLD; down_warps: its warps (0: warps, as up). prefetch: which launch asks L2
-    for the next one's rows (1: the gate launch, W_up's active rows; 2: the up launch, its part of
-    W_down^T's; 3: both), see _prefetch."""
+    _down1_kernel's FOLD; down_warps: its warps (0: warps, as up)."""
     gate_f: int = 64
     gate_d: int = 128
     gate_warps: int = 4
@@ -278,7 +270,6 @@ class Blocks:
     sub: int = 0
     down_fold: int = 0
     down_warps: int = 0
-    prefetch: int = 0
 
 
 # The H200 sweeps' best for 4096x11008 (scripts/gpu_int8.py --sweep, notes/kernels.md int8 v2):
@@ -316,14 +307,6 @@ def list_counter(device) -> torch.Tensor:
     return int32_workspace("cats_mlp_list", device, 2)
 
 
-def _prefetch(wanted, w, cols, pieces):
-    """(pieces a row, bytes a piece) for prefetch_rows_l2 over `cols` columns of w's rows; (1, 0):
-    no prefetch (not wanted, or the pieces would break its 16-byte alignment)."""
-    piece_bytes = cols * w.element_size() // pieces
-    aligned = w.data_ptr() % 16 == 0 and w.shape[1] * w.element_size() % 16 == 0 and piece_bytes % 16 == 0
-    return (pieces, piece_bytes) if wanted and aligned and cols * w.element_size() % pieces == 0 else (1, 0)
-
-
 def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None = None,
                     fp32_out: bool = False, scales=None, norm=None):
     """The Triton path of cats_mlp (same contract). fp32_out returns the fp32 accumulator, leaving
@@ -355,22 +338,15 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     count = list_counter(x.device)
 
     n_gate = triton.cdiv(F, cfg.gate_f)
-    up_cols = cfg.up_d * cfg.up_steps
-    # pieces a row: as many as the threads holding one row of the tensors they come from, so that no
-    # two threads ask for the same piece (the gate's rows lie across a warp; the up launch's a row each)
-    gate_pf = _prefetch(cfg.prefetch & 1, w_up, D, min(32, triton.next_power_of_2(D * w_up.element_size() // 32)))
-    up_pf = _prefetch(cfg.prefetch & 2 and D % up_cols == 0, w_down_t, up_cols, max(1, 32 * cfg.warps // cfg.up_r))
     _gate_kernel[(n_gate,)](x, w_gate, s_gate, threshold, v, idx, count, u_acc, y_acc, B, D, F, g, r, eps,
-                            w_up, *gate_pf,
                             T_PER_ROW=threshold.numel() > 1, BLOCK_F=cfg.gate_f, BLOCK_D=cfg.gate_d,
                             ZBLOCK=triton.next_power_of_2(triton.cdiv(B * (F + D), n_gate)),
                             DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % cfg.gate_d == 0, NORM=norm is not None,
                             SUB=cfg.sub, num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
-    down_cols = cfg.down_d * cfg.down_steps
+    up_cols, down_cols = cfg.up_d * cfg.up_steps, cfg.down_d * cfg.down_steps
     n_up, n_down = triton.cdiv(D, up_cols), triton.cdiv(D, down_cols)  # column ranges
     _up_kernel[(n_up * triton.cdiv(F, cfg.up_r),)](
-        x, w_up, s_up, idx, count, u_acc, B, D, F, up_cols, n_up, g, w_down_t, *up_pf, BLOCK_R=cfg.up_r,
-        BLOCK_D=cfg.up_d,
+        x, w_up, s_up, idx, count, u_acc, B, D, F, up_cols, n_up, g, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d,
         DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % up_cols == 0, NORM=norm is not None, SUB=cfg.sub,
         num_warps=cfg.warps, num_stages=cfg.stages)
     if fma:  # down_steps counts row steps here: a program covers down_r x down_steps entries, down_d columns

@@ -196,24 +196,3 @@ def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.const
     if MAGIC == OFFSET_INT8 and not RUNS:
         acc -= OFFSET * x_sums[None, :]
     return tl.sum(acc, axis=1), tl.sum(squares, axis=0)
-
-
-@triton.jit
-def prefetch_rows_l2(w_ptr, rows, row_ok, D, c0, PIECES: tl.constexpr, PIECE_BYTES: tl.constexpr):
-    """Ask L2 to fetch w[rows, c0:] where row_ok, PIECES x PIECE_BYTES bytes a row, without
-    waiting for them: a launch brings in the rows the next launch reads, so that one reads them
-    from L2. PIECES bulk prefetches a row spread the requests over the program's threads. The
-    caller sees to cp.async.bulk's 16-byte alignment (row starts, c0, PIECE_BYTES). Changes no
-    result; the interpreter runs no PTX, so there it does nothing."""
-    if not _INTERPRETED:
-        pieces = tl.arange(0, PIECES)
-        starts = (w_ptr + rows.to(tl.int64)[:, None] * D + c0).to(tl.pointer_type(tl.int8)) + \
-            (pieces * PIECE_BYTES)[None, :]
-        sizes = tl.where(row_ok[:, None] & (pieces >= 0)[None, :], PIECE_BYTES, 0)
-        tl.inline_asm_elementwise(
-            """{
-            .reg .pred p;
-            setp.ne.s32 p, $2, 0;
-            @p cp.async.bulk.prefetch.L2.global [$1], $2;
-            mov.u32 $0, 0;
-            }""", "=r,l,r", [starts, sizes], dtype=tl.int32, is_pure=False, pack=1)

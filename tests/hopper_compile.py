@@ -6,7 +6,6 @@ Each kernel is launched by its own host code on small CPU tensors with `run` rep
 recorder; the recorded arguments give the signature and constexprs that triton.compile needs.
 DOT_F32 is set as on the GPU for 16-bit inputs (False): on CPU tensors the host code picks the
 interpreter's workaround."""
-import dataclasses
 import importlib
 import sys
 
@@ -70,9 +69,6 @@ def launch_all(D=256, F=512):
         scales = (torch.rand(F), torch.rand(F), torch.rand(D))
         cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales)
         cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm)
-        if B == 1:  # the L2 prefetches of the next launch's rows (up columns that divide D)
-            pf = dataclasses.replace(cm.pick_blocks(1, int8=True), prefetch=3, up_d=D // 4, up_steps=2)
-            cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm, blocks=pf)
         gm.int8_gemv_triton(x, q8[0], scales[0])
         gm.gemv_triton(x, torch.randn(D, D, **bf16), residual=torch.randn(B, D, **bf16))
         gm.gemv_triton(x, torch.randn(F, D, **bf16), up=(torch.randn(F, D, **bf16), None))  # the dense MLP's gated GEMV
