@@ -282,10 +282,11 @@ INT8_BLOCKS = Blocks(gate_f=32, gate_d=128, gate_warps=4, gate_stages=4, up_r=32
 INT8_B1_BLOCKS = Blocks(gate_f=16, gate_d=512, gate_warps=4, gate_stages=2, up_r=8, up_d=512, up_steps=4,
                         down_r=32, down_d=128, down_steps=4, warps=2, stages=1, fma_at_b1=True, sub=16,
                         down_fold=4, down_warps=1)
-# Float weights, one token: the FMA launches with runs of 8 (scripts/gpu_sparse.py --sweep, session 9)
+# Float weights, one token: the FMA launches with runs of 8 (scripts/gpu_sparse.py --sweep, session 9);
+# the down launch on one warp, 32 rows x 2 steps (notes/kernels.md v12)
 FLOAT_B1_BLOCKS = Blocks(gate_f=16, gate_d=256, gate_warps=4, gate_stages=3, up_r=8, up_d=1024, up_steps=2,
-                         down_r=64, down_d=128, down_steps=2, warps=2, stages=2, fma_at_b1=True, sub=8,
-                         down_fold=8)
+                         down_r=32, down_d=128, down_steps=2, warps=2, stages=2, fma_at_b1=True, sub=8,
+                         down_fold=4, down_warps=1)
 
 
 def pick_blocks(B: int, int8: bool = False) -> Blocks:
