@@ -203,7 +203,7 @@ class Transformer(nn.Module):
                    ": lower --max-seq-len")
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch_size, max_seq_len, self.plan.n_kv_heads, c.head_dim, dtype, device)
-        prepare_workspaces(device, batch_size, self.plan.n_kv_heads, c.intermediate_size)  # before any graph capture
+        prepare_workspaces(device, batch_size, self.plan.n_kv_heads)  # now: before any CUDA-graph capture
         self.max_seq_len = max_seq_len
         self.setup_rope(max_seq_len)
 

@@ -14,7 +14,7 @@ Layout rule: one file per kernel, holding
 Callers import from here only; tests and GPU scripts may reach into a kernel's module for its
 tiles and Triton path (importlib.import_module: the module and its op share a name).
 """
-from .cats_mlp import cats_mlp, cats_mlp_reference, group_counters, list_counter, list_slots, rms_norm_reference
+from .cats_mlp import cats_mlp, cats_mlp_reference, list_counter, rms_norm_reference
 from .decode_attention import (arrival_counters, decode_attention, decode_attention_reference, decode_attention_rope,
                                decode_attention_rope_reference, split_heads)
 from .gemv import gemv, gemv_reference, int8_gemv, int8_gemv_reference
@@ -24,12 +24,9 @@ __all__ = ["cats_mlp", "cats_mlp_reference", "rms_norm_reference", "decode_atten
            "gemv", "gemv_reference", "int8_gemv", "int8_gemv_reference", "prepare_workspaces"]
 
 
-def prepare_workspaces(device, batch_size: int, n_kv_heads: int, mlp_rows: int = 0) -> None:
+def prepare_workspaces(device, batch_size: int, n_kv_heads: int) -> None:
     """Make the kernels' zeroed workspaces on `device` for a KV cache of batch_size sequences x
-    n_kv_heads and MLPs of up to mlp_rows neurons. Call once when the caches are set up, before any
-    CUDA-graph capture: a workspace made inside torch.compile's capture would live in the graph's
-    private memory pool."""
+    n_kv_heads. Call once when the caches are set up, before any CUDA-graph capture: a workspace
+    made inside torch.compile's capture would live in the graph's private memory pool."""
     list_counter(device)
-    list_slots(device, mlp_rows)
-    group_counters(device, mlp_rows)
     arrival_counters(device, batch_size * n_kv_heads)

@@ -45,8 +45,7 @@ try:
 except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
     triton = None
 
-__all__ = ["cats_mlp", "cats_mlp_reference", "cats_mlp_triton", "rms_norm_reference", "Blocks", "list_counter",
-           "list_slots", "group_counters"]
+__all__ = ["cats_mlp", "cats_mlp_reference", "cats_mlp_triton", "rms_norm_reference", "Blocks", "list_counter"]
 
 
 def rms_norm_reference(x, weight, eps: float):
@@ -79,7 +78,7 @@ if triton is not None:
                      g_ptr, r_ptr, eps,
                      T_PER_ROW: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, ZBLOCK: tl.constexpr,
                      DOT_F32: tl.constexpr, INT8: tl.constexpr, FMA: tl.constexpr, EVEN: tl.constexpr,
-                     NORM: tl.constexpr, SUB: tl.constexpr, PLUS_ONE: tl.constexpr):
+                     NORM: tl.constexpr, SUB: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCK_F + tl.arange(0, BLOCK_F)
         row_ok = rows < F
@@ -114,8 +113,7 @@ if triton is not None:
         # relaxed: no program reads the list during this launch (the next launch sees it), and an
         # acq_rel atomic would wait for the program's stores first (notes/kernels.md v11)
         pos = tl.atomic_add(count_ptr, tl.sum(active, axis=0), sem="relaxed") + tl.cumsum(active, axis=0) - 1
-        # pos < F: only if the counter was stale. PLUS_ONE (the overlap launch): row + 1, 0 = empty slot
-        tl.store(idx_ptr + pos, rows + PLUS_ONE, mask=(active > 0) & (pos < F))
+        tl.store(idx_ptr + pos, rows, mask=(active > 0) & (pos < F))  # pos < F: only if the counter was stale
 
         z = pid * ZBLOCK + tl.arange(0, ZBLOCK)  # zero u_acc [B*F] then y_acc [B*D], one range each program
         tl.store(u_acc_ptr + z, tl.zeros([ZBLOCK], tl.float32), mask=z < B * F)
@@ -248,103 +246,6 @@ if triton is not None:
             tl.atomic_add(y_acc_ptr + cols, y, mask=col_ok, sem="relaxed")
 
 
-    @triton.jit
-    def _up_down1_kernel(x_ptr, wu_ptr, su_ptr, v_ptr, u_acc_ptr, idx_ptr, count_ptr, groups_ptr, wd_ptr, sd_ptr,
-                         y_acc_ptr, D, F, g_ptr, r_ptr, UP_COLS, N_UP_COLS, N_UP, N_DOWN_COLS, N_GROUPS,
-                         UP_R: tl.constexpr, UP_D: tl.constexpr, DOWN_R: tl.constexpr, STEPS: tl.constexpr,
-                         DOWN_D: tl.constexpr, INT8: tl.constexpr, EVEN_UP: tl.constexpr, EVEN_DOWN: tl.constexpr,
-                         NORM: tl.constexpr, SUB: tl.constexpr, FOLD: tl.constexpr):
-        """The up and down launches of one token as one launch (Blocks.overlap). Programs [0, N_UP)
-        are _up_kernel's work items; each with listed rows counts itself into the ready counter of
-        its group (DOWN_R x STEPS list slots) once its u atomics are issued. The rest are
-        _down1_kernel's items, a group's N_DOWN_COLS column blocks: each loads its first step's
-        weights, then waits until its group's up items have counted in (the GPU starts programs in
-        order of id, so it waits only on programs already running), then sums its rows. The list
-        holds row + 1, 0 for an empty slot, so no program needs the list's length: program 0 sets
-        the gate's counter back to 0 at once, and the last down program of a group empties the
-        group's slots and counters for the next call."""
-        pid = tl.program_id(0)
-        if pid == 0:
-            tl.store(count_ptr, 0)  # only the gate launch uses it
-        CONVERT: tl.constexpr = OFFSET_INT8 if INT8 else PLAIN
-        GROUP: tl.constexpr = DOWN_R * STEPS
-        if pid < N_UP:
-            slots = (pid // N_UP_COLS) * UP_R + tl.arange(0, UP_R)
-            listed = tl.load(idx_ptr + slots, mask=slots < F, other=0)
-            ok = listed > 0
-            if tl.max(listed, axis=0) > 0:
-                rows = tl.where(ok, listed - 1, 0)
-                c0 = (pid % N_UP_COLS) * UP_COLS
-                if INT8:
-                    s_rows = tl.load(su_ptr + rows, mask=ok, other=0.0)
-                u, _ = rows_times_x1(wu_ptr, x_ptr, rows, ok, D, c0, tl.minimum(c0 + UP_COLS, D), UP_R, UP_D,
-                                     EVEN_UP, CONVERT, g_ptr, NORM, SUB)
-                if INT8:
-                    u = u * s_rows
-                tl.atomic_add(u_acc_ptr + slots, u, mask=ok, sem="relaxed")
-                tl.debug_barrier()  # every thread's atomics are issued before the program counts in
-                tl.atomic_add(groups_ptr + (pid // N_UP_COLS) * UP_R // GROUP, 1, sem="release")
-        else:
-            item = pid - N_UP
-            group = item // N_DOWN_COLS
-            group_slots = group * GROUP + tl.arange(0, GROUP)
-            n_listed = tl.sum((tl.load(idx_ptr + group_slots, mask=group_slots < F, other=0) > 0).to(tl.int32),
-                              axis=0)
-            if n_listed > 0:  # the group's listed slots come first (the list is filled from slot 0)
-                cols = (item % N_DOWN_COLS) * DOWN_D + tl.arange(0, DOWN_D)
-                col_ok = cols < D
-                ACC_ROWS: tl.constexpr = FOLD if FOLD > 0 and DOWN_R % max(FOLD, 1) == 0 else DOWN_R
-                acc = tl.zeros([ACC_ROWS, DOWN_D], tl.float32)
-                if INT8:
-                    s_cols = tl.load(sd_ptr + cols, mask=col_ok, other=0.0)
-                r = 1.0
-                if NORM:
-                    r = tl.load(r_ptr)
-                slots = group * GROUP + tl.arange(0, DOWN_R)
-                listed = tl.load(idx_ptr + slots, mask=slots < F, other=0)
-                ok = listed > 0
-                rows = tl.where(ok, listed - 1, 0)
-                w_mask = ok[:, None] if EVEN_DOWN else ok[:, None] & col_ok[None, :]
-                # the first step's weights depend on the list only: in flight while the up items finish
-                w = tl.load(wd_ptr + rows[:, None] * D + cols[None, :], mask=w_mask, other=0,
-                            eviction_policy="evict_first")
-                expected = tl.cdiv(n_listed, UP_R) * N_UP_COLS
-                while tl.atomic_add(groups_ptr + group, 0, sem="acquire") < expected:
-                    pass
-                for step in tl.static_range(STEPS):
-                    if step > 0:
-                        slots = slots + DOWN_R
-                        listed = tl.load(idx_ptr + slots, mask=slots < F, other=0)
-                        ok = listed > 0
-                        rows = tl.where(ok, listed - 1, 0)
-                        w_mask = ok[:, None] if EVEN_DOWN else ok[:, None] & col_ok[None, :]
-                        w = tl.load(wd_ptr + rows[:, None] * D + cols[None, :], mask=w_mask, other=0,
-                                    eviction_policy="evict_first")
-                    # u from L2 (.cg): the up items' atomics, after the acquire above
-                    h = tl.load(v_ptr + rows, mask=ok, other=0.0) * (
-                        tl.load(u_acc_ptr + slots, mask=ok, other=0.0, cache_modifier=".cg") * r)
-                    products = as_f32(w, CONVERT) * h[:, None]
-                    if ACC_ROWS < DOWN_R:
-                        step_sums = tl.sum(tl.reshape(products, [DOWN_R // ACC_ROWS, ACC_ROWS, DOWN_D]), axis=0)
-                        if INT8:  # int8_to_f32_offset's offset, as in _down1_kernel
-                            step_sums -= OFFSET * tl.sum(tl.reshape(h, [DOWN_R // ACC_ROWS, ACC_ROWS]), axis=0)[:, None]
-                        acc += step_sums
-                    elif INT8:
-                        acc += products - OFFSET * h[:, None]
-                    else:
-                        acc += products
-                y = tl.sum(acc, axis=0)
-                if INT8:
-                    y = y * s_cols
-                tl.atomic_add(y_acc_ptr + cols, y, mask=col_ok, sem="relaxed")
-                # release: this program's list loads come before its arrival; the last to arrive
-                # empties the group's slots and resets its counters for the next call
-                if tl.atomic_add(groups_ptr + N_GROUPS + group, 1, sem="release") == N_DOWN_COLS - 1:
-                    tl.store(idx_ptr + group_slots, tl.zeros([GROUP], tl.int32), mask=group_slots < F)
-                    tl.store(groups_ptr + group, 0)
-                    tl.store(groups_ptr + N_GROUPS + group, 0)
-
-
 @dataclass(frozen=True)
 class Blocks:
     """Tile sizes (rows x columns per step), steps per program, warps, pipeline depth.
@@ -352,8 +253,7 @@ class Blocks:
     16 tokens, and the down launch is _down1_kernel, whose down_steps are row steps (a program:
     down_r x down_steps list entries, down_d columns); sub: the gate and up FMA steps sum runs of
     sub adjacent columns first (tiles.rows_times_x1; 0 = a full accumulator). down_fold:
-    _down1_kernel's FOLD; down_warps: its warps (0: warps, as up). overlap (one token): up and down
-    in one launch, _up_down1_kernel (up_r must divide down_r x down_steps; warps for both)."""
+    _down1_kernel's FOLD; down_warps: its warps (0: warps, as up)."""
     gate_f: int = 64
     gate_d: int = 128
     gate_warps: int = 4
@@ -370,7 +270,6 @@ class Blocks:
     sub: int = 0
     down_fold: int = 0
     down_warps: int = 0
-    overlap: bool = False
 
 
 # The H200 sweeps' best for 4096x11008 (scripts/gpu_int8.py --sweep, notes/kernels.md int8 v2):
@@ -409,18 +308,6 @@ def list_counter(device) -> torch.Tensor:
     return int32_workspace("cats_mlp_list", device, 2)
 
 
-def list_slots(device, n: int) -> torch.Tensor:
-    """int32 [n]: the overlap launch's row list (row + 1 a slot, 0 = empty), a workspace its
-    launches leave empty (see list_counter)."""
-    return int32_workspace("cats_mlp_slots", device, n)
-
-
-def group_counters(device, n: int) -> torch.Tensor:
-    """int32 [2 n]: the overlap launch's ready and arrival counters for up to n groups of list
-    slots, a workspace it leaves at zero."""
-    return int32_workspace("cats_mlp_groups", device, 2 * n)
-
-
 def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None = None,
                     fp32_out: bool = False, scales=None, norm=None):
     """The Triton path of cats_mlp (same contract). fp32_out returns the fp32 accumulator, leaving
@@ -444,10 +331,9 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     dot_f32 = x.dtype == torch.float32 or not x.is_cuda
     fma = cfg.fma_at_b1 and B == 1
 
-    overlap = fma and cfg.overlap
     f32 = dict(device=x.device, dtype=torch.float32)
     v, u_acc, y_acc = _empty(B, F, **f32), _empty(B, F, **f32), _empty(B, D, **f32)
-    idx = list_slots(x.device, F) if overlap else _empty(F, device=x.device, dtype=torch.int32)
+    idx = _empty(F, device=x.device, dtype=torch.int32)
     # 1 / rms per token (with a norm): written by the gate launch, read by down; else unread
     r = _empty(B, **f32) if norm is not None else v
     count = list_counter(x.device)
@@ -457,10 +343,7 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
                             T_PER_ROW=threshold.numel() > 1, BLOCK_F=cfg.gate_f, BLOCK_D=cfg.gate_d,
                             ZBLOCK=triton.next_power_of_2(triton.cdiv(B * (F + D), n_gate)),
                             DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % cfg.gate_d == 0, NORM=norm is not None,
-                            SUB=cfg.sub, PLUS_ONE=int(overlap), num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
-    if overlap:
-        _up_down1(x, w_up, s_up, v, u_acc, idx, count, w_down_t, s_down, y_acc, g, r, norm is not None, int8, cfg)
-        return y_acc if fp32_out or x.dtype == torch.float32 else y_acc.to(x.dtype)
+                            SUB=cfg.sub, num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
     up_cols, down_cols = cfg.up_d * cfg.up_steps, cfg.down_d * cfg.down_steps
     n_up, n_down = triton.cdiv(D, up_cols), triton.cdiv(D, down_cols)  # column ranges
     _up_kernel[(n_up * triton.cdiv(F, cfg.up_r),)](
@@ -479,21 +362,6 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
             BLOCK_R=cfg.down_r, BLOCK_D=cfg.down_d, DOT_F32=dot_f32, INT8=int8, NORM=norm is not None,
             num_warps=cfg.warps, num_stages=cfg.stages)
     return y_acc if fp32_out or x.dtype == torch.float32 else y_acc.to(x.dtype)
-
-
-def _up_down1(x, w_up, s_up, v, u_acc, idx, count, w_down_t, s_down, y_acc, g, r, norm: bool, int8: bool, cfg):
-    F, D = w_up.shape
-    group = cfg.down_r * cfg.down_steps
-    assert group % cfg.up_r == 0 and group & (group - 1) == 0, \
-        "overlap: down_r x down_steps a power of 2 that up_r divides"
-    up_cols = cfg.up_d * cfg.up_steps
-    n_up_cols, n_down_cols, n_groups = triton.cdiv(D, up_cols), triton.cdiv(D, cfg.down_d), triton.cdiv(F, group)
-    n_up = n_up_cols * triton.cdiv(F, cfg.up_r)
-    _up_down1_kernel[(n_up + n_groups * n_down_cols,)](
-        x, w_up, s_up, v, u_acc, idx, count, group_counters(x.device, F), w_down_t, s_down, y_acc, D, F, g, r,
-        up_cols, n_up_cols, n_up, n_down_cols, n_groups, UP_R=cfg.up_r, UP_D=cfg.up_d, DOWN_R=cfg.down_r,
-        STEPS=cfg.down_steps, DOWN_D=cfg.down_d, INT8=int8, EVEN_UP=D % up_cols == 0, EVEN_DOWN=D % cfg.down_d == 0,
-        NORM=norm, SUB=cfg.sub, FOLD=cfg.down_fold, num_warps=cfg.warps, num_stages=cfg.stages)
 
 
 @torch.library.custom_op("catsgen::cats_mlp", mutates_args=())

@@ -115,10 +115,8 @@ def stress(case, cfg, calls=300):
     if DEV == "cuda":
         torch.cuda.synchronize()
     counter = cm.list_counter(DEV).tolist()
-    left = int(cm.list_slots(DEV, FF).count_nonzero() + cm.group_counters(DEV, FF).count_nonzero())
-    print(f"stress {calls} calls: worst rel diff {worst:.2e}, counter {counter}, overlap slots and counters "
-          f"left set {left}", flush=True)
-    if not (worst < 1e-3 and counter[0] == 0 and left == 0):
+    print(f"stress {calls} calls: worst rel diff {worst:.2e}, counter {counter}", flush=True)
+    if not (worst < 1e-3 and counter[0] == 0):
         raise AssertionError("calls disagree or the counter was left set")
 
 
@@ -196,7 +194,7 @@ def main():
     p.add_argument("--try", dest="tries", nargs="+", default=[], metavar="FIELD=INT[,...]",
                    help="variants of the model's tiles, e.g. prefetch=3 warps=1,up_r=16")
     a = p.parse_args()
-    prepare_workspaces(DEV, 1, 1, FF)
+    prepare_workspaces("cuda", 1, 1)
     print(torch.cuda.get_device_name(), torch.__version__)
     for weights in a.weights:
         case = make_case(weights)
@@ -208,8 +206,7 @@ def main():
         for t in a.tries:
             bases[t] = dataclasses.replace(model, **{k: int(v) for k, v in (kv.split("=") for kv in t.split(","))})
         if a.stress:
-            for cfg in [model] + [bases[t] for t in a.tries]:
-                stress(case, cfg)
+            stress(case, model)
         if a.gate:  # (rows, columns, warps, stages): the dense GEMV's own tiles among them
             gemv_time(case)
             bases |= {f"gate {f}x{d} w{w} s{st}": dataclasses.replace(model, gate_f=f, gate_d=d, gate_warps=w,

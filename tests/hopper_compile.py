@@ -6,7 +6,6 @@ Each kernel is launched by its own host code on small CPU tensors with `run` rep
 recorder; the recorded arguments give the signature and constexprs that triton.compile needs.
 DOT_F32 is set as on the GPU for 16-bit inputs (False): on CPU tensors the host code picks the
 interpreter's workaround."""
-import dataclasses
 import importlib
 import sys
 
@@ -70,11 +69,6 @@ def launch_all(D=256, F=512):
         scales = (torch.rand(F), torch.rand(F), torch.rand(D))
         cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales)
         cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm)
-        if B == 1:  # up and down in one launch (Blocks.overlap)
-            for int8 in (False, True):
-                overlap = dataclasses.replace(cm.pick_blocks(1, int8), overlap=True)
-                w = q8 if int8 else [torch.randn(F, D, **bf16) for _ in range(3)]
-                cm.cats_mlp_triton(x, *w, torch.rand(F), scales=scales if int8 else None, norm=norm, blocks=overlap)
         gm.int8_gemv_triton(x, q8[0], scales[0])
         gm.gemv_triton(x, torch.randn(D, D, **bf16), residual=torch.randn(B, D, **bf16))
         gm.gemv_triton(x, torch.randn(F, D, **bf16), up=(torch.randn(F, D, **bf16), None))  # the dense MLP's gated GEMV
@@ -84,7 +78,7 @@ def launch_all(D=256, F=512):
 def record_all(D=256, F=512):
     """Every decode kernel's launches by its host code, into `launches` (nothing runs)."""
     for module, names in ((da, ["_split_kernel"]),
-                          (cm, ["_gate_kernel", "_up_kernel", "_down_kernel", "_down1_kernel", "_up_down1_kernel"]),
+                          (cm, ["_gate_kernel", "_up_kernel", "_down_kernel", "_down1_kernel"]),
                           (gm, ["_gemv_kernel"])):
         for name in names:
             record(getattr(module, name), module.__name__.rsplit(".", 1)[1])

@@ -13,5 +13,5 @@ def test_every_decode_kernel_compiles_for_hopper():
     result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     # both decode attention modes; the three CATS launches at B = 1 and B > 1 for bf16 and int8, each
-    # with and without the block's norm folded in, B = 1 with up and down in one launch; the GEMV: int8, bf16 + residual, gated bf16 and int8
-    assert "40 of 40 launches compiled for sm_90" in result.stdout, result.stdout
+    # with and without the block's norm folded in; the GEMV: int8, bf16 + residual, gated bf16 and int8
+    assert "36 of 36 launches compiled for sm_90" in result.stdout, result.stdout
