@@ -7,7 +7,7 @@ model runs it), bf16 and int8 weights:
   - `--stress`: 300 calls in a row against their first results (the list's counter left at zero);
   - `--gate`, `--down-warps`: the gate launch with the GEMV's narrow tiles, the down launch with 4
     or 1 warps (per-launch times);
-  - `--try prefetch=3 warps=1,up_r=16`: the model's tiles with these Blocks fields changed.
+  - `--try down_warps=1 warps=1,up_r=16`: the model's tiles with these Blocks fields changed.
 Every candidate is checked against the torch reference first.
     python3 scripts/gpu_sparse.py [--weights bf16 int8] [--sweep] [--ncu] [--stress] [--gate] [--down-warps]
                                   [--try FIELD=INT[,FIELD=INT...] ...]
@@ -192,8 +192,12 @@ def main():
     p.add_argument("--gate", action="store_true", help="also gate tiles as narrow as the GEMV's (per-launch times)")
     p.add_argument("--down-warps", action="store_true", help="also the down launch with 4 or 1 warps")
     p.add_argument("--try", dest="tries", nargs="+", default=[], metavar="FIELD=INT[,...]",
-                   help="variants of the model's tiles, e.g. prefetch=3 warps=1,up_r=16")
+                   help="variants of the model's tiles, e.g. down_warps=1 warps=1,up_r=16")
     a = p.parse_args()
+    fields = {f.name for f in dataclasses.fields(cm.Blocks)}
+    for t in a.tries:
+        if not all(k in fields and v.isdigit() for k, _, v in (kv.partition("=") for kv in t.split(","))):
+            p.error(f"--try {t}: want FIELD=INT[,FIELD=INT...] with FIELD one of {', '.join(sorted(fields))}")
     prepare_workspaces("cuda", 1, 1)
     print(torch.cuda.get_device_name(), torch.__version__)
     for weights in a.weights:
