@@ -183,6 +183,15 @@ def sweep(case, base):
     return best
 
 
+def tile_changes(text):
+    """--try's FIELD=INT[,FIELD=INT...] as {field: int}, or an argparse error naming the fields."""
+    fields = {f.name for f in dataclasses.fields(cm.Blocks)}
+    pairs = [kv.partition("=") for kv in text.split(",")]
+    if not all(k in fields and v.isdigit() for k, _, v in pairs):
+        raise argparse.ArgumentTypeError(f"want FIELD=INT[,FIELD=INT...], FIELD one of {', '.join(sorted(fields))}")
+    return {k: int(v) for k, _, v in pairs}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--weights", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8"])
@@ -191,13 +200,9 @@ def main():
     p.add_argument("--stress", action="store_true", help="first: many calls in a row against their first results")
     p.add_argument("--gate", action="store_true", help="also gate tiles as narrow as the GEMV's (per-launch times)")
     p.add_argument("--down-warps", action="store_true", help="also the down launch with 4 or 1 warps")
-    p.add_argument("--try", dest="tries", nargs="+", default=[], metavar="FIELD=INT[,...]",
+    p.add_argument("--try", dest="tries", nargs="+", default=[], type=tile_changes, metavar="FIELD=INT[,...]",
                    help="variants of the model's tiles, e.g. down_warps=1 warps=1,up_r=16")
     a = p.parse_args()
-    fields = {f.name for f in dataclasses.fields(cm.Blocks)}
-    for t in a.tries:
-        if not all(k in fields and v.isdigit() for k, _, v in (kv.partition("=") for kv in t.split(","))):
-            p.error(f"--try {t}: want FIELD=INT[,FIELD=INT...] with FIELD one of {', '.join(sorted(fields))}")
     prepare_workspaces("cuda", 1, 1)
     print(torch.cuda.get_device_name(), torch.__version__)
     for weights in a.weights:
@@ -207,8 +212,8 @@ def main():
         if a.down_warps:
             bases |= {f"down {w} warps {t}": dataclasses.replace(model, down_warps=w, **dict(zip(
                 ("down_r", "down_d", "down_steps", "down_fold"), t))) for w, ts in DOWN_WARPS.items() for t in ts}
-        for t in a.tries:
-            bases[t] = dataclasses.replace(model, **{k: int(v) for k, v in (kv.split("=") for kv in t.split(","))})
+        for changes in a.tries:
+            bases[",".join(f"{k}={v}" for k, v in changes.items())] = dataclasses.replace(model, **changes)
         if a.stress:
             stress(case, model)
         if a.gate:  # (rows, columns, warps, stages): the dense GEMV's own tiles among them
