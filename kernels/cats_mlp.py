@@ -41,7 +41,8 @@ try:
     import triton
     import triton.language as tl
 
-    from .tiles import OFFSET, OFFSET_INT8, PLAIN, as_f32, as_operand, dot, rows_times_x, rows_times_x1, rsqrt_mean
+    from .tiles import (OFFSET, OFFSET_INT8, PLAIN, as_f32, as_operand, dot, rows_times_x, rows_times_x1,
+                       rows_times_x1_words, rsqrt_mean)
 except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
     triton = None
 
@@ -78,7 +79,7 @@ if triton is not None:
                      g_ptr, r_ptr, eps,
                      T_PER_ROW: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, ZBLOCK: tl.constexpr,
                      DOT_F32: tl.constexpr, INT8: tl.constexpr, FMA: tl.constexpr, EVEN: tl.constexpr,
-                     NORM: tl.constexpr, SUB: tl.constexpr):
+                     NORM: tl.constexpr, SUB: tl.constexpr, WORDS: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCK_F + tl.arange(0, BLOCK_F)
         row_ok = rows < F
@@ -90,7 +91,12 @@ if triton is not None:
             t = tl.load(t_ptr + rows, mask=row_ok, other=0.0)[:, None]
         else:
             t = tl.load(t_ptr)
-        if FMA:  # one token: fp32 FMA, no padding to 16 tokens
+        if FMA and WORDS > 0:  # one token, int8 tiles as words (Blocks.int8_words)
+            g1, squares1 = rows_times_x1_words(wg_ptr, x_ptr, rows, row_ok, D, 0, D, BLOCK_F, BLOCK_D, g_ptr, NORM,
+                                               SUB, WORDS == 2)
+            g = tl.where(toks[None, :] == 0, g1[:, None], 0.0)
+            squares = tl.where(toks == 0, squares1, 0.0)
+        elif FMA:  # one token: fp32 FMA, no padding to 16 tokens
             CONVERT: tl.constexpr = OFFSET_INT8 if INT8 else PLAIN
             g1, squares1 = rows_times_x1(wg_ptr, x_ptr, rows, row_ok, D, 0, D, BLOCK_F, BLOCK_D, EVEN, CONVERT,
                                          g_ptr, NORM, SUB)
@@ -134,7 +140,7 @@ if triton is not None:
     @triton.jit
     def _up_kernel(x_ptr, wu_ptr, su_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS, g_ptr,
                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, INT8: tl.constexpr,
-                   FMA: tl.constexpr, EVEN: tl.constexpr, NORM: tl.constexpr, SUB: tl.constexpr):
+                   FMA: tl.constexpr, EVEN: tl.constexpr, NORM: tl.constexpr, SUB: tl.constexpr, WORDS: tl.constexpr):
         item = tl.program_id(0)
         slots, rows, ok, n_active, n_items = _list_entries(idx_ptr, count_ptr, item, F, N_COLS, BLOCK_R)
         if item == 0:
@@ -148,8 +154,12 @@ if triton is not None:
             if FMA:
                 # NORM: x * g here; 1 / rms (this program sees part of x) waits for the down launch
                 CONVERT: tl.constexpr = OFFSET_INT8 if INT8 else PLAIN
-                acc1, _ = rows_times_x1(wu_ptr, x_ptr, rows, ok, D, c0, c1, BLOCK_R, BLOCK_D, EVEN, CONVERT, g_ptr,
-                                        NORM, SUB)
+                if WORDS > 0:
+                    acc1, _ = rows_times_x1_words(wu_ptr, x_ptr, rows, ok, D, c0, c1, BLOCK_R, BLOCK_D, g_ptr, NORM,
+                                                  SUB, WORDS == 2)
+                else:
+                    acc1, _ = rows_times_x1(wu_ptr, x_ptr, rows, ok, D, c0, c1, BLOCK_R, BLOCK_D, EVEN, CONVERT,
+                                            g_ptr, NORM, SUB)
                 acc = tl.where(toks[None, :] == 0, acc1[:, None], 0.0)
             else:
                 acc, _ = rows_times_x(wu_ptr, x_ptr, rows, ok, B, D, c0, c1, BLOCK_R, BLOCK_D, DOT_F32, g_ptr, NORM)
@@ -253,7 +263,9 @@ class Blocks:
     16 tokens, and the down launch is _down1_kernel, whose down_steps are row steps (a program:
     down_r x down_steps list entries, down_d columns); sub: the gate and up FMA steps sum runs of
     sub adjacent columns first (tiles.rows_times_x1; 0 = a full accumulator). down_fold:
-    _down1_kernel's FOLD; down_warps: its warps (0: warps, as up)."""
+    _down1_kernel's FOLD; down_warps: its warps (0: warps, as up). int8_words (int8, fma_at_b1;
+    where the tiles divide D and sub is a multiple of 4, else 0): the gate and up launches load
+    their tiles as int32 words (tiles.rows_times_x1_words), 2 = each step's words a step ahead."""
     gate_f: int = 64
     gate_d: int = 128
     gate_warps: int = 4
@@ -270,6 +282,7 @@ class Blocks:
     sub: int = 0
     down_fold: int = 0
     down_warps: int = 0
+    int8_words: int = 0
 
 
 # The H200 sweeps' best for 4096x11008 (scripts/gpu_int8.py --sweep, notes/kernels.md int8 v2):
@@ -296,6 +309,14 @@ def pick_blocks(B: int, int8: bool = False) -> Blocks:
     if B == 1:
         return INT8_B1_BLOCKS if int8 else FLOAT_B1_BLOCKS
     return INT8_BLOCKS if int8 else Blocks()
+
+
+def int8_words(cfg: Blocks, D: int) -> int:
+    """cfg.int8_words where the one-token int8 gate and up tiles can be words (whole columns, whole
+    runs of whole words), else 0."""
+    runs_fit = cfg.sub > 0 and cfg.sub % 4 == 0 and cfg.gate_d % cfg.sub == 0 and cfg.up_d % cfg.sub == 0
+    columns_fit = D % 16 == 0 and D % cfg.gate_d == 0 and D % (cfg.up_d * cfg.up_steps) == 0
+    return cfg.int8_words if runs_fit and columns_fit else 0
 
 
 _empty = torch.empty  # scratch allocation; tests swap in a NaN-filling version to catch unwritten outputs
@@ -330,6 +351,7 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     cfg = blocks or pick_blocks(B, int8)
     dot_f32 = x.dtype == torch.float32 or not x.is_cuda
     fma = cfg.fma_at_b1 and B == 1
+    words = int8_words(cfg, D) if int8 and fma else 0
 
     f32 = dict(device=x.device, dtype=torch.float32)
     v, u_acc, y_acc = _empty(B, F, **f32), _empty(B, F, **f32), _empty(B, D, **f32)
@@ -343,13 +365,13 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
                             T_PER_ROW=threshold.numel() > 1, BLOCK_F=cfg.gate_f, BLOCK_D=cfg.gate_d,
                             ZBLOCK=triton.next_power_of_2(triton.cdiv(B * (F + D), n_gate)),
                             DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % cfg.gate_d == 0, NORM=norm is not None,
-                            SUB=cfg.sub, num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
+                            SUB=cfg.sub, WORDS=words, num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
     up_cols, down_cols = cfg.up_d * cfg.up_steps, cfg.down_d * cfg.down_steps
     n_up, n_down = triton.cdiv(D, up_cols), triton.cdiv(D, down_cols)  # column ranges
     _up_kernel[(n_up * triton.cdiv(F, cfg.up_r),)](
         x, w_up, s_up, idx, count, u_acc, B, D, F, up_cols, n_up, g, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d,
         DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % up_cols == 0, NORM=norm is not None, SUB=cfg.sub,
-        num_warps=cfg.warps, num_stages=cfg.stages)
+        WORDS=words, num_warps=cfg.warps, num_stages=cfg.stages)
     if fma:  # down_steps counts row steps here: a program covers down_r x down_steps entries, down_d columns
         n_down = triton.cdiv(D, cfg.down_d)
         _down1_kernel[(n_down * triton.cdiv(F, cfg.down_r * cfg.down_steps),)](

@@ -127,6 +127,20 @@ def int8_to_f32_offset(w):
         return _placed_bytes(w, _UNDER_2_15)
 
 
+@triton.jit
+def int8_words_to_f32_offset(words):
+    """int8_to_f32_offset on int32 words, each four int8 weights (byte k: the word's column k, as
+    memory holds them): four fp32 tensors OFFSET + b, one a byte position, in words' shape. The same
+    XOR and byte permutes; a tile loaded as words stays words in registers (a byte tile carried
+    across a loop's iterations is repacked a byte at a time, notes/kernels.md v11)."""
+    if _INTERPRETED:
+        return (((words << 24) >> 24).to(tl.float32) + OFFSET, ((words << 16) >> 24).to(tl.float32) + OFFSET,
+                ((words << 8) >> 24).to(tl.float32) + OFFSET, (words >> 24).to(tl.float32) + OFFSET)
+    else:
+        return tl.inline_asm_elementwise(_UNDER_2_15, "=r,=r,=r,=r,r", [words], dtype=(tl.float32,) * 4,
+                                         is_pure=True, pack=1)
+
+
 # as_f32's MAGIC: how weights become fp32
 PLAIN = tl.constexpr(0)  # .to(fp32): float weights (int8 too, through the conversion unit)
 EXACT_INT8 = tl.constexpr(1)  # int8_to_f32
@@ -195,4 +209,51 @@ def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.const
                 x_sums += xv
     if MAGIC == OFFSET_INT8 and not RUNS:
         acc -= OFFSET * x_sums[None, :]
+    return tl.sum(acc, axis=1), tl.sum(squares, axis=0)
+
+
+@triton.jit
+def _x_step(x_ptr, g_ptr, cols, NORM: tl.constexpr):
+    """One step's x (times g with NORM) in fp32, and its squares (NORM; else 0): full columns."""
+    xv = tl.load(x_ptr + cols).to(tl.float32)
+    if NORM:
+        return xv * tl.load(g_ptr + cols).to(tl.float32), xv * xv
+    else:
+        return xv, tl.zeros_like(xv)
+
+
+@triton.jit
+def rows_times_x1_words(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+                        g_ptr, NORM: tl.constexpr, SUB: tl.constexpr, AHEAD: tl.constexpr):
+    """rows_times_x1 for int8 weights through int8_words_to_f32_offset, with full columns (EVEN,
+    D a multiple of 16) and runs (SUB a multiple of 4 dividing BLOCK_D): the tile is loaded as int32
+    words, four weights a word, and the products of a word's four columns summed before the runs.
+    AHEAD: each step's words are loaded a step early, so the next step's bytes are in flight while
+    this step's are multiplied (two tiles of registers)."""
+    WORDS: tl.constexpr = BLOCK_D // 4
+    RUN: tl.constexpr = SUB // 4  # words a run
+    tile = w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (D // 4) + tl.arange(0, WORDS)[None, :]
+    acc = tl.zeros([BLOCK_F, WORDS // RUN], tl.float32)
+    squares = tl.zeros([BLOCK_D], tl.float32)
+    if AHEAD:
+        words = tl.load(tile + k_lo // 4, mask=row_mask[:, None], other=0, eviction_policy="evict_first")
+    for k in range(k_lo, k_hi, BLOCK_D):
+        if AHEAD:  # the next step's words (none past k_hi), then this step's work on the words in hand
+            next_ok = tl.where(k + BLOCK_D < k_hi, row_mask, False)  # (mask & scalar: the interpreter refuses)
+            ahead = tl.load(tile + (k + BLOCK_D) // 4, mask=next_ok[:, None], other=0, eviction_policy="evict_first")
+        else:
+            words = tl.load(tile + k // 4, mask=row_mask[:, None], other=0, eviction_policy="evict_first")
+        xv, sq = _x_step(x_ptr, g_ptr, k + tl.arange(0, BLOCK_D), NORM)
+        squares += sq
+        x02, x13 = tl.split(tl.reshape(xv, [WORDS, 2, 2]))  # column 4j + 2a + b: [j, a] of x_b
+        x0, x2 = tl.split(x02)
+        x1, x3 = tl.split(x13)
+        b0, b1, b2, b3 = int8_words_to_f32_offset(words)
+        products = b0 * x0[None, :] + b1 * x1[None, :] + b2 * x2[None, :] + b3 * x3[None, :]
+        run_sums = tl.sum(tl.reshape(products, [BLOCK_F, WORDS // RUN, RUN]), axis=2)
+        # the offset's share, once a run: OFFSET x (the run's sum of x)
+        run_sums -= OFFSET * tl.sum(tl.reshape(x0 + x1 + x2 + x3, [WORDS // RUN, RUN]), axis=1)[None, :]
+        acc += run_sums
+        if AHEAD:
+            words = ahead
     return tl.sum(acc, axis=1), tl.sum(squares, axis=0)

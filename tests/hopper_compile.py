@@ -6,6 +6,7 @@ Each kernel is launched by its own host code on small CPU tensors with `run` rep
 recorder; the recorded arguments give the signature and constexprs that triton.compile needs.
 DOT_F32 is set as on the GPU for 16-bit inputs (False): on CPU tensors the host code picks the
 interpreter's workaround."""
+import dataclasses
 import importlib
 import sys
 
@@ -69,6 +70,11 @@ def launch_all(D=256, F=512):
         scales = (torch.rand(F), torch.rand(F), torch.rand(D))
         cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales)
         cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm)
+        if B == 1:  # int8 tiles as words (Blocks.int8_words), with tiles that divide the test's D
+            fit = {} if D % 2048 == 0 else dict(gate_d=128, up_d=128, up_steps=2)
+            for words in (1, 2):
+                blocks = dataclasses.replace(cm.INT8_B1_BLOCKS, int8_words=words, **fit)
+                cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm, blocks=blocks)
         gm.int8_gemv_triton(x, q8[0], scales[0])
         gm.gemv_triton(x, torch.randn(D, D, **bf16), residual=torch.randn(B, D, **bf16))
         gm.gemv_triton(x, torch.randn(F, D, **bf16), up=(torch.randn(F, D, **bf16), None))  # the dense MLP's gated GEMV

@@ -13,5 +13,6 @@ def test_every_decode_kernel_compiles_for_hopper():
     result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     # both decode attention modes; the three CATS launches at B = 1 and B > 1 for bf16 and int8, each
-    # with and without the block's norm folded in; the GEMV: int8, bf16 + residual, gated bf16 and int8
-    assert "36 of 36 launches compiled for sm_90" in result.stdout, result.stdout
+    # with and without the block's norm folded in, and at B = 1 the int8 launches with word tiles (one
+    # step ahead or not); the GEMV: int8, bf16 + residual, gated bf16 and int8
+    assert "42 of 42 launches compiled for sm_90" in result.stdout, result.stdout

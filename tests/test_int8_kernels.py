@@ -152,6 +152,64 @@ def test_int8_cats_mlp_matches_reference(poisoned_scratch, dtype, B, sparsity, d
         assert rel_err(out, ref) < CATS_TOL[dtype]
 
 
+WORDS_TILES = dataclasses.replace(SMALL_FMA, sub=8)  # whole runs of whole words; 2 gate and 2 up steps at d = 64
+
+
+@pytest.mark.parametrize("sparsity", [0, 0.4, 1])
+@pytest.mark.parametrize("words", [1, 2])
+def test_int8_cats_mlp_words_match_reference(poisoned_scratch, sparsity, words):
+    """One token, the block's norm folded in, the gate and up tiles loaded as int32 words
+    (Blocks.int8_words; 2: a step ahead): the reference's result, and the byte tiles' to fp32 rounding."""
+    d, f = 64, 150  # f: a last gate program with rows past the matrix
+    x, qs, scales = _int8_mlp(1, d, f, torch.bfloat16, seed=words)
+    norm = (torch.rand(d, generator=torch.Generator().manual_seed(5)).to(DEV, torch.bfloat16) + 0.5, 1e-5)
+    xn = cm.rms_norm_reference(x, *norm)
+    t = int8_threshold(xn, qs, scales, sparsity)
+    blocks = dataclasses.replace(WORDS_TILES, int8_words=words)
+    assert cm.int8_words(blocks, d) == words  # the words path is the one taken
+    out = cm.cats_mlp_triton(x, *qs, t, blocks=blocks, scales=scales, norm=norm)
+    ref = cats_mlp_reference(x, *qs, t, scales=scales, norm=norm)
+    if sparsity == 1:
+        assert (out == 0).all()
+    else:
+        assert rel_err(out, ref) < CATS_TOL[torch.bfloat16]
+        as_bytes = cm.cats_mlp_triton(x, *qs, t, blocks=WORDS_TILES, scales=scales, norm=norm, fp32_out=True)
+        assert rel_err(cm.cats_mlp_triton(x, *qs, t, blocks=blocks, scales=scales, norm=norm, fp32_out=True),
+                       as_bytes) < INT8_F32_TOL
+
+
+def test_int8_words_only_where_the_tiles_fit():
+    blocks = dataclasses.replace(WORDS_TILES, int8_words=2)
+    assert cm.int8_words(blocks, 64) == 2
+    assert cm.int8_words(blocks, 72) == 0  # up's 32 columns do not divide 72
+    assert cm.int8_words(dataclasses.replace(blocks, sub=6), 64) == 0  # runs of 6: not whole words
+    assert cm.int8_words(dataclasses.replace(blocks, sub=0), 64) == 0  # no runs
+
+
+def test_int8_words_conversion_is_exact_for_every_value_and_position():
+    """int8_words_to_f32_offset (the interpreter's path; the GPU's is the permutes checked above):
+    byte k of a word comes back as OFFSET + b in output k, for every int8 b."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def convert(words_ptr, out_ptr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        b0, b1, b2, b3 = tiles.int8_words_to_f32_offset(tl.load(words_ptr + i))
+        tl.store(out_ptr + i, b0)
+        tl.store(out_ptr + N + i, b1)
+        tl.store(out_ptr + 2 * N + i, b2)
+        tl.store(out_ptr + 3 * N + i, b3)
+
+    b = torch.arange(-128, 128, dtype=torch.int8)
+    byte_rows = torch.stack([b, b.roll(1), b.roll(2), b.roll(3)], dim=1)  # word j's bytes: 4 different values
+    words = byte_rows.contiguous().view(torch.int32).flatten()
+    out = torch.empty(4, 256, dtype=torch.float32)
+    out = out.to(DEV)
+    convert[(1,)](words.to(DEV), out, N=256)
+    assert torch.equal(out.cpu() - tiles.OFFSET.value, byte_rows.t().float())
+
+
 def test_int8_cats_reference_is_dequantized_float_mlp():
     x, qs, scales = _int8_mlp(3, 24, 50, torch.float32, seed=2)
     t = int8_threshold(x, qs, scales, 0.5)
