@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 14's measurements in one device call: checks, attention timings, the per-layer profile
-# before/after, the W_o GEMV question, then the bench rows. Usage: scripts/gpu_issue14.sh [STEP...]
+# Issues 14's and 13's measurements in one device call: checks, attention timings, the per-layer
+# profile before/after, the W_o GEMV question, the bench rows; for issue 13 the int8 launch floor in
+# parts (floor_int8) and the int8 word tiles (words). Usage: scripts/gpu_issue14.sh [STEP...]
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -26,6 +27,10 @@ for s in "${@:-checks attention profile bench}"; do
       bench) step bench_llama 300 python3 bench.py --preset llama-2-7b --sparsity 0 0.5 0.7 --new-tokens 256 --repeats 5 --json "$OUT/llama-2-7b.json" ;;
       bench_int8) step bench_int8 300 python3 bench.py --preset llama-2-7b --quantize int8 --sparsity 0 0.5 0.7 --new-tokens 256 --repeats 5 --json "$OUT/llama-2-7b-int8.json" ;;
       sparse) step sparse 200 python3 scripts/gpu_sparse.py ;;
+      floor_int8) step floor_int8 200 python3 scripts/gpu_launch_floor.py --int8 ;;
+      words) step words 300 python3 scripts/gpu_sparse.py --weights int8 --try int8_words=1 int8_words=2 \
+          gate_d=256,int8_words=2 gate_d=256,up_d=256,up_steps=8,int8_words=2 gate_f=8,int8_words=2 \
+          gate_warps=8,int8_words=2 down_words=1 down_words=2 gate_d=256,int8_words=2,down_words=2 ;;
       bench_mistral) step bench_mistral 300 python3 bench.py --preset mistral-7b --sparsity 0 0.5 0.7 --new-tokens 256 --repeats 5 --json "$OUT/mistral-7b.json" ;;
     esac
   done

@@ -4,7 +4,13 @@ rows x columns x steps bf16 weights (like the CATS and GEMV launches' tiles) and
 at several sizes, as CUDA-graph replays reading fresh memory every call (L2 holds none of it);
 time = intercept + bytes / rate is fitted over the sizes. The intercept is the launch's fixed
 cost (start, ramp, drain), the rate its streaming bandwidth.
-    python3 scripts/gpu_launch_floor.py"""
+--int8: the int8 CATS launches' work, part by part, at the bytes they read at s = 0.5 and 0.7, on
+tiles of the gate's and the up launch's shapes (rows of D = columns x steps): the words streamed
+with an integer sum (the floor with int8 data); then each row times x as the gate does it (one
+token, the norm's x * g and squares, the offset conversion, runs of 16: tiles.rows_times_x1); the
+same on int32 words (rows_times_x1_words); and on words a step ahead. Against the CATS launches'
+own times (gpu_sparse), the differences split a launch's time above the floor into its parts.
+    python3 scripts/gpu_launch_floor.py [--int8]"""
 import sys
 from pathlib import Path
 
@@ -14,6 +20,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, as for bench.py
 from catsgen.kernels.bench import graph_time_us  # noqa: E402
+from catsgen.kernels.tiles import OFFSET_INT8, rows_times_x1, rows_times_x1_words  # noqa: E402
 
 MB = 2**20
 SIZES_MB = (2, 8, 16, 32, 48, 64, 90)
@@ -33,6 +40,81 @@ def _stream(src_ptr, out_ptr, ROWS: tl.constexpr, COLS: tl.constexpr, STEPS: tl.
     tl.store(out_ptr + pid, tl.sum(acc))  # one store a program, so the loads are not dead code
 
 
+# --int8: (warps, rows, columns, steps) of the gate launch (the model's and a narrower one) and of
+# the up launch; the work modes; the bytes the launches read at s = 0.5 (gate 43 MiB, up 21.5)
+# and s = 0.7 (up 12.9)
+INT8_SHAPES = ((4, 16, 512, 8), (4, 16, 256, 16), (2, 8, 512, 4))
+INT8_MODES = ("stream", "bytes", "words", "words ahead")
+INT8_SIZES_MB = (12.9, 21.5, 43.0)
+
+
+@triton.jit
+def _int8_rows(w_ptr, x_ptr, g_ptr, out_ptr, D, ROWS: tl.constexpr, COLS: tl.constexpr, MODE: tl.constexpr):
+    """Row sums of ROWS rows of an int8 [n, D] matrix: MODE 0 the words summed as integers, else
+    rows times x (norm folded in, runs of 16) on bytes (1), words (2), words a step ahead (3)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    all_rows = rows >= 0
+    if MODE == 0:
+        tile = w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (D // 4) + tl.arange(0, COLS // 4)[None, :]
+        acc = tl.zeros([ROWS, COLS // 4], tl.int32)
+        for k in range(0, D, COLS):
+            acc += tl.load(tile + k // 4, eviction_policy="evict_first")
+        y = tl.sum(acc, axis=1).to(tl.float32)
+    elif MODE == 1:
+        y, _ = rows_times_x1(w_ptr, x_ptr, rows, all_rows, D, 0, D, ROWS, COLS, True, OFFSET_INT8, g_ptr, True, 16)
+    else:
+        y, _ = rows_times_x1_words(w_ptr, x_ptr, rows, all_rows, D, 0, D, ROWS, COLS, g_ptr, True, 16, MODE == 3)
+    tl.store(out_ptr + rows, y)
+
+
+def int8_rows(w, x, g, out, shape, mode):
+    warps, rows, cols, _ = shape
+    _int8_rows[(w.shape[0] // rows,)](w, x, g, out, w.shape[1], ROWS=rows, COLS=cols, MODE=mode, num_warps=warps)
+
+
+def check_int8_rows(device):
+    """Each mode's row sums against torch, at a small shape (also runs under the interpreter)."""
+    gen = torch.Generator().manual_seed(0)
+    for shape in INT8_SHAPES:
+        _, rows, cols, steps = shape
+        w = torch.randint(-127, 128, (2 * rows, cols * steps), generator=gen, dtype=torch.int8)
+        x, g = torch.randn(cols * steps, generator=gen), torch.rand(cols * steps, generator=gen) + 0.5
+        x, g = x.to(torch.bfloat16), g.to(torch.bfloat16)
+        word_sums = w.view(torch.int32).sum(1, dtype=torch.int64)
+        want = {0: ((word_sums + 2**31) % 2**32 - 2**31).double(),  # the kernel's int32 sums wrap
+                1: w.double() @ (x.double() * g.double())}
+        out = torch.empty(2 * rows, device=device)
+        for mode in range(len(INT8_MODES)):
+            int8_rows(w.to(device), x.to(device), g.to(device), out, shape, mode)
+            ref = want[min(mode, 1)]
+            err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
+            if not err < (1e-6 if mode == 0 else 3e-4):
+                raise AssertionError(f"int8 {INT8_MODES[mode]} {shape}: rel_err {err:.2e}")
+
+
+def int8_parts():
+    check_int8_rows("cuda")
+    total = int(FOOTPRINT_MB * MB)
+    buf = torch.randint(-127, 128, (total,), device="cuda", dtype=torch.int8)
+    out = torch.empty(2**20, device="cuda", dtype=torch.float32)
+    for shape in INT8_SHAPES:
+        warps, rows, cols, steps = shape
+        D = cols * steps
+        x = torch.randn(D, device="cuda", dtype=torch.bfloat16)
+        g = torch.rand(D, device="cuda", dtype=torch.bfloat16) + 0.5
+        for size_mb in INT8_SIZES_MB:
+            n_rows = int(size_mb * MB) // D // rows * rows
+            n_calls = total // (n_rows * D)
+            mats = [buf[i * n_rows * D:(i + 1) * n_rows * D].view(n_rows, D) for i in range(n_calls)]
+            times = []
+            for mode in range(len(INT8_MODES)):
+                us = graph_time_us(lambda: [int8_rows(m, x, g, out, shape, mode) for m in mats], calls=1,
+                                   replays=15) / n_calls
+                times.append(f"{INT8_MODES[mode]} {us:6.2f}")
+            print(f"int8 warps {warps} tile {rows}x{cols} x {steps} steps, {size_mb:4.1f} MB "
+                  f"({n_rows // rows} programs): " + ", ".join(times) + " us", flush=True)
+
+
 def launch_us(buf, out, shape, size_mb):
     warps, rows, cols, steps = shape
     per_program = rows * cols * steps  # elements
@@ -46,6 +128,9 @@ def launch_us(buf, out, shape, size_mb):
 
 
 def main():
+    if "--int8" in sys.argv[1:]:
+        print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
+        return int8_parts()
     buf = torch.randn(FOOTPRINT_MB * MB // 2, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(2**20, device="cuda", dtype=torch.float32)
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)

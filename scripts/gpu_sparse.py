@@ -227,7 +227,11 @@ def main():
                     call(case, cfg, s, 0), call(case, cfg, s, 1)
                 torch.cuda.synchronize()
                 continue
-            report(f"{weights} {tag}", case, cfg)
+            try:  # one variant the compiler refuses, or a wrong one, does not end the others' run
+                report(f"{weights} {tag}", case, cfg)
+            except Exception as e:
+                print(f"{weights} {tag}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
             if a.sweep and tag == "model":
                 report(f"{weights} {tag} swept", case, sweep(case, cfg))
         del case

@@ -73,7 +73,7 @@ def launch_all(D=256, F=512):
         if B == 1:  # int8 tiles as words (Blocks.int8_words), with tiles that divide the test's D
             fit = {} if D % 2048 == 0 else dict(gate_d=128, up_d=128, up_steps=2)
             for words in (1, 2):
-                blocks = dataclasses.replace(cm.INT8_B1_BLOCKS, int8_words=words, **fit)
+                blocks = dataclasses.replace(cm.INT8_B1_BLOCKS, int8_words=words, down_words=words, **fit)
                 cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm, blocks=blocks)
         gm.int8_gemv_triton(x, q8[0], scales[0])
         gm.gemv_triton(x, torch.randn(D, D, **bf16), residual=torch.randn(B, D, **bf16))
@@ -84,7 +84,7 @@ def launch_all(D=256, F=512):
 def record_all(D=256, F=512):
     """Every decode kernel's launches by its host code, into `launches` (nothing runs)."""
     for module, names in ((da, ["_split_kernel"]),
-                          (cm, ["_gate_kernel", "_up_kernel", "_down_kernel", "_down1_kernel"]),
+                          (cm, ["_gate_kernel", "_up_kernel", "_down_kernel", "_down1_kernel", "_down1_words_kernel"]),
                           (gm, ["_gemv_kernel"])):
         for name in names:
             record(getattr(module, name), module.__name__.rsplit(".", 1)[1])

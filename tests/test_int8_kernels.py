@@ -152,38 +152,41 @@ def test_int8_cats_mlp_matches_reference(poisoned_scratch, dtype, B, sparsity, d
         assert rel_err(out, ref) < CATS_TOL[dtype]
 
 
-WORDS_TILES = dataclasses.replace(SMALL_FMA, sub=8)  # whole runs of whole words; 2 gate and 2 up steps at d = 64
+WORDS_TILES = dataclasses.replace(SMALL_FMA, sub=8, down_fold=4)  # whole runs of whole words; 2 steps a launch at d = 64
 
 
 @pytest.mark.parametrize("sparsity", [0, 0.4, 1])
-@pytest.mark.parametrize("words", [1, 2])
+@pytest.mark.parametrize("words", [dict(int8_words=1), dict(int8_words=2), dict(down_words=1), dict(down_words=2),
+                                   dict(down_words=2, down_fold=0)])
 def test_int8_cats_mlp_words_match_reference(poisoned_scratch, sparsity, words):
-    """One token, the block's norm folded in, the gate and up tiles loaded as int32 words
-    (Blocks.int8_words; 2: a step ahead): the reference's result, and the byte tiles' to fp32 rounding."""
+    """One token, the block's norm folded in, tiles loaded as int32 words (Blocks.int8_words: the
+    gate and up launches, down_words: the down launch; 2: a step ahead): the reference's result,
+    and the byte tiles' to fp32 rounding."""
     d, f = 64, 150  # f: a last gate program with rows past the matrix
-    x, qs, scales = _int8_mlp(1, d, f, torch.bfloat16, seed=words)
+    x, qs, scales = _int8_mlp(1, d, f, torch.bfloat16, seed=len(str(words)))
     norm = (torch.rand(d, generator=torch.Generator().manual_seed(5)).to(DEV, torch.bfloat16) + 0.5, 1e-5)
-    xn = cm.rms_norm_reference(x, *norm)
-    t = int8_threshold(xn, qs, scales, sparsity)
-    blocks = dataclasses.replace(WORDS_TILES, int8_words=words)
-    assert cm.int8_words(blocks, d) == words  # the words path is the one taken
+    t = int8_threshold(cm.rms_norm_reference(x, *norm), qs, scales, sparsity)
+    blocks = dataclasses.replace(WORDS_TILES, **words)
+    assert cm.int8_words(blocks, d) == (blocks.int8_words, blocks.down_words)  # the words paths are taken
     out = cm.cats_mlp_triton(x, *qs, t, blocks=blocks, scales=scales, norm=norm)
     ref = cats_mlp_reference(x, *qs, t, scales=scales, norm=norm)
     if sparsity == 1:
         assert (out == 0).all()
     else:
         assert rel_err(out, ref) < CATS_TOL[torch.bfloat16]
-        as_bytes = cm.cats_mlp_triton(x, *qs, t, blocks=WORDS_TILES, scales=scales, norm=norm, fp32_out=True)
+        as_bytes = dataclasses.replace(blocks, int8_words=0, down_words=0)
         assert rel_err(cm.cats_mlp_triton(x, *qs, t, blocks=blocks, scales=scales, norm=norm, fp32_out=True),
-                       as_bytes) < INT8_F32_TOL
+                       cm.cats_mlp_triton(x, *qs, t, blocks=as_bytes, scales=scales, norm=norm, fp32_out=True)) \
+            < INT8_F32_TOL
 
 
 def test_int8_words_only_where_the_tiles_fit():
-    blocks = dataclasses.replace(WORDS_TILES, int8_words=2)
-    assert cm.int8_words(blocks, 64) == 2
-    assert cm.int8_words(blocks, 72) == 0  # up's 32 columns do not divide 72
-    assert cm.int8_words(dataclasses.replace(blocks, sub=6), 64) == 0  # runs of 6: not whole words
-    assert cm.int8_words(dataclasses.replace(blocks, sub=0), 64) == 0  # no runs
+    blocks = dataclasses.replace(WORDS_TILES, int8_words=2, down_words=1)
+    assert cm.int8_words(blocks, 64) == (2, 1)
+    assert cm.int8_words(blocks, 72) == (0, 0)  # up's 32 columns do not divide 72, nor do down's 16 columns
+    assert cm.int8_words(blocks, 48) == (0, 1)  # 48: down's 16 columns divide it, up's 32 do not
+    assert cm.int8_words(dataclasses.replace(blocks, sub=6), 64) == (0, 1)  # runs of 6: not whole words
+    assert cm.int8_words(dataclasses.replace(blocks, sub=0), 64) == (0, 1)  # no runs
 
 
 def test_int8_words_conversion_is_exact_for_every_value_and_position():
