@@ -41,8 +41,9 @@ try:
     import triton
     import triton.language as tl
 
-    from .tiles import (OFFSET, OFFSET_INT8, PLAIN, as_f32, as_operand, dot, int8_words_to_f32_offset, rows_times_x,
-                       rows_times_x1, rows_times_x1_words, rsqrt_mean)
+    from .down_words import down1_words_kernel
+    from .tiles import (OFFSET, OFFSET_INT8, PLAIN, as_f32, as_operand, dot, rows_times_x, rows_times_x1,
+                       rows_times_x1_words, rsqrt_mean)
 except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
     triton = None
 
@@ -256,74 +257,6 @@ if triton is not None:
             tl.atomic_add(y_acc_ptr + cols, y, mask=col_ok, sem="relaxed")
 
 
-    @triton.jit
-    def _row_groups(t, BLOCK_R: tl.constexpr, ACC_ROWS: tl.constexpr):
-        """t [BLOCK_R, N] summed over the rows r = a * ACC_ROWS + b for each b: [ACC_ROWS, N]."""
-        if ACC_ROWS < BLOCK_R:
-            return tl.sum(tl.reshape(t, [BLOCK_R // ACC_ROWS, ACC_ROWS, t.shape[1]]), axis=0)
-        else:
-            return t
-
-    @triton.jit
-    def _h_and_words(v_ptr, u_acc_ptr, tile, rows, slots, ok, r, D):
-        """A step's (v u / rms) [BLOCK_R] and its rows of W_down^T as int32 words."""
-        h = tl.load(v_ptr + rows, mask=ok, other=0.0) * (tl.load(u_acc_ptr + slots, mask=ok, other=0.0) * r)
-        return h, tl.load(tile + rows[:, None] * (D // 4), mask=ok[:, None], other=0, eviction_policy="evict_first")
-
-    @triton.jit
-    def _down1_words_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, sd_ptr, y_acc_ptr, D, F, N_COLS, r_ptr,
-                            BLOCK_R: tl.constexpr, STEPS: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr,
-                            FOLD: tl.constexpr, AHEAD: tl.constexpr):
-        """_down1_kernel for int8 W_down^T loaded as int32 words (Blocks.down_words; whole columns):
-        four accumulators, one a byte position of the words, joined into columns at the end.
-        AHEAD: each step's rows and h are loaded a step early (the list's entries two steps early),
-        so the next step's bytes are in flight while this step's are multiplied."""
-        item = tl.program_id(0)
-        slots = (item // N_COLS) * (BLOCK_R * STEPS) + tl.arange(0, BLOCK_R)
-        rows = tl.load(idx_ptr + slots, mask=slots < F, other=0)  # as _down1_kernel: stale past the length
-        n_active = tl.minimum(tl.load(count_ptr + 1), F)
-        if item == 0:
-            tl.store(count_ptr, 0)  # the list is empty again for the next call's gate launch
-        if item < tl.cdiv(n_active, BLOCK_R * STEPS) * N_COLS:
-            WORDS: tl.constexpr = BLOCK_D // 4
-            ACC_ROWS: tl.constexpr = FOLD if FOLD > 0 and BLOCK_R % max(FOLD, 1) == 0 else BLOCK_R
-            cols = (item % N_COLS) * BLOCK_D + tl.arange(0, BLOCK_D)
-            tile = wd_ptr.to(tl.pointer_type(tl.int32)) + (item % N_COLS) * WORDS + tl.arange(0, WORDS)[None, :]
-            r = 1.0
-            if NORM:  # the norm's 1 / rms (see _down_kernel)
-                r = tl.load(r_ptr)
-            s_cols = tl.load(sd_ptr + cols)  # W_down's output-channel scales, before the loop
-            acc0 = tl.zeros([ACC_ROWS, WORDS], tl.float32)
-            acc1, acc2, acc3 = acc0, acc0, acc0
-            ok = slots < n_active
-            if AHEAD:  # the first step's h and words, then the second step's list entries
-                h, w = _h_and_words(v_ptr, u_acc_ptr, tile, rows, slots, ok, r, D)
-                slots += BLOCK_R
-                ok = slots < n_active
-                rows = tl.load(idx_ptr + slots, mask=ok, other=0)
-            for step in range(STEPS):
-                if AHEAD:
-                    h_ahead, w_ahead = _h_and_words(v_ptr, u_acc_ptr, tile, rows, slots, ok, r, D)
-                else:
-                    h, w = _h_and_words(v_ptr, u_acc_ptr, tile, rows, slots, ok, r, D)
-                slots += BLOCK_R  # the next step's entries, loaded while this step's rows arrive
-                ok = slots < n_active
-                rows = tl.load(idx_ptr + slots, mask=ok, other=0)
-                b0, b1, b2, b3 = int8_words_to_f32_offset(w)
-                offset = OFFSET * _row_groups(h[:, None], BLOCK_R, ACC_ROWS)  # the conversion's, per row group
-                acc0 += _row_groups(b0 * h[:, None], BLOCK_R, ACC_ROWS) - offset
-                acc1 += _row_groups(b1 * h[:, None], BLOCK_R, ACC_ROWS) - offset
-                acc2 += _row_groups(b2 * h[:, None], BLOCK_R, ACC_ROWS) - offset
-                acc3 += _row_groups(b3 * h[:, None], BLOCK_R, ACC_ROWS) - offset
-                if AHEAD:
-                    h, w = h_ahead, w_ahead
-            # column 4j + 2a + b is [j, a, b] of the joined sums (byte position 2a + b of word j)
-            y02 = tl.join(tl.sum(acc0, axis=0), tl.sum(acc2, axis=0))
-            y13 = tl.join(tl.sum(acc1, axis=0), tl.sum(acc3, axis=0))
-            y = tl.reshape(tl.join(y02, y13), [BLOCK_D])
-            tl.atomic_add(y_acc_ptr + cols, y * s_cols, sem="relaxed")
-
-
 @dataclass(frozen=True)
 class Blocks:
     """Tile sizes (rows x columns per step), steps per program, warps, pipeline depth.
@@ -334,7 +267,7 @@ class Blocks:
     _down1_kernel's FOLD; down_warps: its warps (0: warps, as up). int8_words (int8, fma_at_b1;
     where the tiles divide D and sub is a multiple of 4, else 0): the gate and up launches load
     their tiles as int32 words (tiles.rows_times_x1_words), 2 = each step's words a step ahead;
-    down_words likewise for the one-token int8 down launch (_down1_words_kernel; columns dividing D)."""
+    down_words likewise for the one-token int8 down launch (down1_words_kernel; columns dividing D)."""
     gate_f: int = 64
     gate_d: int = 128
     gate_warps: int = 4
@@ -445,7 +378,7 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
         WORDS=words, num_warps=cfg.warps, num_stages=cfg.stages)
     if down_words:  # as _down1_kernel below, on words
         n_down = D // cfg.down_d
-        _down1_words_kernel[(n_down * triton.cdiv(F, cfg.down_r * cfg.down_steps),)](
+        down1_words_kernel[(n_down * triton.cdiv(F, cfg.down_r * cfg.down_steps),)](
             v, u_acc, idx, count, w_down_t, s_down, y_acc, D, F, n_down, r, BLOCK_R=cfg.down_r, STEPS=cfg.down_steps,
             BLOCK_D=cfg.down_d, NORM=norm is not None, FOLD=cfg.down_fold, AHEAD=down_words == 2,
             num_warps=cfg.down_warps or cfg.warps, num_stages=cfg.stages)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issues 14's and 13's measurements in one device call: checks, attention timings, the per-layer
 # profile before/after, the W_o GEMV question, the bench rows; for issue 13 the int8 launch floor in
-# parts (floor_int8) and the int8 word tiles (words). Usage: scripts/gpu_issue14.sh [STEP...]
+# parts (floor_int8), the int8 word tiles (words) and, for the tiles in $TILES, the model A/B in one
+# process (tiles_ab). Usage: scripts/gpu_issue14.sh [STEP...]
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -31,6 +32,7 @@ for s in "${@:-checks attention profile bench}"; do
       words) step words 300 python3 scripts/gpu_sparse.py --weights int8 --try int8_words=1 int8_words=2 \
           gate_d=256,int8_words=2 gate_d=256,up_d=256,up_steps=8,int8_words=2 gate_f=8,int8_words=2 \
           gate_warps=8,int8_words=2 down_words=1 down_words=2 gate_d=256,int8_words=2,down_words=2 ;;
+      tiles_ab) step tiles_ab 580 python3 scripts/gpu_tiles_ab.py --quantize int8 --try $TILES ;;  # TILES="f=1,g=2 ..." 
       bench_mistral) step bench_mistral 300 python3 bench.py --preset mistral-7b --sparsity 0 0.5 0.7 --new-tokens 256 --repeats 5 --json "$OUT/mistral-7b.json" ;;
     esac
   done
