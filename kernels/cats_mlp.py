@@ -80,7 +80,7 @@ if triton is not None:
                      g_ptr, r_ptr, eps,
                      T_PER_ROW: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, ZBLOCK: tl.constexpr,
                      DOT_F32: tl.constexpr, INT8: tl.constexpr, FMA: tl.constexpr, EVEN: tl.constexpr,
-                     NORM: tl.constexpr, SUB: tl.constexpr, WORDS: tl.constexpr):
+                     NORM: tl.constexpr, SUB: tl.constexpr, WORDS: tl.constexpr, LANES: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCK_F + tl.arange(0, BLOCK_F)
         row_ok = rows < F
@@ -94,7 +94,7 @@ if triton is not None:
             t = tl.load(t_ptr)
         if FMA and WORDS > 0:  # one token, int8 tiles as words (Blocks.int8_words)
             g1, squares1 = rows_times_x1_words(wg_ptr, x_ptr, rows, row_ok, D, 0, D, BLOCK_F, BLOCK_D, g_ptr, NORM,
-                                               SUB, WORDS == 2)
+                                               SUB, WORDS == 2, LANES)
             g = tl.where(toks[None, :] == 0, g1[:, None], 0.0)
             squares = tl.where(toks == 0, squares1, 0.0)
         elif FMA:  # one token: fp32 FMA, no padding to 16 tokens
@@ -141,7 +141,8 @@ if triton is not None:
     @triton.jit
     def _up_kernel(x_ptr, wu_ptr, su_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS, g_ptr,
                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, INT8: tl.constexpr,
-                   FMA: tl.constexpr, EVEN: tl.constexpr, NORM: tl.constexpr, SUB: tl.constexpr, WORDS: tl.constexpr):
+                   FMA: tl.constexpr, EVEN: tl.constexpr, NORM: tl.constexpr, SUB: tl.constexpr, WORDS: tl.constexpr,
+                   LANES: tl.constexpr):
         item = tl.program_id(0)
         slots, rows, ok, n_active, n_items = _list_entries(idx_ptr, count_ptr, item, F, N_COLS, BLOCK_R)
         if item == 0:
@@ -157,7 +158,7 @@ if triton is not None:
                 CONVERT: tl.constexpr = OFFSET_INT8 if INT8 else PLAIN
                 if WORDS > 0:
                     acc1, _ = rows_times_x1_words(wu_ptr, x_ptr, rows, ok, D, c0, c1, BLOCK_R, BLOCK_D, g_ptr, NORM,
-                                                  SUB, WORDS == 2)
+                                                  SUB, WORDS == 2, LANES)
                 else:
                     acc1, _ = rows_times_x1(wu_ptr, x_ptr, rows, ok, D, c0, c1, BLOCK_R, BLOCK_D, EVEN, CONVERT,
                                             g_ptr, NORM, SUB)
@@ -267,6 +268,7 @@ class Blocks:
     _down1_kernel's FOLD; down_warps: its warps (0: warps, as up). int8_words (int8, fma_at_b1;
     where the tiles divide D and sub is a multiple of 4, else 0): the gate and up launches load
     their tiles as int32 words (tiles.rows_times_x1_words), 2 = each step's words a step ahead;
+    word_lanes = 1: those words one a lane, not four (rows_times_x1_words' LANES);
     down_words likewise for the one-token int8 down launch (down1_words_kernel; columns dividing D)."""
     gate_f: int = 64
     gate_d: int = 128
@@ -285,6 +287,7 @@ class Blocks:
     down_fold: int = 0
     down_warps: int = 0
     int8_words: int = 0
+    word_lanes: int = 0
     down_words: int = 0
 
 
@@ -369,13 +372,14 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
                             T_PER_ROW=threshold.numel() > 1, BLOCK_F=cfg.gate_f, BLOCK_D=cfg.gate_d,
                             ZBLOCK=triton.next_power_of_2(triton.cdiv(B * (F + D), n_gate)),
                             DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % cfg.gate_d == 0, NORM=norm is not None,
-                            SUB=cfg.sub, WORDS=words, num_warps=cfg.gate_warps, num_stages=cfg.gate_stages)
+                            SUB=cfg.sub, WORDS=words, LANES=cfg.word_lanes > 0, num_warps=cfg.gate_warps,
+                            num_stages=cfg.gate_stages)
     up_cols, down_cols = cfg.up_d * cfg.up_steps, cfg.down_d * cfg.down_steps
     n_up, n_down = triton.cdiv(D, up_cols), triton.cdiv(D, down_cols)  # column ranges
     _up_kernel[(n_up * triton.cdiv(F, cfg.up_r),)](
         x, w_up, s_up, idx, count, u_acc, B, D, F, up_cols, n_up, g, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d,
         DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % up_cols == 0, NORM=norm is not None, SUB=cfg.sub,
-        WORDS=words, num_warps=cfg.warps, num_stages=cfg.stages)
+        WORDS=words, LANES=cfg.word_lanes > 0, num_warps=cfg.warps, num_stages=cfg.stages)
     if down_words:  # as _down1_kernel below, on words
         n_down = D // cfg.down_d
         down1_words_kernel[(n_down * triton.cdiv(F, cfg.down_r * cfg.down_steps),)](

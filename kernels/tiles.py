@@ -224,15 +224,21 @@ def _x_step(x_ptr, g_ptr, cols, NORM: tl.constexpr):
 
 @triton.jit
 def rows_times_x1_words(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-                        g_ptr, NORM: tl.constexpr, SUB: tl.constexpr, AHEAD: tl.constexpr):
+                        g_ptr, NORM: tl.constexpr, SUB: tl.constexpr, AHEAD: tl.constexpr, LANES: tl.constexpr):
     """rows_times_x1 for int8 weights through int8_words_to_f32_offset, with full columns (EVEN,
     D a multiple of 16) and runs (SUB a multiple of 4 dividing BLOCK_D): the tile is loaded as int32
     words, four weights a word, and the products of a word's four columns summed before the runs.
     AHEAD: each step's words are loaded a step early, so the next step's bytes are in flight while
-    this step's are multiplied (two tiles of registers)."""
+    this step's are multiplied (two tiles of registers). LANES: one word a lane, not four (32-bit
+    loads; runs of one word): the warps then split the columns, and each thread's x is the four
+    columns of its own word, where vector loads need x moved between warps through shared memory
+    every step (barriers; SASS: scripts/sass_report.py)."""
     WORDS: tl.constexpr = BLOCK_D // 4
-    RUN: tl.constexpr = SUB // 4  # words a run
-    tile = w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (D // 4) + tl.arange(0, WORDS)[None, :]
+    RUN: tl.constexpr = 1 if LANES else SUB // 4  # words a run
+    cols_w = tl.arange(0, WORDS)
+    if LANES:  # a condition the compiler cannot decide hides the words' contiguity: no vector loads
+        cols_w = tl.where(cols_w < D, cols_w, 0)
+    tile = w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (D // 4) + cols_w[None, :]
     acc = tl.zeros([BLOCK_F, WORDS // RUN], tl.float32)
     squares = tl.zeros([BLOCK_D], tl.float32)
     if AHEAD:
@@ -249,11 +255,17 @@ def rows_times_x1_words(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl
         x0, x2 = tl.split(x02)
         x1, x3 = tl.split(x13)
         b0, b1, b2, b3 = int8_words_to_f32_offset(words)
-        products = b0 * x0[None, :] + b1 * x1[None, :] + b2 * x2[None, :] + b3 * x3[None, :]
-        run_sums = tl.sum(tl.reshape(products, [BLOCK_F, WORDS // RUN, RUN]), axis=2)
-        # the offset's share, once a run: OFFSET x (the run's sum of x)
-        run_sums -= OFFSET * tl.sum(tl.reshape(x0 + x1 + x2 + x3, [WORDS // RUN, RUN]), axis=1)[None, :]
-        acc += run_sums
+        if LANES:  # a word's products, the offset's share (OFFSET x, the word's sum of x) taken off first
+            products = b0 * x0[None, :] - ((x0 + x1 + x2 + x3) * OFFSET)[None, :]
+            products = tl.fma(b1, x1[None, :], products)
+            products = tl.fma(b2, x2[None, :], products)
+            acc += tl.fma(b3, x3[None, :], products)
+        else:
+            products = b0 * x0[None, :] + b1 * x1[None, :] + b2 * x2[None, :] + b3 * x3[None, :]
+            run_sums = tl.sum(tl.reshape(products, [BLOCK_F, WORDS // RUN, RUN]), axis=2)
+            # the offset's share, once a run: OFFSET x (the run's sum of x)
+            run_sums -= OFFSET * tl.sum(tl.reshape(x0 + x1 + x2 + x3, [WORDS // RUN, RUN]), axis=1)[None, :]
+            acc += run_sums
         if AHEAD:
             words = ahead
     return tl.sum(acc, axis=1), tl.sum(squares, axis=0)

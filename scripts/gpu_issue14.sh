@@ -29,9 +29,12 @@ for s in "${@:-checks attention profile bench}"; do
       bench_int8) step bench_int8 300 python3 bench.py --preset llama-2-7b --quantize int8 --sparsity 0 0.5 0.7 --new-tokens 256 --repeats 5 --json "$OUT/llama-2-7b-int8.json" ;;
       sparse) step sparse 200 python3 scripts/gpu_sparse.py ;;
       floor_int8) step floor_int8 200 python3 scripts/gpu_launch_floor.py --int8 ;;
-      words) step words 300 python3 scripts/gpu_sparse.py --weights int8 --try int8_words=1 int8_words=2 \
-          gate_d=256,int8_words=2 gate_d=256,up_d=256,up_steps=8,int8_words=2 gate_f=8,int8_words=2 \
-          gate_warps=8,int8_words=2 down_words=1 down_words=2 gate_d=256,int8_words=2,down_words=2 ;;
+      words) step words 400 python3 scripts/gpu_sparse.py --weights int8 --try int8_words=1 \
+          gate_d=256,int8_words=2 gate_f=8,int8_words=2 down_words=1 down_words=2 \
+          gate_f=8,gate_d=256,gate_warps=2,up_d=256,up_steps=8,int8_words=1,word_lanes=1 \
+          gate_f=8,gate_d=256,gate_warps=2,up_d=256,up_steps=8,int8_words=2,word_lanes=1 \
+          gate_f=8,gate_d=128,gate_warps=1,up_r=4,up_d=128,up_steps=16,warps=1,int8_words=2,word_lanes=1 \
+          gate_f=8,gate_d=256,gate_warps=2,up_d=256,up_steps=8,int8_words=2,word_lanes=1,down_words=2 ;;
       tiles_ab) step tiles_ab 580 python3 scripts/gpu_tiles_ab.py --quantize int8 --try $TILES ;;  # TILES="f=1,g=2 ..." 
       bench_mistral) step bench_mistral 300 python3 bench.py --preset mistral-7b --sparsity 0 0.5 0.7 --new-tokens 256 --repeats 5 --json "$OUT/mistral-7b.json" ;;
     esac

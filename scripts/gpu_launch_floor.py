@@ -8,8 +8,9 @@ cost (start, ramp, drain), the rate its streaming bandwidth.
 tiles of the gate's and the up launch's shapes (rows of D = columns x steps): the words streamed
 with an integer sum (the floor with int8 data); then each row times x as the gate does it (one
 token, the norm's x * g and squares, the offset conversion, runs of 16: tiles.rows_times_x1); the
-same on int32 words (rows_times_x1_words); and on words a step ahead. Against the CATS launches'
-own times (gpu_sparse), the differences split a launch's time above the floor into its parts.
+same on int32 words (rows_times_x1_words), a step ahead, one a lane, one a lane a step ahead.
+Against the CATS launches' own times (gpu_sparse), the differences split a launch's time above the
+floor into its parts.
     python3 scripts/gpu_launch_floor.py [--int8]"""
 import sys
 from pathlib import Path
@@ -40,18 +41,19 @@ def _stream(src_ptr, out_ptr, ROWS: tl.constexpr, COLS: tl.constexpr, STEPS: tl.
     tl.store(out_ptr + pid, tl.sum(acc))  # one store a program, so the loads are not dead code
 
 
-# --int8: (warps, rows, columns, steps) of the gate launch (the model's and a narrower one) and of
-# the up launch; the work modes; the bytes the launches read at s = 0.5 (gate 43 MiB, up 21.5)
-# and s = 0.7 (up 12.9)
-INT8_SHAPES = ((4, 16, 512, 8), (4, 16, 256, 16), (2, 8, 512, 4))
-INT8_MODES = ("stream", "bytes", "words", "words ahead")
+# --int8: (warps, rows, columns, steps) of the gate and the up launch, the model's tiles and those
+# with a lane for each word of a step (word_lanes); the work modes; the bytes the launches read at
+# s = 0.5 (gate 43 MiB, up 21.5) and s = 0.7 (up 12.9)
+INT8_SHAPES = ((4, 16, 512, 8), (2, 8, 256, 16), (2, 8, 512, 4), (2, 8, 256, 8))
+INT8_MODES = ("stream", "bytes", "words", "words ahead", "lanes", "lanes ahead")
 INT8_SIZES_MB = (12.9, 21.5, 43.0)
 
 
 @triton.jit
 def _int8_rows(w_ptr, x_ptr, g_ptr, out_ptr, D, ROWS: tl.constexpr, COLS: tl.constexpr, MODE: tl.constexpr):
     """Row sums of ROWS rows of an int8 [n, D] matrix: MODE 0 the words summed as integers, else
-    rows times x (norm folded in, runs of 16) on bytes (1), words (2), words a step ahead (3)."""
+    rows times x (norm folded in, runs of 16) on bytes (1), words (2), words a step ahead (3), words
+    one a lane (4), and a step ahead (5)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     all_rows = rows >= 0
     if MODE == 0:
@@ -63,7 +65,8 @@ def _int8_rows(w_ptr, x_ptr, g_ptr, out_ptr, D, ROWS: tl.constexpr, COLS: tl.con
     elif MODE == 1:
         y, _ = rows_times_x1(w_ptr, x_ptr, rows, all_rows, D, 0, D, ROWS, COLS, True, OFFSET_INT8, g_ptr, True, 16)
     else:
-        y, _ = rows_times_x1_words(w_ptr, x_ptr, rows, all_rows, D, 0, D, ROWS, COLS, g_ptr, True, 16, MODE == 3)
+        y, _ = rows_times_x1_words(w_ptr, x_ptr, rows, all_rows, D, 0, D, ROWS, COLS, g_ptr, True, 16, MODE % 2 == 1,
+                                   MODE >= 4)
     tl.store(out_ptr + rows, y)
 
 

@@ -70,10 +70,13 @@ def launch_all(D=256, F=512):
         scales = (torch.rand(F), torch.rand(F), torch.rand(D))
         cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales)
         cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm)
-        if B == 1:  # int8 tiles as words (Blocks.int8_words), with tiles that divide the test's D
+        if B == 1:  # int8 tiles as words (Blocks.int8_words), with tiles that divide the test's D; one
+            # word a lane (word_lanes) with a lane for each word of a step (columns = 128 x warps)
             fit = {} if D % 2048 == 0 else dict(gate_d=128, up_d=128, up_steps=2)
-            for words in (1, 2):
-                blocks = dataclasses.replace(cm.INT8_B1_BLOCKS, int8_words=words, down_words=words, **fit)
+            lane_fit = dict(gate_f=8, gate_d=256, gate_warps=2, up_d=256, up_steps=8 if D % 2048 == 0 else 1)
+            for words, lanes in ((1, 0), (2, 0), (1, 1), (2, 1)):
+                blocks = dataclasses.replace(cm.INT8_B1_BLOCKS, int8_words=words, word_lanes=lanes, down_words=words,
+                                             **(lane_fit if lanes else fit))
                 cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm, blocks=blocks)
         gm.int8_gemv_triton(x, q8[0], scales[0])
         gm.gemv_triton(x, torch.randn(D, D, **bf16), residual=torch.randn(B, D, **bf16))

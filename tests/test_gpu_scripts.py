@@ -1,0 +1,81 @@
+"""The device scripts' CPU-checkable parts, so a device call is not spent finding a broken one:
+their checks against torch at small shapes (Triton's interpreter), the tile variants the next
+call's steps name (scripts/gpu_issue14.sh), and the model A/B's flow on a tiny model."""
+import dataclasses
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_path = list(sys.path)
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import gpu_launch_floor  # noqa: E402
+import gpu_sparse  # noqa: E402
+import gpu_tiles_ab  # noqa: E402
+
+# the scripts put the repository root first on sys.path, where kernels/ would shadow the package
+# transformers imports (conftest.py): the path as it was, with scripts/ after it
+sys.path[:] = _path + [str(ROOT / "scripts")]
+
+from catsgen import config  # noqa: E402
+from catsgen.kernels import prepare_workspaces  # noqa: E402
+from catsgen.settings import BenchSettings  # noqa: E402
+
+
+def step_variants(step: str) -> list[str]:
+    """The --try arguments of a step of scripts/gpu_issue14.sh."""
+    text = (ROOT / "scripts" / "gpu_issue14.sh").read_text().replace("\\\n", " ")
+    line = re.search(rf"^\s*{step}\) step .*$", text, re.M).group(0)
+    words = shlex.split(line.split(";;")[0])
+    return words[words.index("--try") + 1:]
+
+
+def test_int8_floor_kernels_match_torch():
+    gpu_launch_floor.check_int8_rows("cpu")  # raises on a mode whose row sums are wrong
+
+
+def test_words_step_variants_are_valid_and_correct(monkeypatch):
+    """Every tile variant of the `words` step: a known Blocks field, the word tiles it asks for
+    taken at a D its tiles divide, and the MLP's result the reference's (one token, norm folded in)."""
+    monkeypatch.setattr(gpu_sparse, "D", 2048)
+    monkeypatch.setattr(gpu_sparse, "FF", 48)
+    monkeypatch.setattr(gpu_sparse, "DEV", "cpu")
+    prepare_workspaces("cpu", 1, 1)
+    case = gpu_sparse.make_case("int8")
+    model = gpu_sparse.cm.pick_blocks(1, int8=True)
+    variants = step_variants("words")
+    assert len(variants) >= 5
+    for text in variants:
+        cfg = dataclasses.replace(model, **gpu_sparse.tile_changes(text))
+        for d in (4096, 2048):  # Llama-2-7B's D, and this test's
+            assert gpu_sparse.cm.int8_words(cfg, d) == (cfg.int8_words, cfg.down_words)
+        gpu_sparse.checked(case, cfg)
+
+
+def test_bad_tile_variant_is_an_argparse_error():
+    with pytest.raises(Exception, match="FIELD one of"):
+        gpu_sparse.tile_changes("int8_wordz=2")
+
+
+def test_tiles_ab_runs_every_variant_each_round(monkeypatch):
+    """The model A/B's flow on a tiny preset on the CPU: every (variant, sparsity) timed once a
+    round, dense once a round, and the variant's tiles the ones in force while it runs."""
+    tiny = dataclasses.replace(config.PRESETS["llama-2-7b"], dim=64, n_layers=2, n_heads=4, n_kv_heads=4,
+                               intermediate_size=160, vocab_size=320)
+    monkeypatch.setitem(config.PRESETS, "tiny", tiny)
+    monkeypatch.setattr(gpu_tiles_ab.cm, "INT8_B1_BLOCKS", gpu_tiles_ab.cm.INT8_B1_BLOCKS)  # restored after
+    seen = []
+    real = gpu_tiles_ab.decode_ms
+    monkeypatch.setattr(gpu_tiles_ab, "decode_ms", lambda *a: seen.append(gpu_tiles_ab.cm.INT8_B1_BLOCKS) or real(*a))
+    settings = BenchSettings(device="cpu", dtype="float32", quantize="int8", compile=False, new_tokens=3, repeats=1,
+                             prompt_len=8, max_seq_len=64)
+    model = gpu_tiles_ab.cm.INT8_B1_BLOCKS
+    variant = dataclasses.replace(model, int8_words=2)
+    times = gpu_tiles_ab.run(settings, "tiny", {"model": model, "words": variant}, rounds=2, sparsities=[0.5])
+    assert {k: len(v) for k, v in times.items()} == {("dense", 0.0): 2, ("model", 0.5): 2, ("words", 0.5): 2}
+    assert all(ms > 0 for v in times.values() for ms in v)
+    assert seen[1:3] == [model, variant] and seen[4:6] == [model, variant]  # seen[0], seen[3]: the dense runs
