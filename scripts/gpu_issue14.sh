@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issues 14's and 13's measurements in one device call: checks, attention timings, the per-layer
 # profile before/after, the W_o GEMV question, the bench rows; for issue 13 the int8 launch floor in
-# parts (floor_int8), the int8 word tiles (words) and, for the tiles in $TILES, the model A/B in one
-# process (tiles_ab). Usage: scripts/gpu_issue14.sh [STEP...]
+# parts (floor_int8), the int8 launches' SASS from the device's Triton (sass), the int8 word tiles
+# (words) and, for the tiles in $TILES, the model A/B in one process (tiles_ab).
+# Usage: scripts/gpu_issue14.sh [STEP...]
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -29,6 +30,7 @@ for s in "${@:-checks attention profile bench}"; do
       bench_int8) step bench_int8 300 python3 bench.py --preset llama-2-7b --quantize int8 --sparsity 0 0.5 0.7 --new-tokens 256 --repeats 5 --json "$OUT/llama-2-7b-int8.json" ;;
       sparse) step sparse 200 python3 scripts/gpu_sparse.py ;;
       floor_int8) step floor_int8 200 python3 scripts/gpu_launch_floor.py --int8 ;;
+      sass) step sass 150 python3 scripts/sass_report.py --model int8 B=1 NORM=True ;;  # the device's Triton
       words) step words 400 python3 scripts/gpu_sparse.py --weights int8 --try int8_words=1 \
           gate_d=256,int8_words=2 gate_f=8,int8_words=2 down_words=1 down_words=2 \
           gate_f=8,gate_d=256,gate_warps=2,up_d=256,up_steps=8,int8_words=1,word_lanes=1 \
