@@ -1,5 +1,7 @@
-"""What each decode kernel compiles to for an H100/H200 (sm_90), without a GPU: registers, spills
-and the instruction mix of its main loop, per launch that tests/hopper_compile.py records. A
+"""What each decode kernel compiles to for an H100/H200 (sm_90), without a GPU: registers, spills,
+the programs an SM its registers and warps allow and the waves its grid takes on 132 SMs (the
+sparse launches' grids have a program for every row; at sparsity s about 1 - s of them work), and
+the instruction mix of its main loop, per launch that tests/hopper_compile.py records. A
 prediction tool (notes/kernels.md v9, v10): a change that cuts a loop's instructions or a kernel's
 registers can be seen before any device time is spent on it.
     python3 scripts/sass_report.py [--model] [name-substring ...]     (e.g. _gate_kernel int8)
@@ -33,14 +35,26 @@ def loops(sass: str):
             yield len(body), collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", i).split()[0].split(".")[0] for i in body)
 
 
-def report(label, compiled):
+SMS = 132  # H100 SXM and H200
+
+
+def programs_per_sm(registers: int, warps: int) -> int:
+    """Resident programs an SM by registers (allocated per warp in units of 256, 64K an SM) and by
+    warps (64) and programs (32) an SM; shared memory is not counted."""
+    per_warp = -(-registers * 32 // 256) * 256
+    return min(65536 // (per_warp * warps), 64 // warps, 32)
+
+
+def report(label, compiled, programs: int, warps: int):
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
         usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
         sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True).stdout
     regs = re.search(r"REG:(\d+).*?LOCAL:(\d+)", usage)
-    print(f"{label}: {regs.group(1)} registers, {regs.group(2)} bytes spilled")
+    per_sm = programs_per_sm(int(regs.group(1)), warps)
+    print(f"{label}: {regs.group(1)} registers, {regs.group(2)} bytes spilled; {warps} warps, {per_sm} programs "
+          f"an SM; grid {programs}: {programs / (per_sm * SMS):.2f} waves")
     for n, ops in loops(sass):
         print(f"    loop of {n} instructions: " + ", ".join(f"{op} {k}" for op, k in ops.most_common(8)))
 
@@ -48,12 +62,13 @@ def report(label, compiled):
 def main():
     wanted = [a for a in sys.argv[1:] if a != "--model"]
     hc.record_all(*((4096, 11008) if "--model" in sys.argv else ()))
-    for label, kernel, named, options in hc.launches:
+    for label, kernel, named, options, grid in hc.launches:
         weights = next((v.dtype for k, v in named.items() if k.startswith("w") and hasattr(v, "dtype")), None)
         tag = f"{label} {str(weights).removeprefix('torch.')} " + " ".join(
             f"{k}={named[k]}" for k in ("B", "FMA", "NORM", "WORDS") if k in named)
         if all(w in tag for w in wanted):
-            report(tag, hc.compile_for_hopper(kernel, named, options))
+            programs = grid[0] * (grid[1] if len(grid) > 1 else 1)
+            report(tag, hc.compile_for_hopper(kernel, named, options), programs, options.get("num_warps", 4))
 
 
 if __name__ == "__main__":

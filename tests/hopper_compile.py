@@ -20,7 +20,7 @@ da = importlib.import_module("catsgen.kernels.decode_attention")
 cm = importlib.import_module("catsgen.kernels.cats_mlp")
 gm = importlib.import_module("catsgen.kernels.gemv")
 HOPPER = GPUTarget("cuda", 90, 32)
-launches = []  # (label, kernel, args by name, options)
+launches = []  # (label, kernel, args by name, options, grid)
 
 
 def record(kernel, label):
@@ -29,7 +29,7 @@ def record(kernel, label):
         named = dict(zip(kernel.arg_names, args)) | kwargs
         if "DOT_F32" in named and any(getattr(a, "dtype", None) in (torch.bfloat16, torch.float16) for a in args):
             named["DOT_F32"] = False
-        launches.append((f"{label} {kernel.fn.__name__}", kernel, named, options))
+        launches.append((f"{label} {kernel.fn.__name__}", kernel, named, options, grid))
     kernel.run = run
 
 
@@ -97,7 +97,7 @@ def record_all(D=256, F=512):
 def main():
     record_all()
     failed = 0
-    for label, kernel, named, options in launches:
+    for label, kernel, named, options, _ in launches:
         try:
             compiled = compile_for_hopper(kernel, named, options)
             print(f"ok {label} ({len(compiled.asm['ptx'].splitlines())} PTX lines)")
