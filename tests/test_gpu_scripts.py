@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import gpu_launch_floor  # noqa: E402
 import gpu_sparse  # noqa: E402
 import gpu_tiles_ab  # noqa: E402
+import sass_report  # noqa: E402
 
 # the scripts put the repository root first on sys.path, where kernels/ would shadow the package
 # transformers imports (conftest.py): the path as it was, with scripts/ after it
@@ -79,3 +80,12 @@ def test_tiles_ab_runs_every_variant_each_round(monkeypatch):
     assert {k: len(v) for k, v in times.items()} == {("dense", 0.0): 2, ("model", 0.5): 2, ("words", 0.5): 2}
     assert all(ms > 0 for v in times.values() for ms in v)
     assert seen[1:3] == [model, variant] and seen[4:6] == [model, variant]  # seen[0], seen[3]: the dense runs
+
+
+def test_programs_an_sm_by_registers_and_warps():
+    assert sass_report.programs_per_sm(80, 4) == 6  # 80 x 32 = 2560 registers a warp: 65536 // 10240
+    assert sass_report.programs_per_sm(96, 4) == 5  # the int8 gate a step ahead: 5 x 132 < 688 programs
+    assert sass_report.programs_per_sm(75, 2) == 12  # 75 rounds up to 80 (units of 256 a warp)
+    assert sass_report.programs_per_sm(128, 1) == 16
+    assert sass_report.programs_per_sm(24, 1) == 32  # then 32 programs an SM is the limit
+    assert sass_report.programs_per_sm(24, 8) == 8  # and 64 warps
