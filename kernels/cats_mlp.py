@@ -20,15 +20,16 @@ result, so the cast to x.dtype fuses into the model's residual add):
   2. _up_kernel:   u[slot] += W_up[idx[slot], cols] x[cols]: a program takes BLOCK_R consecutive
      entries of the list and a range of columns, so every tile it loads is full of needed rows.
   3. _down_kernel: y[cols] += sum over slots of (v u)[slot] W_down^T[idx[slot], cols]
-     (_down1_kernel for one token on the FMA units, see Blocks.fma_at_b1).
+     (kernels/down1.py for one token on the FMA units, see Blocks.fma_at_b1).
 The grid of the sparse launches is sized for "all rows active"; programs past the list's end
 return at once. The list's order varies between runs, so fp32 sums may differ in the last bits
 (as the atomics of split reductions make them anyway). Several tokens are padded to 16 so each
 step is one tl.dot on the tensor cores (FMA units for fp32); one token multiplies on the FMA units
 unpadded (pick_blocks). Why this design and not others, with
-measurements: notes/kernels.md. Over 300 lines: one op whose three (four, with the one-token
-down launch) launches share the row list, its counter, the tiles and the folded norm's 1 / rms
-(written by the gate launch, read by the down launch); they are not usable apart.
+measurements: notes/kernels.md. Over 300 lines: one op whose launches share the row list, its
+counter, the tiles (Blocks) and the folded norm's 1 / rms (written by the gate launch, read by the
+down launch); they are not usable apart. The one-token down launches, a pair with their own
+prologue, live in kernels/down1.py.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -41,9 +42,9 @@ try:
     import triton
     import triton.language as tl
 
-    from .down_words import down1_words_kernel
-    from .tiles import (OFFSET, OFFSET_INT8, PLAIN, as_f32, as_operand, dot, rows_times_x, rows_times_x1,
-                       rows_times_x1_words, rsqrt_mean)
+    from .down1 import down1_kernel, down1_words_kernel
+    from .tiles import (OFFSET_INT8, PLAIN, as_operand, dot, rows_times_x, rows_times_x1, rows_times_x1_words,
+                       rsqrt_mean)
 except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
     triton = None
 
@@ -92,15 +93,14 @@ if triton is not None:
             t = tl.load(t_ptr + rows, mask=row_ok, other=0.0)[:, None]
         else:
             t = tl.load(t_ptr)
-        if FMA and WORDS > 0:  # one token, int8 tiles as words (Blocks.int8_words)
-            g1, squares1 = rows_times_x1_words(wg_ptr, x_ptr, rows, row_ok, D, 0, D, BLOCK_F, BLOCK_D, g_ptr, NORM,
-                                               SUB, WORDS == 2, LANES)
-            g = tl.where(toks[None, :] == 0, g1[:, None], 0.0)
-            squares = tl.where(toks == 0, squares1, 0.0)
-        elif FMA:  # one token: fp32 FMA, no padding to 16 tokens
-            CONVERT: tl.constexpr = OFFSET_INT8 if INT8 else PLAIN
-            g1, squares1 = rows_times_x1(wg_ptr, x_ptr, rows, row_ok, D, 0, D, BLOCK_F, BLOCK_D, EVEN, CONVERT,
-                                         g_ptr, NORM, SUB)
+        if FMA:  # one token: fp32 FMA, no padding to 16 tokens
+            if WORDS > 0:  # int8 tiles as words (Blocks.int8_words)
+                g1, squares1 = rows_times_x1_words(wg_ptr, x_ptr, rows, row_ok, D, 0, D, BLOCK_F, BLOCK_D, g_ptr,
+                                                   NORM, SUB, WORDS == 2, LANES)
+            else:
+                CONVERT: tl.constexpr = OFFSET_INT8 if INT8 else PLAIN
+                g1, squares1 = rows_times_x1(wg_ptr, x_ptr, rows, row_ok, D, 0, D, BLOCK_F, BLOCK_D, EVEN, CONVERT,
+                                             g_ptr, NORM, SUB)
             g = tl.where(toks[None, :] == 0, g1[:, None], 0.0)
             squares = tl.where(toks == 0, squares1, 0.0)
         else:
@@ -201,71 +201,14 @@ if triton is not None:
                               sem="relaxed")
 
 
-    @triton.jit
-    def _down1_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, sd_ptr, y_acc_ptr, D, F, N_COLS, r_ptr,
-                      BLOCK_R: tl.constexpr, STEPS: tl.constexpr, BLOCK_D: tl.constexpr, INT8: tl.constexpr,
-                      EVEN: tl.constexpr, NORM: tl.constexpr, FOLD: tl.constexpr):
-        """The down launch for one token (B = 1) on the FMA units: a program takes STEPS x BLOCK_R
-        consecutive list entries and BLOCK_D columns, and sums its rows in a [BLOCK_R, BLOCK_D]
-        accumulator: one reduction across rows and one atomic add per program, where a program of
-        _down_kernel without a tl.dot would need one per column step. Each step loads the next
-        step's list entries before its rows, so a step waits for one memory round trip (its rows),
-        not two (the list entries, then the rows they name). FOLD > 0 (dividing BLOCK_R): the
-        accumulator is [FOLD, BLOCK_D], each step's rows summed in groups r = a * FOLD + b over a;
-        where FOLD is the rows one layout period covers, those sums stay inside a thread."""
-        item = tl.program_id(0)
-        first = (item // N_COLS) * (BLOCK_R * STEPS)
-        slots = first + tl.arange(0, BLOCK_R)
-        # the first step's rows alongside the list's length, not after it (see _list_entries);
-        # entries past the length are stale, masked below
-        rows = tl.load(idx_ptr + slots, mask=slots < F, other=0)
-        n_active = tl.minimum(tl.load(count_ptr + 1), F)
-        if item == 0:
-            tl.store(count_ptr, 0)  # the list is empty again for the next call's gate launch
-        if item < tl.cdiv(n_active, BLOCK_R * STEPS) * N_COLS:
-            cols = (item % N_COLS) * BLOCK_D + tl.arange(0, BLOCK_D)
-            col_ok = cols < D
-            ACC_ROWS: tl.constexpr = FOLD if FOLD > 0 and BLOCK_R % max(FOLD, 1) == 0 else BLOCK_R
-            CONVERT: tl.constexpr = OFFSET_INT8 if INT8 else PLAIN  # int8: OFFSET + q, taken off below
-            acc = tl.zeros([ACC_ROWS, BLOCK_D], tl.float32)
-            r = 1.0
-            if NORM:  # the norm's 1 / rms (see _down_kernel)
-                r = tl.load(r_ptr)
-            if INT8:  # W_down's output-channel scales, before the loop (not at the program's end)
-                s_cols = tl.load(sd_ptr + cols, mask=col_ok, other=0.0)
-            ok = slots < n_active
-            for step in range(STEPS):
-                h = tl.load(v_ptr + rows, mask=ok, other=0.0) * (tl.load(u_acc_ptr + slots, mask=ok, other=0.0) * r)
-                w_mask = ok[:, None] if EVEN else ok[:, None] & col_ok[None, :]  # EVEN: no mask along a row
-                w = tl.load(wd_ptr + rows[:, None] * D + cols[None, :], mask=w_mask, other=0,
-                            eviction_policy="evict_first")
-                slots = slots + BLOCK_R  # the next step's entries, loaded while this step's rows arrive
-                ok = slots < n_active
-                rows = tl.load(idx_ptr + slots, mask=ok, other=0)
-                products = as_f32(w, CONVERT) * h[:, None]
-                if ACC_ROWS < BLOCK_R:
-                    step_sums = tl.sum(tl.reshape(products, [BLOCK_R // ACC_ROWS, ACC_ROWS, BLOCK_D]), axis=0)
-                    if INT8:  # int8_to_f32_offset's offset: OFFSET times the sum of h over each row group
-                        step_sums -= OFFSET * tl.sum(tl.reshape(h, [BLOCK_R // ACC_ROWS, ACC_ROWS]), axis=0)[:, None]
-                    acc += step_sums
-                elif INT8:
-                    acc += products - OFFSET * h[:, None]
-                else:
-                    acc += products
-            y = tl.sum(acc, axis=0)
-            if INT8:
-                y = y * s_cols
-            tl.atomic_add(y_acc_ptr + cols, y, mask=col_ok, sem="relaxed")
-
-
 @dataclass(frozen=True)
 class Blocks:
     """Tile sizes (rows x columns per step), steps per program, warps, pipeline depth.
     fma_at_b1 (B = 1 only): gate and up multiply-add in fp32 instead of a tl.dot with x padded to
-    16 tokens, and the down launch is _down1_kernel, whose down_steps are row steps (a program:
+    16 tokens, and the down launch is down1.down1_kernel, whose down_steps are row steps (a program:
     down_r x down_steps list entries, down_d columns); sub: the gate and up FMA steps sum runs of
     sub adjacent columns first (tiles.rows_times_x1; 0 = a full accumulator). down_fold:
-    _down1_kernel's FOLD; down_warps: its warps (0: warps, as up). int8_words (int8, fma_at_b1;
+    down1_kernel's FOLD; down_warps: its warps (0: warps, as up). int8_words (int8, fma_at_b1;
     where the tiles divide D and sub is a multiple of 4, else 0): the gate and up launches load
     their tiles as int32 words (tiles.rows_times_x1_words), 2 = each step's words a step ahead;
     word_lanes = 1: those words one a lane, not four (rows_times_x1_words' LANES);
@@ -380,18 +323,16 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
         x, w_up, s_up, idx, count, u_acc, B, D, F, up_cols, n_up, g, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d,
         DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % up_cols == 0, NORM=norm is not None, SUB=cfg.sub,
         WORDS=words, LANES=cfg.word_lanes > 0, num_warps=cfg.warps, num_stages=cfg.stages)
-    if down_words:  # as _down1_kernel below, on words
-        n_down = D // cfg.down_d
-        down1_words_kernel[(n_down * triton.cdiv(F, cfg.down_r * cfg.down_steps),)](
-            v, u_acc, idx, count, w_down_t, s_down, y_acc, D, F, n_down, r, BLOCK_R=cfg.down_r, STEPS=cfg.down_steps,
-            BLOCK_D=cfg.down_d, NORM=norm is not None, FOLD=cfg.down_fold, AHEAD=down_words == 2,
-            num_warps=cfg.down_warps or cfg.warps, num_stages=cfg.stages)
-    elif fma:  # down_steps counts row steps here: a program covers down_r x down_steps entries, down_d columns
+    if fma:  # down_steps counts row steps here: a program covers down_r x down_steps entries, down_d columns
         n_down = triton.cdiv(D, cfg.down_d)
-        _down1_kernel[(n_down * triton.cdiv(F, cfg.down_r * cfg.down_steps),)](
-            v, u_acc, idx, count, w_down_t, s_down, y_acc, D, F, n_down, r, BLOCK_R=cfg.down_r, STEPS=cfg.down_steps,
-            BLOCK_D=cfg.down_d, INT8=int8, EVEN=D % cfg.down_d == 0, NORM=norm is not None, FOLD=cfg.down_fold,
-            num_warps=cfg.down_warps or cfg.warps, num_stages=cfg.stages)
+        grid = (n_down * triton.cdiv(F, cfg.down_r * cfg.down_steps),)
+        args = (v, u_acc, idx, count, w_down_t, s_down, y_acc, D, F, n_down, r)
+        tiles = dict(BLOCK_R=cfg.down_r, STEPS=cfg.down_steps, BLOCK_D=cfg.down_d, NORM=norm is not None,
+                     FOLD=cfg.down_fold, num_warps=cfg.down_warps or cfg.warps, num_stages=cfg.stages)
+        if down_words:
+            down1_words_kernel[grid](*args, AHEAD=down_words == 2, **tiles)
+        else:
+            down1_kernel[grid](*args, INT8=int8, EVEN=D % cfg.down_d == 0, **tiles)
     else:
         _down_kernel[(n_down * triton.cdiv(F, cfg.down_r),)](
             x, v, u_acc, idx, count, w_down_t, s_down, y_acc, B, D, F, down_cols, n_down, r,

@@ -159,6 +159,24 @@ def as_f32(w, MAGIC: tl.constexpr):
 
 
 @triton.jit
+def _x_step(x_ptr, g_ptr, cols, k_hi, NORM: tl.constexpr, EVEN: tl.constexpr):
+    """One step's x in fp32, and x * g (NORM; else x again); columns from k_hi on read as 0 unless
+    EVEN (no column past k_hi)."""
+    if EVEN:
+        x = tl.load(x_ptr + cols).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + cols, mask=cols < k_hi, other=0.0).to(tl.float32)
+    xg = x
+    if NORM:
+        if EVEN:
+            g = tl.load(g_ptr + cols)
+        else:
+            g = tl.load(g_ptr + cols, mask=cols < k_hi, other=0.0)
+        xg = x * g.to(tl.float32)
+    return x, xg
+
+
+@triton.jit
 def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
                   EVEN: tl.constexpr, MAGIC: tl.constexpr, g_ptr, NORM: tl.constexpr, SUB: tl.constexpr):
     """([BLOCK_F] fp32 = w[rows, k_lo:k_hi] @ x[0, k_lo:k_hi], the sum of x^2 over those columns
@@ -184,19 +202,12 @@ def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.const
         if EVEN:
             w = tl.load(w_ptr + rows[:, None] * D + cols[None, :], mask=row_mask[:, None], other=0,
                         eviction_policy="evict_first")
-            xv = tl.load(x_ptr + cols)
         else:
             w = tl.load(w_ptr + rows[:, None] * D + cols[None, :], mask=row_mask[:, None] & (cols < k_hi)[None, :],
                         other=0, eviction_policy="evict_first")
-            xv = tl.load(x_ptr + cols, mask=cols < k_hi, other=0.0)
-        xv = xv.to(tl.float32)
+        x, xv = _x_step(x_ptr, g_ptr, cols, k_hi, NORM, EVEN)
         if NORM:
-            squares += xv * xv
-            if EVEN:
-                g = tl.load(g_ptr + cols)
-            else:
-                g = tl.load(g_ptr + cols, mask=cols < k_hi, other=0.0)
-            xv = xv * g.to(tl.float32)
+            squares += x * x
         products = as_f32(w, MAGIC) * xv[None, :]
         if RUNS:
             run_sums = tl.sum(tl.reshape(products, [BLOCK_F, BLOCK_D // SUB, SUB]), axis=2)
@@ -210,16 +221,6 @@ def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.const
     if MAGIC == OFFSET_INT8 and not RUNS:
         acc -= OFFSET * x_sums[None, :]
     return tl.sum(acc, axis=1), tl.sum(squares, axis=0)
-
-
-@triton.jit
-def _x_step(x_ptr, g_ptr, cols, NORM: tl.constexpr):
-    """One step's x (times g with NORM) in fp32, and its squares (NORM; else 0): full columns."""
-    xv = tl.load(x_ptr + cols).to(tl.float32)
-    if NORM:
-        return xv * tl.load(g_ptr + cols).to(tl.float32), xv * xv
-    else:
-        return xv, tl.zeros_like(xv)
 
 
 @triton.jit
@@ -249,8 +250,9 @@ def rows_times_x1_words(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl
             ahead = tl.load(tile + (k + BLOCK_D) // 4, mask=next_ok[:, None], other=0, eviction_policy="evict_first")
         else:
             words = tl.load(tile + k // 4, mask=row_mask[:, None], other=0, eviction_policy="evict_first")
-        xv, sq = _x_step(x_ptr, g_ptr, k + tl.arange(0, BLOCK_D), NORM)
-        squares += sq
+        x, xv = _x_step(x_ptr, g_ptr, k + tl.arange(0, BLOCK_D), k_hi, NORM, True)
+        if NORM:
+            squares += x * x
         x02, x13 = tl.split(tl.reshape(xv, [WORDS, 2, 2]))  # column 4j + 2a + b: [j, a] of x_b
         x0, x2 = tl.split(x02)
         x1, x3 = tl.split(x13)

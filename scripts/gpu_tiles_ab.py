@@ -31,12 +31,8 @@ def use_tiles(blocks: cm.Blocks, int8: bool):
     torch._dynamo.reset()
 
 
-def decode_ms(model, prompt, settings, sparsity, table):
-    if sparsity == 0:
-        cats.set_dense(model)
-    else:
-        cats.set_sparsity(model, table, sparsity, "uniform")
-    step = make_decode_step(settings.compile, settings.device)
+def decode_ms(model, prompt, settings, step, sparsity, table):
+    cats.set_sparsity(model, table, sparsity, "uniform")  # s = 0: dense
     return bench_one_sparsity(model, prompt, settings, step, sparsity)["decode_ms_per_token_median"]
 
 
@@ -49,11 +45,13 @@ def run(settings: BenchSettings, preset: str, variants: dict, rounds: int, spars
     int8 = settings.quantize == "int8"
     times = defaultdict(list)
     for r in range(rounds):
-        times[("dense", 0.0)].append(decode_ms(model, prompt, settings, 0.0, table))
         for label, blocks in variants.items():
             use_tiles(blocks, int8)
+            step = make_decode_step(settings.compile, settings.device)  # one a variant, as bench.py's
+            if label == "model":  # dense runs no CATS launch: once a round
+                times[("dense", 0.0)].append(decode_ms(model, prompt, settings, step, 0.0, table))
             for s in sparsities:
-                ms = decode_ms(model, prompt, settings, s, table)
+                ms = decode_ms(model, prompt, settings, step, s, table)
                 times[(label, s)].append(ms)
                 print(f"round {r} {label} s={s}: {ms:.3f} ms ({times[('dense', 0.0)][-1] / ms:.3f}x dense; "
                       f"the model's tiles' time / this {times[('model', s)][-1] / ms:.4f})", flush=True)

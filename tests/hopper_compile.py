@@ -87,7 +87,7 @@ def launch_all(D=256, F=512):
 def record_all(D=256, F=512):
     """Every decode kernel's launches by its host code, into `launches` (nothing runs)."""
     for module, names in ((da, ["_split_kernel"]),
-                          (cm, ["_gate_kernel", "_up_kernel", "_down_kernel", "_down1_kernel", "down1_words_kernel"]),
+                          (cm, ["_gate_kernel", "_up_kernel", "_down_kernel", "down1_kernel", "down1_words_kernel"]),
                           (gm, ["_gemv_kernel"])):
         for name in names:
             record(getattr(module, name), module.__name__.rsplit(".", 1)[1])
