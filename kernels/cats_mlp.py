@@ -260,7 +260,7 @@ def pick_blocks(B: int, int8: bool = False) -> Blocks:
     return INT8_BLOCKS if int8 else Blocks()
 
 
-def int8_words(cfg: Blocks, D: int) -> tuple[int, int]:
+def word_tiles(cfg: Blocks, D: int) -> tuple[int, int]:
     """(cfg.int8_words, cfg.down_words) where the one-token int8 tiles can be words, else 0: the gate
     and up launches need whole columns and whole runs of whole words, the down launch whole columns."""
     runs_fit = cfg.sub > 0 and cfg.sub % 4 == 0 and cfg.gate_d % cfg.sub == 0 and cfg.up_d % cfg.sub == 0
@@ -301,7 +301,7 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     cfg = blocks or pick_blocks(B, int8)
     dot_f32 = x.dtype == torch.float32 or not x.is_cuda
     fma = cfg.fma_at_b1 and B == 1
-    words, down_words = int8_words(cfg, D) if int8 and fma else (0, 0)
+    words, down_words = word_tiles(cfg, D) if int8 and fma else (0, 0)
 
     f32 = dict(device=x.device, dtype=torch.float32)
     v, u_acc, y_acc = _empty(B, F, **f32), _empty(B, F, **f32), _empty(B, D, **f32)

@@ -53,7 +53,7 @@ def test_words_step_variants_are_valid_and_correct(monkeypatch):
     for text in variants:
         cfg = dataclasses.replace(model, **gpu_sparse.tile_changes(text))
         for d in (4096, 2048):  # Llama-2-7B's D, and this test's
-            assert gpu_sparse.cm.int8_words(cfg, d) == (cfg.int8_words, cfg.down_words)
+            assert gpu_sparse.cm.word_tiles(cfg, d) == (cfg.int8_words, cfg.down_words)
         gpu_sparse.checked(case, cfg)
 
 

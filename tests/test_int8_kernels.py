@@ -169,7 +169,7 @@ def test_int8_cats_mlp_words_match_reference(poisoned_scratch, sparsity, words):
     norm = (torch.rand(d, generator=torch.Generator().manual_seed(5)).to(DEV, torch.bfloat16) + 0.5, 1e-5)
     t = int8_threshold(cm.rms_norm_reference(x, *norm), qs, scales, sparsity)
     blocks = dataclasses.replace(WORDS_TILES, **words)
-    assert cm.int8_words(blocks, d) == (blocks.int8_words, blocks.down_words)  # the words paths are taken
+    assert cm.word_tiles(blocks, d) == (blocks.int8_words, blocks.down_words)  # the words paths are taken
     out = cm.cats_mlp_triton(x, *qs, t, blocks=blocks, scales=scales, norm=norm)
     ref = cats_mlp_reference(x, *qs, t, scales=scales, norm=norm)
     if sparsity == 1:
@@ -184,11 +184,11 @@ def test_int8_cats_mlp_words_match_reference(poisoned_scratch, sparsity, words):
 
 def test_int8_words_only_where_the_tiles_fit():
     blocks = dataclasses.replace(WORDS_TILES, int8_words=2, down_words=1)
-    assert cm.int8_words(blocks, 64) == (2, 1)
-    assert cm.int8_words(blocks, 72) == (0, 0)  # up's 32 columns do not divide 72, nor do down's 16 columns
-    assert cm.int8_words(blocks, 48) == (0, 1)  # 48: down's 16 columns divide it, up's 32 do not
-    assert cm.int8_words(dataclasses.replace(blocks, sub=6), 64) == (0, 1)  # runs of 6: not whole words
-    assert cm.int8_words(dataclasses.replace(blocks, sub=0), 64) == (0, 1)  # no runs
+    assert cm.word_tiles(blocks, 64) == (2, 1)
+    assert cm.word_tiles(blocks, 72) == (0, 0)  # up's 32 columns do not divide 72, nor do down's 16 columns
+    assert cm.word_tiles(blocks, 48) == (0, 1)  # 48: down's 16 columns divide it, up's 32 do not
+    assert cm.word_tiles(dataclasses.replace(blocks, sub=6), 64) == (0, 1)  # runs of 6: not whole words
+    assert cm.word_tiles(dataclasses.replace(blocks, sub=0), 64) == (0, 1)  # no runs
 
 
 def test_int8_words_conversion_is_exact_for_every_value_and_position():
