@@ -25,7 +25,8 @@ launches = []  # (label, kernel, args by name, options, grid)
 
 def record(kernel, label):
     def run(*args, grid, warmup, **kwargs):
-        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
+        options = {k: v for k, v in options.items() if v is not None}
         named = dict(zip(kernel.arg_names, args)) | kwargs
         if "DOT_F32" in named and any(getattr(a, "dtype", None) in (torch.bfloat16, torch.float16) for a in args):
             named["DOT_F32"] = False
@@ -78,6 +79,9 @@ def launch_all(D=256, F=512):
                 blocks = dataclasses.replace(cm.INT8_B1_BLOCKS, int8_words=words, word_lanes=lanes, down_words=words,
                                              **(lane_fit if lanes else fit))
                 cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm, blocks=blocks)
+            # the model's tiles with registers capped (Blocks.gate_regs, up_regs: maxnreg) below their own
+            capped = dataclasses.replace(cm.INT8_B1_BLOCKS, gate_regs=64, up_regs=64)
+            cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm, blocks=capped)
         gm.int8_gemv_triton(x, q8[0], scales[0])
         gm.gemv_triton(x, torch.randn(D, D, **bf16), residual=torch.randn(B, D, **bf16))
         gm.gemv_triton(x, torch.randn(F, D, **bf16), up=(torch.randn(F, D, **bf16), None))  # the dense MLP's gated GEMV

@@ -2,6 +2,7 @@
 the CPU tests run the kernels in Triton's interpreter, which accepts code the GPU compiler may
 refuse. The compile runs in a subprocess without TRITON_INTERPRET (conftest sets it here)."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,5 +15,20 @@ def test_every_decode_kernel_compiles_for_hopper():
     assert result.returncode == 0, result.stdout + result.stderr
     # both decode attention modes; the three CATS launches at B = 1 and B > 1 for bf16 and int8, each
     # with and without the block's norm folded in, and at B = 1 the int8 launches with word tiles (one
-    # step ahead or not, four words a lane or one); the GEMV: int8, bf16 + residual, gated bf16 and int8
-    assert "48 of 48 launches compiled for sm_90" in result.stdout, result.stdout
+    # step ahead or not, four words a lane or one) and with registers capped; the GEMV: int8, bf16 +
+    # residual, gated bf16 and int8
+    assert "51 of 51 launches compiled for sm_90" in result.stdout, result.stdout
+
+
+def test_register_caps_reach_the_compiler():
+    """Blocks.gate_regs / up_regs become Triton's maxnreg: the model's one-token int8 gate and up
+    launches take more than 64 registers a thread, and at most 64 with the cap."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).parent.parent / "scripts" / "sass_report.py"
+    result = subprocess.run([sys.executable, script, "int8", "B=1", "NORM=True", "WORDS=0"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    registers = dict(re.findall(r"^cats_mlp (_\w+_kernel .*?): (\d+) registers", result.stdout, re.M))
+    for launch in ("_gate_kernel", "_up_kernel"):
+        tag = f"{launch} int8 B=1 FMA=True NORM=True WORDS=0"
+        assert int(registers[tag]) > 64 >= int(registers[tag + " maxnreg=64"]), result.stdout
