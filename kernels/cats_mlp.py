@@ -211,7 +211,8 @@ class Blocks:
     down1_kernel's FOLD; down_warps: its warps (0: warps, as up). int8_words (int8, fma_at_b1;
     where the tiles divide D and sub is a multiple of 4, else 0): the gate and up launches load
     their tiles as int32 words (tiles.rows_times_x1_words), 2 = each step's words a step ahead;
-    word_lanes = 1: those words one a lane, not four (rows_times_x1_words' LANES);
+    word_lanes = 1: those words one a lane, not four (rows_times_x1_words' LANES; 2: the tile as
+    words x rows, which Triton 3.6 lays out one word a lane);
     down_words likewise for the one-token int8 down launch (down1_words_kernel; columns dividing D).
     gate_regs / up_regs: a cap on the launch's registers a thread (Triton's maxnreg; 0 = the
     compiler's choice), where one more program an SM fits the grid's working programs in one wave."""
@@ -319,14 +320,14 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
                             T_PER_ROW=threshold.numel() > 1, BLOCK_F=cfg.gate_f, BLOCK_D=cfg.gate_d,
                             ZBLOCK=triton.next_power_of_2(triton.cdiv(B * (F + D), n_gate)),
                             DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % cfg.gate_d == 0, NORM=norm is not None,
-                            SUB=cfg.sub, WORDS=words, LANES=cfg.word_lanes > 0, num_warps=cfg.gate_warps,
+                            SUB=cfg.sub, WORDS=words, LANES=cfg.word_lanes, num_warps=cfg.gate_warps,
                             num_stages=cfg.gate_stages, maxnreg=cfg.gate_regs or None)
     up_cols, down_cols = cfg.up_d * cfg.up_steps, cfg.down_d * cfg.down_steps
     n_up, n_down = triton.cdiv(D, up_cols), triton.cdiv(D, down_cols)  # column ranges
     _up_kernel[(n_up * triton.cdiv(F, cfg.up_r),)](
         x, w_up, s_up, idx, count, u_acc, B, D, F, up_cols, n_up, g, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d,
         DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % up_cols == 0, NORM=norm is not None, SUB=cfg.sub,
-        WORDS=words, LANES=cfg.word_lanes > 0, num_warps=cfg.warps, num_stages=cfg.stages,
+        WORDS=words, LANES=cfg.word_lanes, num_warps=cfg.warps, num_stages=cfg.stages,
         maxnreg=cfg.up_regs or None)
     if fma:  # down_steps counts row steps here: a program covers down_r x down_steps entries, down_d columns
         n_down = triton.cdiv(D, cfg.down_d)

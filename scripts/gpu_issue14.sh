@@ -32,12 +32,15 @@ for s in "${@:-checks attention profile bench}"; do
       sparse) step sparse 200 python3 scripts/gpu_sparse.py ;;
       floor_int8) step floor_int8 200 python3 scripts/gpu_launch_floor.py --int8 ;;
       sass) step sass 150 python3 scripts/sass_report.py --model int8 B=1 NORM=True ;;  # the device's Triton
+      # word_lanes=2: the lanes' tile as words x rows, which Triton 3.6 (the device's) lays out one
+      # word a lane with no barrier in the loop; word_lanes=1 does that under 3.9 only (v14)
       words) step words 400 python3 scripts/gpu_sparse.py --weights int8 --try int8_words=1 \
-          gate_d=256,int8_words=2 gate_f=8,int8_words=2 down_words=1 down_words=2 \
-          gate_f=8,gate_d=256,gate_warps=2,up_d=256,up_steps=8,int8_words=1,word_lanes=1 \
+          gate_f=8,int8_words=2 down_words=1 down_words=2 \
+          gate_f=8,gate_d=256,gate_warps=2,up_d=256,up_steps=8,int8_words=1,word_lanes=2 \
+          gate_f=8,gate_d=256,gate_warps=2,up_d=256,up_steps=8,int8_words=2,word_lanes=2 \
           gate_f=8,gate_d=256,gate_warps=2,up_d=256,up_steps=8,int8_words=2,word_lanes=1 \
-          gate_f=8,gate_d=128,gate_warps=1,up_r=4,up_d=128,up_steps=16,warps=1,int8_words=2,word_lanes=1 \
-          gate_f=8,gate_d=256,gate_warps=2,up_d=256,up_steps=8,int8_words=2,word_lanes=1,down_words=2 ;;
+          gate_f=8,gate_d=128,gate_warps=1,up_r=4,up_d=128,up_steps=16,warps=1,int8_words=2,word_lanes=2 \
+          gate_f=8,gate_d=256,gate_warps=2,up_d=256,up_steps=8,int8_words=2,word_lanes=2,down_words=2 ;;
       # the int8 gate takes 91 registers under the device's Triton 3.6 (80 under 3.9): 5 programs an
       # SM, 688 programs in 1.04 waves; capped at 80, one wave (notes/kernels.md v14)
       regs) step regs 300 python3 scripts/gpu_sparse.py --weights int8 --try gate_regs=80 gate_regs=64 \

@@ -45,7 +45,7 @@ def _stream(src_ptr, out_ptr, ROWS: tl.constexpr, COLS: tl.constexpr, STEPS: tl.
 # with a lane for each word of a step (word_lanes); the work modes; the bytes the launches read at
 # s = 0.5 (gate 43 MiB, up 21.5) and s = 0.7 (up 12.9)
 INT8_SHAPES = ((4, 16, 512, 8), (2, 8, 256, 16), (2, 8, 512, 4), (2, 8, 256, 8))
-INT8_MODES = ("stream", "bytes", "words", "words ahead", "lanes", "lanes ahead")
+INT8_MODES = ("stream", "bytes", "words", "words ahead", "lanes", "lanes ahead", "lanes wxr", "lanes wxr ahead")
 INT8_SIZES_MB = (12.9, 21.5, 43.0)
 
 
@@ -53,7 +53,7 @@ INT8_SIZES_MB = (12.9, 21.5, 43.0)
 def _int8_rows(w_ptr, x_ptr, g_ptr, out_ptr, D, ROWS: tl.constexpr, COLS: tl.constexpr, MODE: tl.constexpr):
     """Row sums of ROWS rows of an int8 [n, D] matrix: MODE 0 the words summed as integers, else
     rows times x (norm folded in, runs of 16) on bytes (1), words (2), words a step ahead (3), words
-    one a lane (4), and a step ahead (5)."""
+    one a lane (4), and a step ahead (5), the lanes' tile as words x rows (6, 7 ahead: word_lanes=2)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     all_rows = rows >= 0
     if MODE == 0:
@@ -66,7 +66,7 @@ def _int8_rows(w_ptr, x_ptr, g_ptr, out_ptr, D, ROWS: tl.constexpr, COLS: tl.con
         y, _ = rows_times_x1(w_ptr, x_ptr, rows, all_rows, D, 0, D, ROWS, COLS, True, OFFSET_INT8, g_ptr, True, 16)
     else:
         y, _ = rows_times_x1_words(w_ptr, x_ptr, rows, all_rows, D, 0, D, ROWS, COLS, g_ptr, True, 16, MODE % 2 == 1,
-                                   MODE >= 4)
+                                   (MODE - 2) // 2)
     tl.store(out_ptr + rows, y)
 
 

@@ -75,7 +75,7 @@ def launch_all(D=256, F=512):
             # word a lane (word_lanes) with a lane for each word of a step (columns = 128 x warps)
             fit = {} if D % 2048 == 0 else dict(gate_d=128, up_d=128, up_steps=2)
             lane_fit = dict(gate_f=8, gate_d=256, gate_warps=2, up_d=256, up_steps=8 if D % 2048 == 0 else 1)
-            for words, lanes in ((1, 0), (2, 0), (1, 1), (2, 1)):
+            for words, lanes in ((1, 0), (2, 0), (1, 1), (2, 1), (1, 2), (2, 2)):
                 blocks = dataclasses.replace(cm.INT8_B1_BLOCKS, int8_words=words, word_lanes=lanes, down_words=words,
                                              **(lane_fit if lanes else fit))
                 cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm, blocks=blocks)

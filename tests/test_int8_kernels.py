@@ -157,11 +157,13 @@ WORDS_TILES = dataclasses.replace(SMALL_FMA, sub=8, down_fold=4)  # whole runs o
 
 @pytest.mark.parametrize("sparsity", [0, 0.4, 1])
 @pytest.mark.parametrize("words", [dict(int8_words=1), dict(int8_words=2), dict(int8_words=1, word_lanes=1),
-                                   dict(int8_words=2, word_lanes=1), dict(down_words=1), dict(down_words=2),
+                                   dict(int8_words=2, word_lanes=1), dict(int8_words=1, word_lanes=2),
+                                   dict(int8_words=2, word_lanes=2), dict(down_words=1), dict(down_words=2),
                                    dict(down_words=2, down_fold=0)])
 def test_int8_cats_mlp_words_match_reference(poisoned_scratch, sparsity, words):
     """One token, the block's norm folded in, tiles loaded as int32 words (Blocks.int8_words: the
-    gate and up launches, one a lane with word_lanes, down_words: the down launch; 2: a step ahead):
+    gate and up launches, one a lane with word_lanes (2: the tile as words x rows), down_words: the
+    down launch; 2: a step ahead):
     the reference's result,
     and the byte tiles' to fp32 rounding."""
     d, f = 64, 150  # f: a last gate program with rows past the matrix
