@@ -5,10 +5,14 @@ the instruction mix of its main loop, per launch that tests/hopper_compile.py re
 prediction tool (notes/kernels.md v9, v10): a change that cuts a loop's instructions or a kernel's
 registers can be seen before any device time is spent on it.
     python3 scripts/sass_report.py [--model] [name-substring ...]     (e.g. _gate_kernel int8)
+    python3 scripts/sass_report.py [--bf16] --try FIELD=INT[,FIELD=INT...] ...
 --model: the MLP at Llama-2-7B's shape (4096 x 11008, the tiles dividing it as in the model);
-without it the test's small shape, where some loads keep masks the model's do not.
+without it the test's small shape, where some loads keep masks the model's do not. --try: the
+one-token MLP launches (norm folded in, Llama-2-7B's shape) with the model's int8 tiles (--bf16:
+its bf16 tiles) changed as scripts/gpu_sparse.py --try changes them ("model": unchanged).
 Uses Triton's bundled cuobjdump; run without TRITON_INTERPRET."""
 import collections
+import dataclasses
 import glob
 import os
 import re
@@ -17,6 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -59,7 +64,30 @@ def report(label, compiled, programs: int, warps: int):
         print(f"    loop of {n} instructions: " + ", ".join(f"{op} {k}" for op, k in ops.most_common(8)))
 
 
+def variants(texts, int8: bool, D=4096, F=11008):
+    """Each Blocks variant's one-token MLP launches, compiled and reported."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_sparse import tile_changes
+    hc.record_kernels()
+    x, norm = torch.randn(1, D, dtype=torch.bfloat16), (torch.rand(D, dtype=torch.bfloat16), 1e-5)
+    if int8:
+        weights = [torch.randint(-127, 128, (F, D), dtype=torch.int8) for _ in range(3)]
+        scales = dict(scales=(torch.rand(F), torch.rand(F), torch.rand(D)))
+    else:
+        weights, scales = [torch.randn(F, D, dtype=torch.bfloat16) for _ in range(3)], {}
+    for text in texts:
+        changes = {} if text == "model" else tile_changes(text)
+        blocks = dataclasses.replace(hc.cm.pick_blocks(1, int8=int8), **changes)
+        hc.launches.clear()
+        hc.cm.cats_mlp_triton(x, *weights, torch.rand(F), norm=norm, blocks=blocks, **scales)
+        print(f"== {text}")
+        for label, kernel, named, options, grid in hc.launches:
+            report(label, hc.compile_for_hopper(kernel, named, options), grid[0], options.get("num_warps", 4))
+
+
 def main():
+    if "--try" in sys.argv:
+        return variants(sys.argv[sys.argv.index("--try") + 1:], int8="--bf16" not in sys.argv)
     wanted = [a for a in sys.argv[1:] if a != "--model"]
     hc.record_all(*((4096, 11008) if "--model" in sys.argv else ()))
     for label, kernel, named, options, grid in hc.launches:

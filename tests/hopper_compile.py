@@ -88,13 +88,18 @@ def launch_all(D=256, F=512):
         gm.gemv_triton(x, q8[0], scales[0], up=(q8[1], scales[1]))
 
 
-def record_all(D=256, F=512):
-    """Every decode kernel's launches by its host code, into `launches` (nothing runs)."""
+def record_kernels():
+    """Every decode kernel's launches from now on go to `launches` (nothing runs)."""
     for module, names in ((da, ["_split_kernel"]),
                           (cm, ["_gate_kernel", "_up_kernel", "_down_kernel", "down1_kernel", "down1_words_kernel"]),
                           (gm, ["_gemv_kernel"])):
         for name in names:
             record(getattr(module, name), module.__name__.rsplit(".", 1)[1])
+
+
+def record_all(D=256, F=512):
+    """Every decode kernel's launches by its host code, into `launches`."""
+    record_kernels()
     launch_all(D, F)
 
 

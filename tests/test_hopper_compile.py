@@ -33,3 +33,19 @@ def test_register_caps_reach_the_compiler():
     for launch in ("_gate_kernel", "_up_kernel"):
         tag = f"{launch} int8 B=1 FMA=True NORM=True WORDS=0"
         assert int(registers[tag]) > 64 >= int(registers[tag + " maxnreg=64"]), result.stdout
+
+
+def test_sass_report_compiles_tile_variants_at_the_model_shape():
+    """scripts/sass_report.py --try: the model's one-token int8 launches, and a variant's with its
+    changes in force (the gate's warps, the cap on its registers)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).parent.parent / "scripts" / "sass_report.py"
+    result = subprocess.run([sys.executable, script, "--try", "model", "gate_f=4,gate_d=2048,gate_regs=64"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    model, variant = result.stdout.split("== ")[1:]
+    assert [line.split(":")[0] for line in re.findall(r"^cats_mlp \w+", variant, re.M)] == \
+        ["cats_mlp _gate_kernel", "cats_mlp _up_kernel", "cats_mlp down1_kernel"]
+    gate = re.search(r"_gate_kernel: (\d+) registers.*grid (\d+)", variant)
+    assert int(gate.group(1)) <= 64 and int(gate.group(2)) == 11008 // 4, variant
+    assert re.search(r"_gate_kernel: .* grid 688:", model), model  # 16 rows a program
