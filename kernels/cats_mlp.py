@@ -214,7 +214,7 @@ class Blocks:
     word_lanes = 1: those words one a lane, not four (rows_times_x1_words' LANES; 2: the tile as
     words x rows, which Triton 3.6 lays out one word a lane);
     down_words likewise for the one-token int8 down launch (down1_words_kernel; columns dividing D).
-    gate_regs / up_regs: a cap on the launch's registers a thread (Triton's maxnreg; 0 = the
+    gate_regs / up_regs / down_regs (one token): a cap on the launch's registers a thread (maxnreg; 0 = the
     compiler's choice), where one more program an SM fits the grid's working programs in one wave."""
     gate_f: int = 64
     gate_d: int = 128
@@ -237,6 +237,7 @@ class Blocks:
     down_words: int = 0
     gate_regs: int = 0
     up_regs: int = 0
+    down_regs: int = 0
 
 
 # The H200 sweeps' best for 4096x11008 (scripts/gpu_int8.py --sweep, notes/kernels.md int8 v2):
@@ -334,7 +335,8 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
         grid = (n_down * triton.cdiv(F, cfg.down_r * cfg.down_steps),)
         args = (v, u_acc, idx, count, w_down_t, s_down, y_acc, D, F, n_down, r)
         tiles = dict(BLOCK_R=cfg.down_r, STEPS=cfg.down_steps, BLOCK_D=cfg.down_d, NORM=norm is not None,
-                     FOLD=cfg.down_fold, num_warps=cfg.down_warps or cfg.warps, num_stages=cfg.stages)
+                     FOLD=cfg.down_fold, num_warps=cfg.down_warps or cfg.warps, num_stages=cfg.stages,
+                     maxnreg=cfg.down_regs or None)
         if down_words:
             down1_words_kernel[grid](*args, AHEAD=down_words == 2, **tiles)
         else:

@@ -49,7 +49,10 @@ for s in "${@:-checks attention profile bench}"; do
       regs) step regs 300 python3 scripts/gpu_sparse.py --weights int8 --try gate_regs=80 gate_regs=64 \
           gate_regs=80,int8_words=1 gate_regs=80,down_words=2 gate_f=4,gate_d=2048,gate_regs=80 \
           gate_f=4,gate_d=1024,gate_warps=2,gate_regs=80 ;;
-      regs_bf16) step regs_bf16 200 python3 scripts/gpu_sparse.py --weights bf16 --try up_regs=96 up_regs=104 ;;
+      # bf16 (3.6): up 126 registers, 8 an SM (1056 slots), down 124 on one warp, 16 an SM (2112): fewer
+      # than the ~1376 / ~2752 working programs at s=0.5 (at 96 the down loop reads local memory)
+      regs_bf16) step regs_bf16 200 python3 scripts/gpu_sparse.py --weights bf16 --try up_regs=96 up_regs=104 \
+          down_regs=104 up_regs=96,down_regs=104 ;;
       tiles_ab) step tiles_ab 580 python3 scripts/gpu_tiles_ab.py --quantize "${QUANTIZE:-int8}" --try $TILES ;;  # TILES="f=1,g=2 ..." 
       bench_mistral) step bench_mistral 300 python3 bench.py --preset mistral-7b --sparsity 0 0.5 0.7 --new-tokens 256 --repeats 5 --json "$OUT/mistral-7b.json" ;;
     esac

@@ -79,8 +79,8 @@ def launch_all(D=256, F=512):
                 blocks = dataclasses.replace(cm.INT8_B1_BLOCKS, int8_words=words, word_lanes=lanes, down_words=words,
                                              **(lane_fit if lanes else fit))
                 cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm, blocks=blocks)
-            # the model's tiles with registers capped (Blocks.gate_regs, up_regs: maxnreg) below their own
-            capped = dataclasses.replace(cm.INT8_B1_BLOCKS, gate_regs=64, up_regs=64)
+            # the model's tiles with registers capped (Blocks.gate_regs, up_regs, down_regs: maxnreg) below their own
+            capped = dataclasses.replace(cm.INT8_B1_BLOCKS, gate_regs=64, up_regs=64, down_regs=96)
             cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm, blocks=capped)
         gm.int8_gemv_triton(x, q8[0], scales[0])
         gm.gemv_triton(x, torch.randn(D, D, **bf16), residual=torch.randn(B, D, **bf16))
