@@ -214,8 +214,8 @@ class Blocks:
     word_lanes = 1: those words one a lane, not four (rows_times_x1_words' LANES; 2: the tile as
     words x rows, which Triton 3.6 lays out one word a lane);
     down_words likewise for the one-token int8 down launch (down1_words_kernel; columns dividing D).
-    gate_regs / up_regs / down_regs (one token): a cap on the launch's registers a thread (maxnreg; 0 = the
-    compiler's choice), where one more program an SM fits the grid's working programs in one wave."""
+    gate_regs / up_regs / down_regs (one token): a cap on the launch's registers a thread (maxnreg;
+    0 = the compiler's choice), where one more program an SM fits the working programs in one wave."""
     gate_f: int = 64
     gate_d: int = 128
     gate_warps: int = 4

@@ -252,7 +252,8 @@ def rows_times_x1_words(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl
     if LANES:  # a condition the compiler cannot decide hides the words' contiguity: no vector loads
         cols_w = tl.where(cols_w < D, cols_w, 0)
     ROWS_AXIS: tl.constexpr = 1 if LANES == 2 else 0
-    tile = w_ptr.to(tl.pointer_type(tl.int32)) + _along(rows * (D // 4), ROWS_AXIS) + _along(cols_w, 1 - ROWS_AXIS)
+    W_AXIS: tl.constexpr = 1 - ROWS_AXIS
+    tile = w_ptr.to(tl.pointer_type(tl.int32)) + _along(rows * (D // 4), ROWS_AXIS) + _along(cols_w, W_AXIS)
     tile_ok = _along(row_mask, ROWS_AXIS)
     acc = tl.zeros([WORDS, BLOCK_F] if LANES == 2 else [BLOCK_F, WORDS // RUN], tl.float32)
     squares = tl.zeros([BLOCK_D], tl.float32)
@@ -272,7 +273,6 @@ def rows_times_x1_words(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl
         x1, x3 = tl.split(x13)
         b0, b1, b2, b3 = int8_words_to_f32_offset(words)
         if LANES:  # a word's products, the offset's share (OFFSET x, the word's sum of x) taken off first
-            W_AXIS: tl.constexpr = 1 - ROWS_AXIS
             products = b0 * _along(x0, W_AXIS) - _along((x0 + x1 + x2 + x3) * OFFSET, W_AXIS)
             products = tl.fma(b1, _along(x1, W_AXIS), products)
             products = tl.fma(b2, _along(x2, W_AXIS), products)
@@ -285,4 +285,4 @@ def rows_times_x1_words(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl
             acc += run_sums
         if AHEAD:
             words = ahead
-    return tl.sum(acc, axis=1 - ROWS_AXIS), tl.sum(squares, axis=0)
+    return tl.sum(acc, axis=W_AXIS), tl.sum(squares, axis=0)
