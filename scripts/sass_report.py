@@ -66,7 +66,6 @@ def report(label, compiled, programs: int, warps: int):
 
 def variants(texts, int8: bool, D=4096, F=11008):
     """Each Blocks variant's one-token MLP launches, compiled and reported."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from gpu_sparse import tile_changes
     hc.record_kernels()
     x, norm = torch.randn(1, D, dtype=torch.bfloat16), (torch.rand(D, dtype=torch.bfloat16), 1e-5)
