@@ -33,7 +33,8 @@ for s in "${@:-checks attention profile bench}"; do
       floor_int8) step floor_int8 200 python3 scripts/gpu_launch_floor.py --int8 ;;
       sass) step sass 150 python3 scripts/sass_report.py --model int8 B=1 NORM=True ;;  # the device's Triton
       sass_try) step sass_try 200 python3 scripts/sass_report.py --try model gate_regs=80 \
-          gate_f=4,gate_d=2048,gate_regs=80 gate_f=8,gate_d=256,gate_warps=2,up_d=256,up_steps=8,int8_words=2,word_lanes=2 ;;
+          int8_words=2,gate_regs=80,up_regs=80,down_words=2,down_regs=128 gate_f=4,gate_d=2048,gate_regs=80 \
+          gate_f=8,gate_d=256,gate_warps=2,up_d=256,up_steps=8,int8_words=2,word_lanes=2 ;;
       # word_lanes=2: the lanes' tile as words x rows, which Triton 3.6 (the device's) lays out one
       # word a lane with no barrier in the loop; word_lanes=1 does that under 3.9 only (v14)
       words) step words 400 python3 scripts/gpu_sparse.py --weights int8 --try int8_words=1 \
@@ -44,11 +45,14 @@ for s in "${@:-checks attention profile bench}"; do
           gate_f=8,gate_d=128,gate_warps=1,up_r=4,up_d=128,up_steps=16,warps=1,int8_words=2,word_lanes=2 \
           gate_f=8,gate_d=256,gate_warps=2,up_d=256,up_steps=8,int8_words=2,word_lanes=2,down_words=2 ;;
       # the int8 gate takes 91 registers under the device's Triton 3.6 (80 under 3.9): 5 programs an
-      # SM, 688 programs in 1.04 waves; capped at 80, one wave. Narrow gates (4 rows, warps splitting
-      # the columns: no barrier in the loop) capped at 80 registers, 6 or 12 an SM (notes/kernels.md v14)
-      regs) step regs 300 python3 scripts/gpu_sparse.py --weights int8 --try gate_regs=80 gate_regs=64 \
-          gate_regs=80,int8_words=1 gate_regs=80,down_words=2 gate_f=4,gate_d=2048,gate_regs=80 \
-          gate_f=4,gate_d=1024,gate_warps=2,gate_regs=80 ;;
+      # SM, 688 programs in 1.04 waves; capped at 80, one wave. The model's loops load a step's
+      # weights and use them in the same iteration (no pipelining): the words a step ahead, with the
+      # caps keeping as many programs an SM (6 / 12 / 16), double the bytes in flight. Narrow gates
+      # (4 rows, warps splitting the columns: no barrier) capped at 80 (notes/kernels.md v14)
+      regs) step regs 300 python3 scripts/gpu_sparse.py --weights int8 --try gate_regs=80 \
+          int8_words=2,gate_regs=80 int8_words=2,gate_regs=80,up_regs=80 down_words=2,down_regs=128 \
+          int8_words=2,gate_regs=80,up_regs=80,down_words=2,down_regs=128 \
+          gate_f=4,gate_d=2048,gate_regs=80 gate_f=4,gate_d=1024,gate_warps=2,gate_regs=80 ;;
       # bf16 (3.6): up 126 registers, 8 an SM (1056 slots), down 124 on one warp, 16 an SM (2112): fewer
       # than the ~1376 / ~2752 working programs at s=0.5 (at 96 the down loop reads local memory)
       regs_bf16) step regs_bf16 200 python3 scripts/gpu_sparse.py --weights bf16 --try up_regs=96 up_regs=104 \

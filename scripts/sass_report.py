@@ -56,12 +56,15 @@ def report(label, compiled, programs: int, warps: int):
         f.flush()
         usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
         sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True).stdout
-    regs = re.search(r"REG:(\d+).*?LOCAL:(\d+)", usage)
+    regs = re.search(r"REG:(\d+) STACK:(\d+).*?LOCAL:(\d+)", usage)
     per_sm = programs_per_sm(int(regs.group(1)), warps)
-    print(f"{label}: {regs.group(1)} registers, {regs.group(2)} bytes spilled; {warps} warps, {per_sm} programs "
-          f"an SM; grid {programs}: {programs / (per_sm * SMS):.2f} waves")
+    # a register cap's spills land on the stack (LDL / STL in the loop), not in LOCAL
+    print(f"{label}: {regs.group(1)} registers, {regs.group(3)} bytes spilled, {regs.group(2)} of stack; {warps} "
+          f"warps, {per_sm} programs an SM; grid {programs}: {programs / (per_sm * SMS):.2f} waves")
     for n, ops in loops(sass):
-        print(f"    loop of {n} instructions: " + ", ".join(f"{op} {k}" for op, k in ops.most_common(8)))
+        local = ops["LDL"] + ops["STL"]
+        print(f"    loop of {n} instructions: " + ", ".join(f"{op} {k}" for op, k in ops.most_common(8)) +
+              (f"; {local} LDL / STL" if local else ""))
 
 
 def variants(texts, int8: bool, D=4096, F=11008):
