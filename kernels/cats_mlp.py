@@ -43,8 +43,8 @@ try:
     import triton.language as tl
 
     from .down1 import down1_kernel, down1_words_kernel
-    from .tiles import (OFFSET_INT8, PLAIN, as_operand, dot, rows_times_x, rows_times_x1, rows_times_x1_words,
-                       rsqrt_mean)
+    from .tiles import as_operand, dot, rows_times_x, rows_times_x1, rsqrt_mean
+    from .to_f32 import OFFSET_INT8, PLAIN
 except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
     triton = None
 
@@ -94,13 +94,9 @@ if triton is not None:
         else:
             t = tl.load(t_ptr)
         if FMA:  # one token: fp32 FMA, no padding to 16 tokens
-            if WORDS > 0:  # int8 tiles as words (Blocks.int8_words)
-                g1, squares1 = rows_times_x1_words(wg_ptr, x_ptr, rows, row_ok, D, 0, D, BLOCK_F, BLOCK_D, g_ptr,
-                                                   NORM, SUB, WORDS == 2, LANES)
-            else:
-                CONVERT: tl.constexpr = OFFSET_INT8 if INT8 else PLAIN
-                g1, squares1 = rows_times_x1(wg_ptr, x_ptr, rows, row_ok, D, 0, D, BLOCK_F, BLOCK_D, EVEN, CONVERT,
-                                             g_ptr, NORM, SUB)
+            CONVERT: tl.constexpr = OFFSET_INT8 if INT8 else PLAIN
+            g1, squares1 = rows_times_x1(wg_ptr, x_ptr, rows, row_ok, D, 0, D, BLOCK_F, BLOCK_D, EVEN, CONVERT, g_ptr,
+                                         NORM, SUB, WORDS, LANES)  # WORDS: int8 tiles as words (Blocks.int8_words)
             g = tl.where(toks[None, :] == 0, g1[:, None], 0.0)
             squares = tl.where(toks == 0, squares1, 0.0)
         else:
@@ -156,12 +152,8 @@ if triton is not None:
             if FMA:
                 # NORM: x * g here; 1 / rms (this program sees part of x) waits for the down launch
                 CONVERT: tl.constexpr = OFFSET_INT8 if INT8 else PLAIN
-                if WORDS > 0:
-                    acc1, _ = rows_times_x1_words(wu_ptr, x_ptr, rows, ok, D, c0, c1, BLOCK_R, BLOCK_D, g_ptr, NORM,
-                                                  SUB, WORDS == 2, LANES)
-                else:
-                    acc1, _ = rows_times_x1(wu_ptr, x_ptr, rows, ok, D, c0, c1, BLOCK_R, BLOCK_D, EVEN, CONVERT,
-                                            g_ptr, NORM, SUB)
+                acc1, _ = rows_times_x1(wu_ptr, x_ptr, rows, ok, D, c0, c1, BLOCK_R, BLOCK_D, EVEN, CONVERT, g_ptr,
+                                        NORM, SUB, WORDS, LANES)
                 acc = tl.where(toks[None, :] == 0, acc1[:, None], 0.0)
             else:
                 acc, _ = rows_times_x(wu_ptr, x_ptr, rows, ok, B, D, c0, c1, BLOCK_R, BLOCK_D, DOT_F32, g_ptr, NORM)

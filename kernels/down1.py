@@ -9,7 +9,7 @@ to 0 for the next call's gate launch."""
 import triton
 import triton.language as tl
 
-from .tiles import OFFSET, OFFSET_INT8, PLAIN, as_f32, int8_words_to_f32_offset
+from .to_f32 import OFFSET, OFFSET_INT8, PLAIN, as_f32, int8_words_to_f32_offset
 
 
 @triton.jit
@@ -24,6 +24,15 @@ def _first_entries(idx_ptr, count_ptr, item, F, N_COLS, BLOCK_R: tl.constexpr, S
     if item == 0:
         tl.store(count_ptr, 0)
     return slots, rows, n_active, item < tl.cdiv(n_active, BLOCK_R * STEPS) * N_COLS
+
+
+@triton.jit
+def _row_groups(t, BLOCK_R: tl.constexpr, ACC_ROWS: tl.constexpr):
+    """t [BLOCK_R] or [BLOCK_R, N] summed over the rows r = a * ACC_ROWS + b for each b: [ACC_ROWS(, N)]."""
+    if ACC_ROWS < BLOCK_R:
+        return tl.sum(tl.reshape(t, [BLOCK_R // ACC_ROWS, ACC_ROWS] + list(t.shape[1:])), axis=0)
+    else:
+        return t
 
 
 @triton.jit
@@ -60,29 +69,14 @@ def down1_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, sd_ptr, y_acc_ptr
             slots = slots + BLOCK_R  # the next step's entries, loaded while this step's rows arrive
             ok = slots < n_active
             rows = tl.load(idx_ptr + slots, mask=ok, other=0)
-            products = as_f32(w, CONVERT) * h[:, None]
-            if ACC_ROWS < BLOCK_R:
-                step_sums = tl.sum(tl.reshape(products, [BLOCK_R // ACC_ROWS, ACC_ROWS, BLOCK_D]), axis=0)
-                if INT8:  # int8_to_f32_offset's offset: OFFSET times the sum of h over each row group
-                    step_sums -= OFFSET * tl.sum(tl.reshape(h, [BLOCK_R // ACC_ROWS, ACC_ROWS]), axis=0)[:, None]
-                acc += step_sums
-            elif INT8:
-                acc += products - OFFSET * h[:, None]
-            else:
-                acc += products
+            step_sums = _row_groups(as_f32(w, CONVERT) * h[:, None], BLOCK_R, ACC_ROWS)
+            if INT8:  # int8_to_f32_offset's offset: OFFSET times the sum of h over each row group
+                step_sums -= OFFSET * _row_groups(h, BLOCK_R, ACC_ROWS)[:, None]
+            acc += step_sums
         y = tl.sum(acc, axis=0)
         if INT8:
             y = y * s_cols
         tl.atomic_add(y_acc_ptr + cols, y, mask=col_ok, sem="relaxed")
-
-
-@triton.jit
-def _row_groups(t, BLOCK_R: tl.constexpr, ACC_ROWS: tl.constexpr):
-    """t [BLOCK_R, N] summed over the rows r = a * ACC_ROWS + b for each b: [ACC_ROWS, N]."""
-    if ACC_ROWS < BLOCK_R:
-        return tl.sum(tl.reshape(t, [BLOCK_R // ACC_ROWS, ACC_ROWS, t.shape[1]]), axis=0)
-    else:
-        return t
 
 
 @triton.jit
@@ -128,7 +122,7 @@ def down1_words_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, sd_ptr, y_a
             ok = slots < n_active
             rows = tl.load(idx_ptr + slots, mask=ok, other=0)
             b0, b1, b2, b3 = int8_words_to_f32_offset(w)
-            offset = OFFSET * _row_groups(h[:, None], BLOCK_R, ACC_ROWS)  # the conversion's, per row group
+            offset = OFFSET * _row_groups(h, BLOCK_R, ACC_ROWS)[:, None]  # the conversion's, per row group
             acc0 += _row_groups(b0 * h[:, None], BLOCK_R, ACC_ROWS) - offset
             acc1 += _row_groups(b1 * h[:, None], BLOCK_R, ACC_ROWS) - offset
             acc2 += _row_groups(b2 * h[:, None], BLOCK_R, ACC_ROWS) - offset

@@ -31,7 +31,8 @@ try:
     import triton
     import triton.language as tl
 
-    from .tiles import EXACT_INT8, PLAIN, rows_times_x, rows_times_x1
+    from .tiles import rows_times_x, rows_times_x1
+    from .to_f32 import EXACT_INT8, PLAIN
 except ImportError:  # no Triton (e.g. macOS): the op still runs, through the reference
     triton = None
 

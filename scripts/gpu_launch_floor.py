@@ -21,7 +21,8 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, as for bench.py
 from catsgen.kernels.bench import graph_time_us  # noqa: E402
-from catsgen.kernels.tiles import OFFSET_INT8, rows_times_x1, rows_times_x1_words  # noqa: E402
+from catsgen.kernels.tiles import rows_times_x1  # noqa: E402
+from catsgen.kernels.to_f32 import OFFSET_INT8  # noqa: E402
 
 MB = 2**20
 SIZES_MB = (2, 8, 16, 32, 48, 64, 90)
@@ -62,11 +63,11 @@ def _int8_rows(w_ptr, x_ptr, g_ptr, out_ptr, D, ROWS: tl.constexpr, COLS: tl.con
         for k in range(0, D, COLS):
             acc += tl.load(tile + k // 4, eviction_policy="evict_first")
         y = tl.sum(acc, axis=1).to(tl.float32)
-    elif MODE == 1:
-        y, _ = rows_times_x1(w_ptr, x_ptr, rows, all_rows, D, 0, D, ROWS, COLS, True, OFFSET_INT8, g_ptr, True, 16)
-    else:
-        y, _ = rows_times_x1_words(w_ptr, x_ptr, rows, all_rows, D, 0, D, ROWS, COLS, g_ptr, True, 16, MODE % 2 == 1,
-                                   (MODE - 2) // 2)
+    else:  # MODE 1: WORDS 0; then WORDS 1, 2 (ahead) for LANES 0, 1, 2
+        WORDS: tl.constexpr = 0 if MODE == 1 else 1 + MODE % 2
+        LANES: tl.constexpr = 0 if MODE == 1 else (MODE - 2) // 2
+        y, _ = rows_times_x1(w_ptr, x_ptr, rows, all_rows, D, 0, D, ROWS, COLS, True, OFFSET_INT8, g_ptr, True, 16,
+                             WORDS, LANES)
     tl.store(out_ptr + rows, y)
 
 

@@ -184,12 +184,21 @@ def sweep(case, base):
 
 
 def tile_changes(text):
-    """--try's FIELD=INT[,FIELD=INT...] as {field: int}, or an argparse error naming the fields."""
+    """--try's FIELD=INT[,FIELD=INT...] as {field: int} ("model": none), or an argparse error naming
+    the fields."""
+    if text == "model":
+        return {}
     fields = {f.name for f in dataclasses.fields(cm.Blocks)}
     pairs = [kv.partition("=") for kv in text.split(",")]
     if not all(k in fields and v.isdigit() for k, _, v in pairs):
         raise argparse.ArgumentTypeError(f"want FIELD=INT[,FIELD=INT...], FIELD one of {', '.join(sorted(fields))}")
     return {k: int(v) for k, _, v in pairs}
+
+
+def tile_variants(model, changes: list) -> dict:
+    """{label: the model's tiles with tile_changes' changes}, labelled as --try spells them ("model"
+    for none)."""
+    return {",".join(f"{k}={v}" for k, v in c.items()) or "model": dataclasses.replace(model, **c) for c in changes}
 
 
 def main():
@@ -212,8 +221,7 @@ def main():
         if a.down_warps:
             bases |= {f"down {w} warps {t}": dataclasses.replace(model, down_warps=w, **dict(zip(
                 ("down_r", "down_d", "down_steps", "down_fold"), t))) for w, ts in DOWN_WARPS.items() for t in ts}
-        for changes in a.tries:
-            bases[",".join(f"{k}={v}" for k, v in changes.items())] = dataclasses.replace(model, **changes)
+        bases |= tile_variants(model, a.tries)
         if a.stress:
             stress(case, model)
         if a.gate:  # (rows, columns, warps, stages): the dense GEMV's own tiles among them

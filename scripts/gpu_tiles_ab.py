@@ -6,7 +6,6 @@ within a round, so a machine's drift between calls does not enter them (notes/ke
     python3 scripts/gpu_tiles_ab.py [--preset llama-2-7b] [--quantize int8] --try FIELD=INT[,...] ...
                                     [--rounds 2] [--sparsity 0.5 0.7] [--new-tokens 256] [--repeats 2]"""
 import argparse
-import dataclasses
 import importlib
 import sys
 from collections import defaultdict
@@ -19,7 +18,7 @@ from catsgen import cats  # noqa: E402
 from catsgen.bench import bench_one_sparsity, bench_thresholds, build_model  # noqa: E402
 from catsgen.generate import make_decode_step  # noqa: E402
 from catsgen.settings import BenchSettings  # noqa: E402
-from gpu_sparse import tile_changes  # noqa: E402
+from gpu_sparse import tile_changes, tile_variants  # noqa: E402
 
 cm = importlib.import_module("catsgen.kernels.cats_mlp")
 
@@ -70,9 +69,7 @@ def main():
     a = p.parse_args()
     settings = BenchSettings(device="cuda", dtype="bfloat16", quantize=a.quantize, compile=True,
                              new_tokens=a.new_tokens, repeats=a.repeats)
-    model_tiles = cm.pick_blocks(1, int8=a.quantize == "int8")
-    variants = {"model": model_tiles} | {",".join(f"{k}={v}" for k, v in c.items()): dataclasses.replace(
-        model_tiles, **c) for c in a.tries}
+    variants = tile_variants(cm.pick_blocks(1, int8=a.quantize == "int8"), [{}] + a.tries)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     times = run(settings, a.preset, variants, a.rounds, a.sparsity)
     dense = times[("dense", 0.0)]

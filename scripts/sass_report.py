@@ -12,7 +12,6 @@ one-token MLP launches (norm folded in, Llama-2-7B's shape) with the model's int
 its bf16 tiles) changed as scripts/gpu_sparse.py --try changes them ("model": unchanged).
 Uses Triton's bundled cuobjdump; run without TRITON_INTERPRET."""
 import collections
-import dataclasses
 import glob
 import os
 import re
@@ -50,14 +49,14 @@ def programs_per_sm(registers: int, warps: int) -> int:
     return min(65536 // (per_warp * warps), 64 // warps, 32)
 
 
-def report(label, compiled, programs: int, warps: int):
+def report(label, compiled, grid: tuple, warps: int):
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
         usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
         sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True).stdout
     regs = re.search(r"REG:(\d+) STACK:(\d+).*?LOCAL:(\d+)", usage)
-    per_sm = programs_per_sm(int(regs.group(1)), warps)
+    per_sm, programs = programs_per_sm(int(regs.group(1)), warps), grid[0] * (grid[1] if len(grid) > 1 else 1)
     # a register cap's spills land on the stack (LDL / STL in the loop), not in LOCAL
     print(f"{label}: {regs.group(1)} registers, {regs.group(3)} bytes spilled, {regs.group(2)} of stack; {warps} "
           f"warps, {per_sm} programs an SM; grid {programs}: {programs / (per_sm * SMS):.2f} waves")
@@ -69,7 +68,7 @@ def report(label, compiled, programs: int, warps: int):
 
 def variants(texts, int8: bool, D=4096, F=11008):
     """Each Blocks variant's one-token MLP launches, compiled and reported."""
-    from gpu_sparse import tile_changes
+    from gpu_sparse import tile_changes, tile_variants
     hc.record_kernels()
     x, norm = torch.randn(1, D, dtype=torch.bfloat16), (torch.rand(D, dtype=torch.bfloat16), 1e-5)
     if int8:
@@ -77,14 +76,12 @@ def variants(texts, int8: bool, D=4096, F=11008):
         scales = dict(scales=(torch.rand(F), torch.rand(F), torch.rand(D)))
     else:
         weights, scales = [torch.randn(F, D, dtype=torch.bfloat16) for _ in range(3)], {}
-    for text in texts:
-        changes = {} if text == "model" else tile_changes(text)
-        blocks = dataclasses.replace(hc.cm.pick_blocks(1, int8=int8), **changes)
+    for label, blocks in tile_variants(hc.cm.pick_blocks(1, int8=int8), [tile_changes(t) for t in texts]).items():
         hc.launches.clear()
         hc.cm.cats_mlp_triton(x, *weights, torch.rand(F), norm=norm, blocks=blocks, **scales)
-        print(f"== {text}")
-        for label, kernel, named, options, grid in hc.launches:
-            report(label, hc.compile_for_hopper(kernel, named, options), grid[0], options.get("num_warps", 4))
+        print(f"== {label}")
+        for name, kernel, named, options, grid in hc.launches:
+            report(name, hc.compile_for_hopper(kernel, named, options), grid, options.get("num_warps", 4))
 
 
 def main():
@@ -98,8 +95,7 @@ def main():
             f"{k}={named[k]}" for k in ("B", "FMA", "NORM", "WORDS") if k in named) + \
             (f" maxnreg={options['maxnreg']}" if "maxnreg" in options else "")
         if all(w in tag for w in wanted):
-            programs = grid[0] * (grid[1] if len(grid) > 1 else 1)
-            report(tag, hc.compile_for_hopper(kernel, named, options), programs, options.get("num_warps", 4))
+            report(tag, hc.compile_for_hopper(kernel, named, options), grid, options.get("num_warps", 4))
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ from helpers_kernels import INT8_F32_TOL, SMALL, SMALL_FMA, poisoned_scratch, re
 from helpers_kernels import threshold as float_threshold
 
 assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"  # conftest.py
-# White-box: the kernels' modules (tiles, Triton paths, scratch allocator), not the ops of the same names.
+# White-box: the kernels' modules (to_f32, Triton paths, scratch allocator), not the ops of the same names.
 cm = importlib.import_module("catsgen.kernels.cats_mlp")
 gm = importlib.import_module("catsgen.kernels.gemv")
-tiles = importlib.import_module("catsgen.kernels.tiles")
+to_f32 = importlib.import_module("catsgen.kernels.to_f32")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -76,18 +76,18 @@ def _prmt(a, b, selector):
 
 @pytest.mark.parametrize("permutes,offset", [("PERMUTES_2_23", 8388736.0), ("PERMUTES_2_15", 32896.0)])
 def test_int8_to_float_gpu_identity_for_every_value(permutes, offset):
-    """The GPU paths of int8_to_f32 and int8_to_f32_offset (kernels/tiles.py, inline PTX the
-    interpreter can not run), emulated from the constants tiles builds that PTX from: the XOR with
+    """The GPU paths of int8_to_f32 and int8_to_f32_offset (kernels/to_f32.py, inline PTX the
+    interpreter can not run), emulated from the constants to_f32 builds that PTX from: the XOR with
     0x80808080, then for weight k the byte permute with its selector, read as fp32, is offset + b
     exactly (int8_to_f32 then subtracts 2^23 + 128; the offset variant leaves OFFSET), for every
     int8 b and every byte position."""
-    constant, selectors = getattr(tiles, permutes)
+    constant, selectors = getattr(to_f32, permutes)
     b = torch.arange(-128, 128, dtype=torch.int64)
     for k, selector in enumerate(selectors):
         t = ((b & 0xFF) << (8 * k)) ^ 0x80808080  # b as byte k of a 32-bit register, sign bit flipped
         bits = _prmt(t, torch.full_like(t, int(constant, 16)), int(selector, 16)).to(torch.int32)
         assert torch.equal(bits.view(torch.float32).double() - offset, b.double())
-    assert tiles.OFFSET == 32896.0
+    assert to_f32.OFFSET == 32896.0
 
 
 def test_int8_gemv_reference_is_dequantized_linear():
@@ -202,7 +202,7 @@ def test_int8_words_conversion_is_exact_for_every_value_and_position():
     @triton.jit
     def convert(words_ptr, out_ptr, N: tl.constexpr):
         i = tl.arange(0, N)
-        b0, b1, b2, b3 = tiles.int8_words_to_f32_offset(tl.load(words_ptr + i))
+        b0, b1, b2, b3 = to_f32.int8_words_to_f32_offset(tl.load(words_ptr + i))
         tl.store(out_ptr + i, b0)
         tl.store(out_ptr + N + i, b1)
         tl.store(out_ptr + 2 * N + i, b2)
@@ -214,7 +214,7 @@ def test_int8_words_conversion_is_exact_for_every_value_and_position():
     out = torch.empty(4, 256, dtype=torch.float32)
     out = out.to(DEV)
     convert[(1,)](words.to(DEV), out, N=256)
-    assert torch.equal(out.cpu() - tiles.OFFSET.value, byte_rows.t().float())
+    assert torch.equal(out.cpu() - to_f32.OFFSET.value, byte_rows.t().float())
 
 
 def test_int8_cats_reference_is_dequantized_float_mlp():
