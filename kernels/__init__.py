@@ -14,7 +14,8 @@ Layout rule: one file per kernel, holding
 Callers import from here only; tests and GPU scripts may reach into a kernel's module for its
 tiles and Triton path (importlib.import_module: the module and its op share a name).
 Shared Triton pieces, no op of their own: tiles.py (the weight-tile loops), to_f32.py (weights to
-fp32 in registers), down1.py (cats_mlp's one-token down launches).
+fp32 in registers), down1.py (cats_mlp's one-token down launches); mlp_tiles.py holds cats_mlp's
+tile sizes (Blocks) and their tuned tables.
 """
 from .cats_mlp import cats_mlp, cats_mlp_reference, list_counter, rms_norm_reference
 from .decode_attention import (arrival_counters, decode_attention, decode_attention_reference, decode_attention_rope,

@@ -20,22 +20,22 @@ result, so the cast to x.dtype fuses into the model's residual add):
   2. _up_kernel:   u[slot] += W_up[idx[slot], cols] x[cols]: a program takes BLOCK_R consecutive
      entries of the list and a range of columns, so every tile it loads is full of needed rows.
   3. _down_kernel: y[cols] += sum over slots of (v u)[slot] W_down^T[idx[slot], cols]
-     (kernels/down1.py for one token on the FMA units, see Blocks.fma_at_b1).
+     (kernels/down1.py for one token on the FMA units, see Blocks.fma_at_b1 in
+     kernels/mlp_tiles.py, which holds the tiles and their tables).
 The grid of the sparse launches is sized for "all rows active"; programs past the list's end
 return at once. The list's order varies between runs, so fp32 sums may differ in the last bits
 (as the atomics of split reductions make them anyway). Several tokens are padded to 16 so each
 step is one tl.dot on the tensor cores (FMA units for fp32); one token multiplies on the FMA units
-unpadded (pick_blocks). Why this design and not others, with
-measurements: notes/kernels.md. Over 300 lines: one op whose launches share the row list, its
-counter, the tiles (Blocks) and the folded norm's 1 / rms (written by the gate launch, read by the
-down launch); they are not usable apart. The one-token down launches, a pair with their own
-prologue, live in kernels/down1.py.
+unpadded (mlp_tiles.pick_blocks). Why this design and not others, with measurements:
+notes/kernels.md. The one-token down launches, a pair with their own prologue, live in
+kernels/down1.py.
 """
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from . import mlp_tiles
+from .mlp_tiles import Blocks, word_tiles
 from .workspace import int32_workspace
 
 try:
@@ -193,80 +193,6 @@ if triton is not None:
                               sem="relaxed")
 
 
-@dataclass(frozen=True)
-class Blocks:
-    """Tile sizes (rows x columns per step), steps per program, warps, pipeline depth.
-    fma_at_b1 (B = 1 only): gate and up multiply-add in fp32 instead of a tl.dot with x padded to
-    16 tokens, and the down launch is down1.down1_kernel, whose down_steps are row steps (a program:
-    down_r x down_steps list entries, down_d columns); sub: the gate and up FMA steps sum runs of
-    sub adjacent columns first (tiles.rows_times_x1; 0 = a full accumulator). down_fold:
-    down1_kernel's FOLD; down_warps: its warps (0: warps, as up). int8_words (int8, fma_at_b1;
-    where the tiles divide D and sub is a multiple of 4, else 0): the gate and up launches load
-    their tiles as int32 words (tiles.rows_times_x1_words), 2 = each step's words a step ahead;
-    word_lanes = 1: those words one a lane, not four (rows_times_x1_words' LANES; 2: the tile as
-    words x rows, which Triton 3.6 lays out one word a lane);
-    down_words likewise for the one-token int8 down launch (down1_words_kernel; columns dividing D).
-    gate_regs / up_regs / down_regs (one token): a cap on the launch's registers a thread (maxnreg;
-    0 = the compiler's choice), where one more program an SM fits the working programs in one wave."""
-    gate_f: int = 64
-    gate_d: int = 128
-    gate_warps: int = 4
-    gate_stages: int = 4
-    up_r: int = 64
-    up_d: int = 128
-    up_steps: int = 8
-    down_r: int = 64
-    down_d: int = 128
-    down_steps: int = 2
-    warps: int = 4
-    stages: int = 3
-    fma_at_b1: bool = False
-    sub: int = 0
-    down_fold: int = 0
-    down_warps: int = 0
-    int8_words: int = 0
-    word_lanes: int = 0
-    down_words: int = 0
-    gate_regs: int = 0
-    up_regs: int = 0
-    down_regs: int = 0
-
-
-# The H200 sweeps' best for 4096x11008 (scripts/gpu_int8.py --sweep, notes/kernels.md int8 v2):
-# B = 1 on the FMA units (few rows, long int8 steps); B > 1 through tl.dot (16-row tiles at least).
-INT8_BLOCKS = Blocks(gate_f=32, gate_d=128, gate_warps=4, gate_stages=4, up_r=32, up_d=256, up_steps=4,
-                     down_r=64, down_d=128, down_steps=2, warps=4, stages=4)
-# the down launch: 32 rows x 128 columns x 4 steps on one warp, accumulator [4, 128] (one layout
-# period of int8 rows with one warp): twice the programs of 64-row tiles on 2 warps, which left
-# most warp slots idle (notes/kernels.md v11)
-INT8_B1_BLOCKS = Blocks(gate_f=16, gate_d=512, gate_warps=4, gate_stages=2, up_r=8, up_d=512, up_steps=4,
-                        down_r=32, down_d=128, down_steps=4, warps=2, stages=1, fma_at_b1=True, sub=16,
-                        down_fold=4, down_warps=1)
-# Float weights, one token: the FMA launches with runs of 8 (scripts/gpu_sparse.py --sweep, session 9);
-# the down launch on one warp, 32 rows x 2 steps (notes/kernels.md v12)
-FLOAT_B1_BLOCKS = Blocks(gate_f=16, gate_d=256, gate_warps=4, gate_stages=3, up_r=8, up_d=1024, up_steps=2,
-                         down_r=32, down_d=128, down_steps=2, warps=2, stages=2, fma_at_b1=True, sub=8,
-                         down_fold=4, down_warps=1)
-
-
-def pick_blocks(B: int, int8: bool = False) -> Blocks:
-    """One token: the FMA launches (no padding to 16 tokens), int8 and float each their own tiles.
-    Several: through tl.dot with tokens padded to 16; float weights share one table for every B
-    (how each was tuned: notes/kernels.md)."""
-    if B == 1:
-        return INT8_B1_BLOCKS if int8 else FLOAT_B1_BLOCKS
-    return INT8_BLOCKS if int8 else Blocks()
-
-
-def word_tiles(cfg: Blocks, D: int) -> tuple[int, int]:
-    """(cfg.int8_words, cfg.down_words) where the one-token int8 tiles can be words, else 0: the gate
-    and up launches need whole columns and whole runs of whole words, the down launch whole columns."""
-    runs_fit = cfg.sub > 0 and cfg.sub % 4 == 0 and cfg.gate_d % cfg.sub == 0 and cfg.up_d % cfg.sub == 0
-    columns_fit = D % 16 == 0 and D % cfg.gate_d == 0 and D % (cfg.up_d * cfg.up_steps) == 0
-    return (cfg.int8_words if runs_fit and columns_fit else 0,
-            cfg.down_words if D % 16 == 0 and D % cfg.down_d == 0 else 0)
-
-
 _empty = torch.empty  # scratch allocation; tests swap in a NaN-filling version to catch unwritten outputs
 
 
@@ -296,7 +222,7 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     assert norm is None or norm[0].shape == (D,)
     g, eps = norm if norm is not None else (x, 0.0)  # unread without a norm
     x = x.contiguous()
-    cfg = blocks or pick_blocks(B, int8)
+    cfg = blocks or mlp_tiles.pick_blocks(B, int8)  # (through the module: scripts swap its tables)
     dot_f32 = x.dtype == torch.float32 or not x.is_cuda
     fma = cfg.fma_at_b1 and B == 1
     words, down_words = word_tiles(cfg, D) if int8 and fma else (0, 0)

@@ -26,6 +26,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, as for bench.py
 from catsgen.kernels import (cats_mlp, cats_mlp_reference, int8_gemv, int8_gemv_reference,  # noqa: E402
                              prepare_workspaces)
+from catsgen.kernels import mlp_tiles  # noqa: E402
 from catsgen.kernels.bench import dense_mlp_wdown, graph_time_us, int8_dense_mlp  # noqa: E402
 from catsgen.quantize import quantize_int8  # noqa: E402
 
@@ -95,7 +96,7 @@ def check_kernels():
             err = 0.0 if s == 1 else rel_err(y, cats_mlp_reference(x, *qs, t, scales=scales))
             # fp32, one token: the int8 -> fp32 offset (tiles.int8_to_f32_offset) leaves ~1e-4
             check(f"int8 cats_mlp B={B} s={s} {dt}", err, 3e-4 if dt == torch.float32 else 1e-2, ok)
-        fma = cm.pick_blocks(1, int8=True)
+        fma = mlp_tiles.pick_blocks(1, int8=True)
         for s, weights in ((0.5, "int8"), (0.7, "bf16"), (0.0, "int8")):  # B = 1 on the FMA units
             x = torch.randn(1, D, device=DEV, dtype=torch.bfloat16)
             t, _ = threshold(x, qs[0], scales[0], s)
@@ -279,7 +280,7 @@ def time_gated(sweep=False):
 
 
 def time_mlp():
-    int8_blocks = cm.pick_blocks(1, int8=True)  # their sweep: scripts/gpu_sparse.py --sweep
+    int8_blocks = mlp_tiles.pick_blocks(1, int8=True)  # their sweep: scripts/gpu_sparse.py --sweep
     print(f"\nint8 CATS MLP {D}x{FF}, blocks {int8_blocks}; int8 dense MLP: the int8 GEMV with "
           f"{gm.pick_gemv_blocks(FF, D)} (gate, up), {gm.pick_gemv_blocks(D, FF)} (down)")
     print(f"{'B':>2} {'s':>4} {'active':>6} {'cats_us':>8} {'GB/s':>6} {'limit':>6} {'i8dense':>8} {'vs_i8':>6} "

@@ -18,7 +18,7 @@ gs = importlib.import_module("gpu_sparse")
 def main():
     prepare_workspaces("cuda", 1, 1)
     case = gs.make_case("int8")
-    cfg = gs.cm.pick_blocks(1, int8=True)
+    cfg = gs.mlp_tiles.pick_blocks(1, int8=True)
     for _ in range(2):
         gs.call(case, cfg, 0.5, 0)
     (qg, _, _), (sg, _, _) = case[0][0]

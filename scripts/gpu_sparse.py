@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, as for bench.py
 from catsgen.kernels import cats_mlp_reference, prepare_workspaces  # noqa: E402
+from catsgen.kernels import mlp_tiles  # noqa: E402
 from catsgen.kernels.bench import graph_time_us  # noqa: E402
 from catsgen.quantize import quantize_int8  # noqa: E402
 
@@ -188,7 +189,7 @@ def tile_changes(text):
     the fields."""
     if text == "model":
         return {}
-    fields = {f.name for f in dataclasses.fields(cm.Blocks)}
+    fields = {f.name for f in dataclasses.fields(mlp_tiles.Blocks)}
     pairs = [kv.partition("=") for kv in text.split(",")]
     if not all(k in fields and v.isdigit() for k, _, v in pairs):
         raise argparse.ArgumentTypeError(f"want FIELD=INT[,FIELD=INT...], FIELD one of {', '.join(sorted(fields))}")
@@ -216,7 +217,7 @@ def main():
     print(torch.cuda.get_device_name(), torch.__version__)
     for weights in a.weights:
         case = make_case(weights)
-        model = cm.pick_blocks(1, int8=weights == "int8")
+        model = mlp_tiles.pick_blocks(1, int8=weights == "int8")
         bases = {"model": model}
         if a.down_warps:
             bases |= {f"down {w} warps {t}": dataclasses.replace(model, down_warps=w, **dict(zip(

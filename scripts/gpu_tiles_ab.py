@@ -1,12 +1,11 @@
 """Model-level A/B of the CATS MLP's one-token tiles, in one process: a preset model with random
 weights is built and calibrated once; then, round after round, the model's tiles and each variant
-in turn (kernels.cats_mlp's B = 1 Blocks replaced, the decode step compiled and its CUDA graphs
+in turn (kernels.mlp_tiles' B = 1 Blocks replaced, the decode step compiled and its CUDA graphs
 recorded again) decode new_tokens at each sparsity, after one dense run a round. Ratios are read
 within a round, so a machine's drift between calls does not enter them (notes/kernels.md v13).
     python3 scripts/gpu_tiles_ab.py [--preset llama-2-7b] [--quantize int8] --try FIELD=INT[,...] ...
                                     [--rounds 2] [--sparsity 0.5 0.7] [--new-tokens 256] [--repeats 2]"""
 import argparse
-import importlib
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -18,15 +17,14 @@ from catsgen import cats  # noqa: E402
 from catsgen.bench import bench_one_sparsity, bench_thresholds, build_model  # noqa: E402
 from catsgen.generate import make_decode_step  # noqa: E402
 from catsgen.settings import BenchSettings  # noqa: E402
+from catsgen.kernels import mlp_tiles  # noqa: E402
 from gpu_sparse import tile_changes, tile_variants  # noqa: E402
 
-cm = importlib.import_module("catsgen.kernels.cats_mlp")
 
-
-def use_tiles(blocks: cm.Blocks, int8: bool):
+def use_tiles(blocks: mlp_tiles.Blocks, int8: bool):
     """The one-token tiles pick_blocks returns from now on; compiled steps are dropped, so the next
     step records its launches with them."""
-    setattr(cm, "INT8_B1_BLOCKS" if int8 else "FLOAT_B1_BLOCKS", blocks)
+    setattr(mlp_tiles, "INT8_B1_BLOCKS" if int8 else "FLOAT_B1_BLOCKS", blocks)
     torch._dynamo.reset()
 
 
@@ -69,7 +67,7 @@ def main():
     a = p.parse_args()
     settings = BenchSettings(device="cuda", dtype="bfloat16", quantize=a.quantize, compile=True,
                              new_tokens=a.new_tokens, repeats=a.repeats)
-    variants = tile_variants(cm.pick_blocks(1, int8=a.quantize == "int8"), [{}] + a.tries)
+    variants = tile_variants(mlp_tiles.pick_blocks(1, int8=a.quantize == "int8"), [{}] + a.tries)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     times = run(settings, a.preset, variants, a.rounds, a.sparsity)
     dense = times[("dense", 0.0)]

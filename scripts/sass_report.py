@@ -76,7 +76,7 @@ def variants(texts, int8: bool, D=4096, F=11008):
         scales = dict(scales=(torch.rand(F), torch.rand(F), torch.rand(D)))
     else:
         weights, scales = [torch.randn(F, D, dtype=torch.bfloat16) for _ in range(3)], {}
-    for label, blocks in tile_variants(hc.cm.pick_blocks(1, int8=int8), [tile_changes(t) for t in texts]).items():
+    for label, blocks in tile_variants(hc.mlp_tiles.pick_blocks(1, int8=int8), [tile_changes(t) for t in texts]).items():
         hc.launches.clear()
         hc.cm.cats_mlp_triton(x, *weights, torch.rand(F), norm=norm, blocks=blocks, **scales)
         print(f"== {label}")

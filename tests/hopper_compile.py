@@ -18,6 +18,7 @@ from triton.compiler import ASTSource
 
 da = importlib.import_module("catsgen.kernels.decode_attention")
 cm = importlib.import_module("catsgen.kernels.cats_mlp")
+mlp_tiles = importlib.import_module("catsgen.kernels.mlp_tiles")
 gm = importlib.import_module("catsgen.kernels.gemv")
 HOPPER = GPUTarget("cuda", 90, 32)
 launches = []  # (label, kernel, args by name, options, grid)
@@ -76,11 +77,11 @@ def launch_all(D=256, F=512):
             fit = {} if D % 2048 == 0 else dict(gate_d=128, up_d=128, up_steps=2)
             lane_fit = dict(gate_f=8, gate_d=256, gate_warps=2, up_d=256, up_steps=8 if D % 2048 == 0 else 1)
             for words, lanes in ((1, 0), (2, 0), (1, 1), (2, 1), (1, 2), (2, 2)):
-                blocks = dataclasses.replace(cm.INT8_B1_BLOCKS, int8_words=words, word_lanes=lanes, down_words=words,
+                blocks = dataclasses.replace(mlp_tiles.INT8_B1_BLOCKS, int8_words=words, word_lanes=lanes, down_words=words,
                                              **(lane_fit if lanes else fit))
                 cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm, blocks=blocks)
             # the model's tiles with registers capped (Blocks.gate_regs, up_regs, down_regs: maxnreg) below their own
-            capped = dataclasses.replace(cm.INT8_B1_BLOCKS, gate_regs=64, up_regs=64, down_regs=96)
+            capped = dataclasses.replace(mlp_tiles.INT8_B1_BLOCKS, gate_regs=64, up_regs=64, down_regs=96)
             cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm, blocks=capped)
         gm.int8_gemv_triton(x, q8[0], scales[0])
         gm.gemv_triton(x, torch.randn(D, D, **bf16), residual=torch.randn(B, D, **bf16))

@@ -50,13 +50,13 @@ def test_step_variants_are_valid_and_correct(monkeypatch, step, weights):
     monkeypatch.setattr(gpu_sparse, "DEV", "cpu")
     prepare_workspaces("cpu", 1, 1)
     case = gpu_sparse.make_case(weights)
-    model = gpu_sparse.cm.pick_blocks(1, int8=weights == "int8")
+    model = gpu_sparse.mlp_tiles.pick_blocks(1, int8=weights == "int8")
     variants = step_variants(step)
     assert len(variants) >= 4
     for text in variants:
         cfg = dataclasses.replace(model, **gpu_sparse.tile_changes(text))
         for d in (4096, 2048):  # Llama-2-7B's D, and this test's
-            assert gpu_sparse.cm.word_tiles(cfg, d) == (cfg.int8_words, cfg.down_words)
+            assert gpu_sparse.mlp_tiles.word_tiles(cfg, d) == (cfg.int8_words, cfg.down_words)
         if step.startswith("regs"):
             assert cfg.gate_regs or cfg.up_regs or cfg.down_regs
         gpu_sparse.checked(case, cfg)
@@ -73,13 +73,13 @@ def test_tiles_ab_runs_every_variant_each_round(monkeypatch):
     tiny = dataclasses.replace(config.PRESETS["llama-2-7b"], dim=64, n_layers=2, n_heads=4, n_kv_heads=4,
                                intermediate_size=160, vocab_size=320)
     monkeypatch.setitem(config.PRESETS, "tiny", tiny)
-    monkeypatch.setattr(gpu_tiles_ab.cm, "INT8_B1_BLOCKS", gpu_tiles_ab.cm.INT8_B1_BLOCKS)  # restored after
+    monkeypatch.setattr(gpu_tiles_ab.mlp_tiles, "INT8_B1_BLOCKS", gpu_tiles_ab.mlp_tiles.INT8_B1_BLOCKS)  # restored after
     seen = []
     real = gpu_tiles_ab.decode_ms
-    monkeypatch.setattr(gpu_tiles_ab, "decode_ms", lambda *a: seen.append(gpu_tiles_ab.cm.INT8_B1_BLOCKS) or real(*a))
+    monkeypatch.setattr(gpu_tiles_ab, "decode_ms", lambda *a: seen.append(gpu_tiles_ab.mlp_tiles.INT8_B1_BLOCKS) or real(*a))
     settings = BenchSettings(device="cpu", dtype="float32", quantize="int8", compile=False, new_tokens=3, repeats=1,
                              prompt_len=8, max_seq_len=64)
-    model = gpu_tiles_ab.cm.INT8_B1_BLOCKS
+    model = gpu_tiles_ab.mlp_tiles.INT8_B1_BLOCKS
     variant = dataclasses.replace(model, int8_words=2)
     times = gpu_tiles_ab.run(settings, "tiny", {"model": model, "words": variant}, rounds=2, sparsities=[0.5])
     assert {k: len(v) for k, v in times.items()} == {("dense", 0.0): 2, ("model", 0.5): 2, ("words", 0.5): 2}

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from catsgen.kernels import cats_mlp, cats_mlp_reference, int8_gemv, int8_gemv_reference
+from catsgen.kernels import cats_mlp, cats_mlp_reference, int8_gemv, int8_gemv_reference, mlp_tiles
 from catsgen.quantize import dequantize_int8, quantize_int8
 from helpers_kernels import INT8_F32_TOL, SMALL, SMALL_FMA, poisoned_scratch, rel_err  # noqa: F401 (poisoned_scratch: a fixture)
 from helpers_kernels import threshold as float_threshold
@@ -171,7 +171,7 @@ def test_int8_cats_mlp_words_match_reference(poisoned_scratch, sparsity, words):
     norm = (torch.rand(d, generator=torch.Generator().manual_seed(5)).to(DEV, torch.bfloat16) + 0.5, 1e-5)
     t = int8_threshold(cm.rms_norm_reference(x, *norm), qs, scales, sparsity)
     blocks = dataclasses.replace(WORDS_TILES, **words)
-    assert cm.word_tiles(blocks, d) == (blocks.int8_words, blocks.down_words)  # the words paths are taken
+    assert mlp_tiles.word_tiles(blocks, d) == (blocks.int8_words, blocks.down_words)  # the words paths are taken
     out = cm.cats_mlp_triton(x, *qs, t, blocks=blocks, scales=scales, norm=norm)
     ref = cats_mlp_reference(x, *qs, t, scales=scales, norm=norm)
     if sparsity == 1:
@@ -186,11 +186,11 @@ def test_int8_cats_mlp_words_match_reference(poisoned_scratch, sparsity, words):
 
 def test_int8_words_only_where_the_tiles_fit():
     blocks = dataclasses.replace(WORDS_TILES, int8_words=2, down_words=1)
-    assert cm.word_tiles(blocks, 64) == (2, 1)
-    assert cm.word_tiles(blocks, 72) == (0, 0)  # up's 32 columns do not divide 72, nor do down's 16 columns
-    assert cm.word_tiles(blocks, 48) == (0, 1)  # 48: down's 16 columns divide it, up's 32 do not
-    assert cm.word_tiles(dataclasses.replace(blocks, sub=6), 64) == (0, 1)  # runs of 6: not whole words
-    assert cm.word_tiles(dataclasses.replace(blocks, sub=0), 64) == (0, 1)  # no runs
+    assert mlp_tiles.word_tiles(blocks, 64) == (2, 1)
+    assert mlp_tiles.word_tiles(blocks, 72) == (0, 0)  # up's 32 columns do not divide 72, nor do down's 16 columns
+    assert mlp_tiles.word_tiles(blocks, 48) == (0, 1)  # 48: down's 16 columns divide it, up's 32 do not
+    assert mlp_tiles.word_tiles(dataclasses.replace(blocks, sub=6), 64) == (0, 1)  # runs of 6: not whole words
+    assert mlp_tiles.word_tiles(dataclasses.replace(blocks, sub=0), 64) == (0, 1)  # no runs
 
 
 def test_int8_words_conversion_is_exact_for_every_value_and_position():
