@@ -87,6 +87,26 @@ def test_tiles_ab_runs_every_variant_each_round(monkeypatch):
     assert seen == [model, model, variant] * 2  # a round: dense and s = 0.5 on the model's tiles, then the variant
 
 
+
+def test_a_swapped_table_is_the_ops_tiles(monkeypatch):
+    """gpu_tiles_ab.use_tiles swaps kernels/mlp_tiles' table; the op's next launch must take its
+    tiles from it (cats_mlp_triton reads the table through mlp_tiles at every call)."""
+    import torch
+    from catsgen.quantize import quantize_int8
+    mlp_tiles, cm = gpu_tiles_ab.mlp_tiles, gpu_sparse.cm
+    monkeypatch.setattr(mlp_tiles, "INT8_B1_BLOCKS", mlp_tiles.INT8_B1_BLOCKS)  # restored after
+    variant = dataclasses.replace(mlp_tiles.INT8_B1_BLOCKS, gate_f=8, gate_regs=80)
+    gpu_tiles_ab.use_tiles(variant, int8=True)
+    seen = []
+    monkeypatch.setattr(cm, "word_tiles", lambda cfg, D: seen.append(cfg) or (0, 0))
+    torch.manual_seed(0)
+    d, f = 64, 48
+    (qg, sg), (qu, su), (qd, sd) = quantize_int8(torch.randn(f, d)), quantize_int8(torch.randn(f, d)), \
+        quantize_int8(torch.randn(d, f))  # W_down [d, f]: its scale per output channel, [d]
+    prepare_workspaces("cpu", 1, 1)
+    cm.cats_mlp_triton(torch.randn(1, d), qg, qu, qd.t().contiguous(), torch.tensor(0.1), scales=(sg, su, sd))
+    assert seen == [variant]
+
 def test_programs_an_sm_by_registers_and_warps():
     assert sass_report.programs_per_sm(80, 4) == 6  # 80 x 32 = 2560 registers a warp: 65536 // 10240
     assert sass_report.programs_per_sm(96, 4) == 5  # the int8 gate a step ahead: 5 x 132 < 688 programs
