@@ -53,10 +53,12 @@ INT8_BLOCKS = Blocks(gate_f=32, gate_d=128, gate_warps=4, gate_stages=4, up_r=32
                      down_r=64, down_d=128, down_steps=2, warps=4, stages=4)
 # the down launch: 32 rows x 128 columns x 4 steps on one warp, accumulator [4, 128] (one layout
 # period of int8 rows with one warp): twice the programs of 64-row tiles on 2 warps, which left
-# most warp slots idle (notes/kernels.md v11)
+# most warp slots idle (notes/kernels.md v11); its rows as int32 words, a step ahead (down_words=2).
+# The gate capped at 80 registers: 6 programs an SM, all 688 in one wave (91 uncapped under Triton
+# 3.6). Both measured in the model on an H200, one process (notes/kernels.md v15).
 INT8_B1_BLOCKS = Blocks(gate_f=16, gate_d=512, gate_warps=4, gate_stages=2, up_r=8, up_d=512, up_steps=4,
                         down_r=32, down_d=128, down_steps=4, warps=2, stages=1, fma_at_b1=True, sub=16,
-                        down_fold=4, down_warps=1)
+                        down_fold=4, down_warps=1, down_words=2, gate_regs=80)
 # Float weights, one token: the FMA launches with runs of 8 (scripts/gpu_sparse.py --sweep, session 9);
 # the down launch on one warp, 32 rows x 2 steps (notes/kernels.md v12)
 FLOAT_B1_BLOCKS = Blocks(gate_f=16, gate_d=256, gate_warps=4, gate_stages=3, up_r=8, up_d=1024, up_steps=2,
