@@ -81,7 +81,7 @@ if triton is not None:
                      g_ptr, r_ptr, eps,
                      T_PER_ROW: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, ZBLOCK: tl.constexpr,
                      DOT_F32: tl.constexpr, INT8: tl.constexpr, FMA: tl.constexpr, EVEN: tl.constexpr,
-                     NORM: tl.constexpr, SUB: tl.constexpr, WORDS: tl.constexpr, LANES: tl.constexpr):
+                     NORM: tl.constexpr, SUB: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCK_F + tl.arange(0, BLOCK_F)
         row_ok = rows < F
@@ -96,7 +96,7 @@ if triton is not None:
         if FMA:  # one token: fp32 FMA, no padding to 16 tokens
             CONVERT: tl.constexpr = OFFSET_INT8 if INT8 else PLAIN
             g1, squares1 = rows_times_x1(wg_ptr, x_ptr, rows, row_ok, D, 0, D, BLOCK_F, BLOCK_D, EVEN, CONVERT, g_ptr,
-                                         NORM, SUB, WORDS, LANES)  # WORDS: int8 tiles as words (Blocks.int8_words)
+                                         NORM, SUB)
             g = tl.where(toks[None, :] == 0, g1[:, None], 0.0)
             squares = tl.where(toks == 0, squares1, 0.0)
         else:
@@ -137,8 +137,7 @@ if triton is not None:
     @triton.jit
     def _up_kernel(x_ptr, wu_ptr, su_ptr, idx_ptr, count_ptr, u_acc_ptr, B, D, F, COLS_PER_PROG, N_COLS, g_ptr,
                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, INT8: tl.constexpr,
-                   FMA: tl.constexpr, EVEN: tl.constexpr, NORM: tl.constexpr, SUB: tl.constexpr, WORDS: tl.constexpr,
-                   LANES: tl.constexpr):
+                   FMA: tl.constexpr, EVEN: tl.constexpr, NORM: tl.constexpr, SUB: tl.constexpr):
         item = tl.program_id(0)
         slots, rows, ok, n_active, n_items = _list_entries(idx_ptr, count_ptr, item, F, N_COLS, BLOCK_R)
         if item == 0:
@@ -153,7 +152,7 @@ if triton is not None:
                 # NORM: x * g here; 1 / rms (this program sees part of x) waits for the down launch
                 CONVERT: tl.constexpr = OFFSET_INT8 if INT8 else PLAIN
                 acc1, _ = rows_times_x1(wu_ptr, x_ptr, rows, ok, D, c0, c1, BLOCK_R, BLOCK_D, EVEN, CONVERT, g_ptr,
-                                        NORM, SUB, WORDS, LANES)
+                                        NORM, SUB)
                 acc = tl.where(toks[None, :] == 0, acc1[:, None], 0.0)
             else:
                 acc, _ = rows_times_x(wu_ptr, x_ptr, rows, ok, B, D, c0, c1, BLOCK_R, BLOCK_D, DOT_F32, g_ptr, NORM)
@@ -225,7 +224,7 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     cfg = blocks or mlp_tiles.pick_blocks(B, int8)  # (through the module: scripts swap its tables)
     dot_f32 = x.dtype == torch.float32 or not x.is_cuda
     fma = cfg.fma_at_b1 and B == 1
-    words, down_words = word_tiles(cfg, D) if int8 and fma else (0, 0)
+    down_words = int8 and fma and word_tiles(cfg, D)
 
     f32 = dict(device=x.device, dtype=torch.float32)
     v, u_acc, y_acc = _empty(B, F, **f32), _empty(B, F, **f32), _empty(B, D, **f32)
@@ -239,24 +238,22 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
                             T_PER_ROW=threshold.numel() > 1, BLOCK_F=cfg.gate_f, BLOCK_D=cfg.gate_d,
                             ZBLOCK=triton.next_power_of_2(triton.cdiv(B * (F + D), n_gate)),
                             DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % cfg.gate_d == 0, NORM=norm is not None,
-                            SUB=cfg.sub, WORDS=words, LANES=cfg.word_lanes, num_warps=cfg.gate_warps,
-                            num_stages=cfg.gate_stages, maxnreg=cfg.gate_regs or None)
+                            SUB=cfg.sub, num_warps=cfg.gate_warps, num_stages=cfg.gate_stages,
+                            maxnreg=cfg.gate_regs or None)
     up_cols, down_cols = cfg.up_d * cfg.up_steps, cfg.down_d * cfg.down_steps
     n_up, n_down = triton.cdiv(D, up_cols), triton.cdiv(D, down_cols)  # column ranges
     _up_kernel[(n_up * triton.cdiv(F, cfg.up_r),)](
         x, w_up, s_up, idx, count, u_acc, B, D, F, up_cols, n_up, g, BLOCK_R=cfg.up_r, BLOCK_D=cfg.up_d,
         DOT_F32=dot_f32, INT8=int8, FMA=fma, EVEN=D % up_cols == 0, NORM=norm is not None, SUB=cfg.sub,
-        WORDS=words, LANES=cfg.word_lanes, num_warps=cfg.warps, num_stages=cfg.stages,
-        maxnreg=cfg.up_regs or None)
+        num_warps=cfg.warps, num_stages=cfg.stages)
     if fma:  # down_steps counts row steps here: a program covers down_r x down_steps entries, down_d columns
         n_down = triton.cdiv(D, cfg.down_d)
         grid = (n_down * triton.cdiv(F, cfg.down_r * cfg.down_steps),)
         args = (v, u_acc, idx, count, w_down_t, s_down, y_acc, D, F, n_down, r)
         tiles = dict(BLOCK_R=cfg.down_r, STEPS=cfg.down_steps, BLOCK_D=cfg.down_d, NORM=norm is not None,
-                     FOLD=cfg.down_fold, num_warps=cfg.down_warps or cfg.warps, num_stages=cfg.stages,
-                     maxnreg=cfg.down_regs or None)
+                     FOLD=cfg.down_fold, num_warps=cfg.down_warps or cfg.warps, num_stages=cfg.stages)
         if down_words:
-            down1_words_kernel[grid](*args, AHEAD=down_words == 2, **tiles)
+            down1_words_kernel[grid](*args, **tiles)
         else:
             down1_kernel[grid](*args, INT8=int8, EVEN=D % cfg.down_d == 0, **tiles)
     else:

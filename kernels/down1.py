@@ -2,9 +2,8 @@
 the CATS MLP's down launch for one token (B = 1) on the FMA units, as a program of STEPS x BLOCK_R
 consecutive entries of the gate launch's row list and BLOCK_D columns of W_down^T. Two kernels
 with one contract: down1_kernel on the weights as stored (float, or int8 bytes), and
-down1_words_kernel on int8 weights loaded as int32 words (Blocks.down_words, not the model's tiles
-yet: notes/kernels.md v13), whose tile can be carried across the loop's steps without being
-repacked. Both read the list's length from count[1] (the up launch's copy) and set count[0] back
+down1_words_kernel on int8 weights loaded as int32 words (Blocks.down_words, the model's int8 tiles:
+notes/kernels.md v15), whose tile can be carried across the loop's steps without being repacked. Both read the list's length from count[1] (the up launch's copy) and set count[0] back
 to 0 for the next call's gate launch."""
 import triton
 import triton.language as tl
@@ -89,11 +88,12 @@ def _h_and_words(v_ptr, u_acc_ptr, tile, rows, slots, ok, r, D):
 @triton.jit
 def down1_words_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, sd_ptr, y_acc_ptr, D, F, N_COLS, r_ptr,
                         BLOCK_R: tl.constexpr, STEPS: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr,
-                        FOLD: tl.constexpr, AHEAD: tl.constexpr):
+                        FOLD: tl.constexpr):
     """down1_kernel for int8 W_down^T loaded as int32 words (Blocks.down_words; whole columns):
-    four accumulators, one a byte position of the words, joined into columns at the end.
-    AHEAD: each step's rows and h are loaded a step early (the list's entries two steps early),
-    so the next step's bytes are in flight while this step's are multiplied."""
+    four accumulators, one a byte position of the words, joined into columns at the end. Each
+    step's rows and h are loaded a step early (the list's entries two steps early), so the next
+    step's bytes are in flight while this step's are multiplied (a byte tile carried so was
+    repacked every step: notes/kernels.md v11)."""
     item = tl.program_id(0)
     slots, rows, n_active, working = _first_entries(idx_ptr, count_ptr, item, F, N_COLS, BLOCK_R, STEPS)
     if working:
@@ -108,17 +108,13 @@ def down1_words_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, sd_ptr, y_a
         acc0 = tl.zeros([ACC_ROWS, WORDS], tl.float32)
         acc1, acc2, acc3 = acc0, acc0, acc0
         ok = slots < n_active
-        if AHEAD:  # the first step's h and words, then the second step's list entries
-            h, w = _h_and_words(v_ptr, u_acc_ptr, tile, rows, slots, ok, r, D)
-            slots += BLOCK_R
-            ok = slots < n_active
-            rows = tl.load(idx_ptr + slots, mask=ok, other=0)
+        h, w = _h_and_words(v_ptr, u_acc_ptr, tile, rows, slots, ok, r, D)  # the first step's, then
+        slots += BLOCK_R  # the second step's list entries
+        ok = slots < n_active
+        rows = tl.load(idx_ptr + slots, mask=ok, other=0)
         for step in range(STEPS):
-            if AHEAD:
-                h_ahead, w_ahead = _h_and_words(v_ptr, u_acc_ptr, tile, rows, slots, ok, r, D)
-            else:
-                h, w = _h_and_words(v_ptr, u_acc_ptr, tile, rows, slots, ok, r, D)
-            slots += BLOCK_R  # the next step's entries, loaded while this step's rows arrive
+            h_ahead, w_ahead = _h_and_words(v_ptr, u_acc_ptr, tile, rows, slots, ok, r, D)
+            slots += BLOCK_R  # the list entries of the step after next
             ok = slots < n_active
             rows = tl.load(idx_ptr + slots, mask=ok, other=0)
             b0, b1, b2, b3 = int8_words_to_f32_offset(w)
@@ -127,8 +123,7 @@ def down1_words_kernel(v_ptr, u_acc_ptr, idx_ptr, count_ptr, wd_ptr, sd_ptr, y_a
             acc1 += _row_groups(b1 * h[:, None], BLOCK_R, ACC_ROWS) - offset
             acc2 += _row_groups(b2 * h[:, None], BLOCK_R, ACC_ROWS) - offset
             acc3 += _row_groups(b3 * h[:, None], BLOCK_R, ACC_ROWS) - offset
-            if AHEAD:
-                h, w = h_ahead, w_ahead
+            h, w = h_ahead, w_ahead
         # column 4j + 2a + b is [j, a, b] of the joined sums (byte position 2a + b of word j)
         y02 = tl.join(tl.sum(acc0, axis=0), tl.sum(acc2, axis=0))
         y13 = tl.join(tl.sum(acc1, axis=0), tl.sum(acc3, axis=0))

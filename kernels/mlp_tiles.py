@@ -15,14 +15,11 @@ class Blocks:
     16 tokens, and the down launch is down1.down1_kernel, whose down_steps are row steps (a program:
     down_r x down_steps list entries, down_d columns); sub: the gate and up FMA steps sum runs of
     sub adjacent columns first (tiles.rows_times_x1; 0 = a full accumulator). down_fold:
-    down1_kernel's FOLD; down_warps: its warps (0: warps, as up). int8_words (int8, fma_at_b1;
-    where the tiles divide D and sub is a multiple of 4, else 0): the gate and up launches load
-    their tiles as int32 words (tiles.rows_times_x1_words), 2 = each step's words a step ahead;
-    word_lanes = 1: those words one a lane, not four (rows_times_x1_words' LANES; 2: the tile as
-    words x rows, which Triton 3.6 lays out one word a lane);
-    down_words likewise for the one-token int8 down launch (down1_words_kernel; columns dividing D).
-    gate_regs / up_regs / down_regs (one token): a cap on the launch's registers a thread (maxnreg;
-    0 = the compiler's choice), where one more program an SM fits the working programs in one wave."""
+    down1_kernel's FOLD; down_warps: its warps (0: warps, as up). down_words (int8, fma_at_b1, where
+    down_d divides D and D is a multiple of 16; else ignored): the down launch is
+    down1.down1_words_kernel, W_down^T's rows loaded as int32 words a step ahead. gate_regs: a cap
+    on the gate launch's registers a thread (Triton's maxnreg; 0 = the compiler's choice), where one
+    more program an SM fits all of its programs in one wave."""
     gate_f: int = 64
     gate_d: int = 128
     gate_warps: int = 4
@@ -39,12 +36,8 @@ class Blocks:
     sub: int = 0
     down_fold: int = 0
     down_warps: int = 0
-    int8_words: int = 0
-    word_lanes: int = 0
     down_words: int = 0
     gate_regs: int = 0
-    up_regs: int = 0
-    down_regs: int = 0
 
 
 # The H200 sweeps' best for 4096x11008 (scripts/gpu_int8.py --sweep, notes/kernels.md int8 v2):
@@ -53,12 +46,12 @@ INT8_BLOCKS = Blocks(gate_f=32, gate_d=128, gate_warps=4, gate_stages=4, up_r=32
                      down_r=64, down_d=128, down_steps=2, warps=4, stages=4)
 # the down launch: 32 rows x 128 columns x 4 steps on one warp, accumulator [4, 128] (one layout
 # period of int8 rows with one warp): twice the programs of 64-row tiles on 2 warps, which left
-# most warp slots idle (notes/kernels.md v11); its rows as int32 words, a step ahead (down_words=2).
+# most warp slots idle (notes/kernels.md v11); its rows as int32 words, a step ahead (down_words).
 # The gate capped at 80 registers: 6 programs an SM, all 688 in one wave (91 uncapped under Triton
 # 3.6). Both measured in the model on an H200, one process (notes/kernels.md v15).
 INT8_B1_BLOCKS = Blocks(gate_f=16, gate_d=512, gate_warps=4, gate_stages=2, up_r=8, up_d=512, up_steps=4,
                         down_r=32, down_d=128, down_steps=4, warps=2, stages=1, fma_at_b1=True, sub=16,
-                        down_fold=4, down_warps=1, down_words=2, gate_regs=80)
+                        down_fold=4, down_warps=1, down_words=1, gate_regs=80)
 # Float weights, one token: the FMA launches with runs of 8 (scripts/gpu_sparse.py --sweep, session 9);
 # the down launch on one warp, 32 rows x 2 steps (notes/kernels.md v12)
 FLOAT_B1_BLOCKS = Blocks(gate_f=16, gate_d=256, gate_warps=4, gate_stages=3, up_r=8, up_d=1024, up_steps=2,
@@ -75,10 +68,7 @@ def pick_blocks(B: int, int8: bool = False) -> Blocks:
     return INT8_BLOCKS if int8 else Blocks()
 
 
-def word_tiles(cfg: Blocks, D: int) -> tuple[int, int]:
-    """(cfg.int8_words, cfg.down_words) where the one-token int8 tiles can be words, else 0: the gate
-    and up launches need whole columns and whole runs of whole words, the down launch whole columns."""
-    runs_fit = cfg.sub > 0 and cfg.sub % 4 == 0 and cfg.gate_d % cfg.sub == 0 and cfg.up_d % cfg.sub == 0
-    columns_fit = D % 16 == 0 and D % cfg.gate_d == 0 and D % (cfg.up_d * cfg.up_steps) == 0
-    return (cfg.int8_words if runs_fit and columns_fit else 0,
-            cfg.down_words if D % 16 == 0 and D % cfg.down_d == 0 else 0)
+def word_tiles(cfg: Blocks, D: int) -> bool:
+    """Whether the one-token int8 down launch runs on words (cfg.down_words where whole words and
+    whole column tiles fit D; elsewhere the byte tiles run)."""
+    return bool(cfg.down_words) and D % 16 == 0 and D % cfg.down_d == 0

@@ -12,7 +12,7 @@ its result by 1 / rms itself (rsqrt_mean) and no norm kernel runs before it.
 import triton
 import triton.language as tl
 
-from .to_f32 import OFFSET, OFFSET_INT8, as_f32, int8_words_to_f32_offset
+from .to_f32 import OFFSET, OFFSET_INT8, as_f32
 
 
 @triton.jit
@@ -84,23 +84,7 @@ def _x_step(x_ptr, g_ptr, cols, k_hi, NORM: tl.constexpr, EVEN: tl.constexpr):
 
 @triton.jit
 def rows_times_x1(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-                  EVEN: tl.constexpr, MAGIC: tl.constexpr, g_ptr, NORM: tl.constexpr, SUB: tl.constexpr,
-                  WORDS: tl.constexpr = 0, LANES: tl.constexpr = 0):
-    """_rows_times_x1_bytes, or for int8 weights with WORDS > 0 rows_times_x1_words (the tile as
-    int32 words; WORDS 2: a step ahead; LANES: its lanes), whose tiles need EVEN and the offset
-    conversion (the callers' word_tiles decides where they fit)."""
-    if WORDS > 0:  # (one return: Triton checks every return's type, even in a branch not taken)
-        out = rows_times_x1_words(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F, BLOCK_D, g_ptr, NORM, SUB,
-                                  WORDS == 2, LANES)
-    else:
-        out = _rows_times_x1_bytes(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F, BLOCK_D, EVEN, MAGIC, g_ptr,
-                                   NORM, SUB)
-    return out
-
-
-@triton.jit
-def _rows_times_x1_bytes(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-                         EVEN: tl.constexpr, MAGIC: tl.constexpr, g_ptr, NORM: tl.constexpr, SUB: tl.constexpr):
+                  EVEN: tl.constexpr, MAGIC: tl.constexpr, g_ptr, NORM: tl.constexpr, SUB: tl.constexpr):
     """([BLOCK_F] fp32 = w[rows, k_lo:k_hi] @ x[0, k_lo:k_hi], the sum of x^2 over those columns
     (NORM; else 0)) for one token, on the FMA units (NORM: x * g in place of x). The
     products are summed across columns once, after the loop (a [BLOCK_F, BLOCK_D] accumulator),
@@ -143,68 +127,3 @@ def _rows_times_x1_bytes(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: t
     if MAGIC == OFFSET_INT8 and not RUNS:
         acc -= OFFSET * x_sums[None, :]
     return tl.sum(acc, axis=1), tl.sum(squares, axis=0)
-
-
-@triton.jit
-def _along(v, AXIS: tl.constexpr):
-    """A vector as a column (AXIS 0) or a row (1) of a 2-D tile, to broadcast along the other axis."""
-    if AXIS == 0:  # (one return: Triton checks every return's type, even in a branch not taken)
-        tile = v[:, None]
-    else:
-        tile = v[None, :]
-    return tile
-
-
-@triton.jit
-def rows_times_x1_words(w_ptr, x_ptr, rows, row_mask, D, k_lo, k_hi, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-                        g_ptr, NORM: tl.constexpr, SUB: tl.constexpr, AHEAD: tl.constexpr, LANES: tl.constexpr):
-    """rows_times_x1 for int8 weights through int8_words_to_f32_offset, with full columns (EVEN,
-    D a multiple of 16) and runs (SUB a multiple of 4 dividing BLOCK_D): the tile is loaded as int32
-    words, four weights a word, and the products of a word's four columns summed before the runs.
-    AHEAD: each step's words are loaded a step early, so the next step's bytes are in flight while
-    this step's are multiplied (two tiles of registers). LANES: one word a lane, not four (32-bit
-    loads; runs of one word): the warps then split the columns, and each thread's x is the four
-    columns of its own word, where vector loads need x moved between warps through shared memory
-    every step (barriers; SASS: scripts/sass_report.py). LANES = 1 loads the tile as [rows, words],
-    2 as [words, rows]: with no dimension contiguous, Triton 3.9's coalescing gives the words a lane
-    each in the first, Triton 3.6's in the second (8 x 4 threads of rows x words in the other)."""
-    WORDS: tl.constexpr = BLOCK_D // 4
-    RUN: tl.constexpr = 1 if LANES else SUB // 4  # words a run
-    cols_w = tl.arange(0, WORDS)
-    if LANES:  # a condition the compiler cannot decide hides the words' contiguity: no vector loads
-        cols_w = tl.where(cols_w < D, cols_w, 0)
-    ROWS_AXIS: tl.constexpr = 1 if LANES == 2 else 0
-    W_AXIS: tl.constexpr = 1 - ROWS_AXIS
-    tile = w_ptr.to(tl.pointer_type(tl.int32)) + _along(rows * (D // 4), ROWS_AXIS) + _along(cols_w, W_AXIS)
-    tile_ok = _along(row_mask, ROWS_AXIS)
-    acc = tl.zeros([WORDS, BLOCK_F] if LANES == 2 else [BLOCK_F, WORDS // RUN], tl.float32)
-    squares = tl.zeros([BLOCK_D], tl.float32)
-    if AHEAD:
-        words = tl.load(tile + k_lo // 4, mask=tile_ok, other=0, eviction_policy="evict_first")
-    for k in range(k_lo, k_hi, BLOCK_D):
-        if AHEAD:  # the next step's words (none past k_hi), then this step's work on the words in hand
-            next_ok = tl.where(k + BLOCK_D < k_hi, tile_ok, False)  # (mask & scalar: the interpreter refuses)
-            ahead = tl.load(tile + (k + BLOCK_D) // 4, mask=next_ok, other=0, eviction_policy="evict_first")
-        else:
-            words = tl.load(tile + k // 4, mask=tile_ok, other=0, eviction_policy="evict_first")
-        x, xv = _x_step(x_ptr, g_ptr, k + tl.arange(0, BLOCK_D), k_hi, NORM, True)
-        if NORM:
-            squares += x * x
-        x02, x13 = tl.split(tl.reshape(xv, [WORDS, 2, 2]))  # column 4j + 2a + b: [j, a] of x_b
-        x0, x2 = tl.split(x02)
-        x1, x3 = tl.split(x13)
-        b0, b1, b2, b3 = int8_words_to_f32_offset(words)
-        if LANES:  # a word's products, the offset's share (OFFSET x, the word's sum of x) taken off first
-            products = b0 * _along(x0, W_AXIS) - _along((x0 + x1 + x2 + x3) * OFFSET, W_AXIS)
-            products = tl.fma(b1, _along(x1, W_AXIS), products)
-            products = tl.fma(b2, _along(x2, W_AXIS), products)
-            acc += tl.fma(b3, _along(x3, W_AXIS), products)
-        else:
-            products = b0 * x0[None, :] + b1 * x1[None, :] + b2 * x2[None, :] + b3 * x3[None, :]
-            run_sums = tl.sum(tl.reshape(products, [BLOCK_F, WORDS // RUN, RUN]), axis=2)
-            # the offset's share, once a run: OFFSET x (the run's sum of x)
-            run_sums -= OFFSET * tl.sum(tl.reshape(x0 + x1 + x2 + x3, [WORDS // RUN, RUN]), axis=1)[None, :]
-            acc += run_sums
-        if AHEAD:
-            words = ahead
-    return tl.sum(acc, axis=W_AXIS), tl.sum(squares, axis=0)

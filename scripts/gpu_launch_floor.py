@@ -7,10 +7,10 @@ cost (start, ramp, drain), the rate its streaming bandwidth.
 --int8: the int8 CATS launches' work, part by part, at the bytes they read at s = 0.5 and 0.7, on
 tiles of the gate's and the up launch's shapes (rows of D = columns x steps): the words streamed
 with an integer sum (the floor with int8 data); then each row times x as the gate does it (one
-token, the norm's x * g and squares, the offset conversion, runs of 16: tiles.rows_times_x1); the
-same on int32 words (rows_times_x1_words), a step ahead, one a lane, one a lane a step ahead.
+token, the norm's x * g and squares, the offset conversion, runs of 16: tiles.rows_times_x1).
 Against the CATS launches' own times (gpu_sparse), the differences split a launch's time above the
-floor into its parts.
+floor into its parts (session 15 also timed the gate and up tiles on int32 words, a step ahead and
+one a lane: benchmarks/h200/session15/call1/floor_int8.log; those tiles were dropped).
     python3 scripts/gpu_launch_floor.py [--int8]"""
 import sys
 from pathlib import Path
@@ -42,19 +42,17 @@ def _stream(src_ptr, out_ptr, ROWS: tl.constexpr, COLS: tl.constexpr, STEPS: tl.
     tl.store(out_ptr + pid, tl.sum(acc))  # one store a program, so the loads are not dead code
 
 
-# --int8: (warps, rows, columns, steps) of the gate and the up launch, the model's tiles and those
-# with a lane for each word of a step (word_lanes); the work modes; the bytes the launches read at
-# s = 0.5 (gate 43 MiB, up 21.5) and s = 0.7 (up 12.9)
-INT8_SHAPES = ((4, 16, 512, 8), (2, 8, 256, 16), (2, 8, 512, 4), (2, 8, 256, 8))
-INT8_MODES = ("stream", "bytes", "words", "words ahead", "lanes", "lanes ahead", "lanes wxr", "lanes wxr ahead")
+# --int8: (warps, rows, columns, steps) of the gate and the up launch (the model's tiles); the work
+# modes; the bytes the launches read at s = 0.5 (gate 43 MiB, up 21.5) and s = 0.7 (up 12.9)
+INT8_SHAPES = ((4, 16, 512, 8), (2, 8, 512, 4))
+INT8_MODES = ("stream", "bytes")
 INT8_SIZES_MB = (12.9, 21.5, 43.0)
 
 
 @triton.jit
 def _int8_rows(w_ptr, x_ptr, g_ptr, out_ptr, D, ROWS: tl.constexpr, COLS: tl.constexpr, MODE: tl.constexpr):
-    """Row sums of ROWS rows of an int8 [n, D] matrix: MODE 0 the words summed as integers, else
-    rows times x (norm folded in, runs of 16) on bytes (1), words (2), words a step ahead (3), words
-    one a lane (4), and a step ahead (5), the lanes' tile as words x rows (6, 7 ahead: word_lanes=2)."""
+    """Row sums of ROWS rows of an int8 [n, D] matrix: MODE 0 the words summed as integers, 1 rows
+    times x as the gate does it (norm folded in, runs of 16)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     all_rows = rows >= 0
     if MODE == 0:
@@ -63,11 +61,8 @@ def _int8_rows(w_ptr, x_ptr, g_ptr, out_ptr, D, ROWS: tl.constexpr, COLS: tl.con
         for k in range(0, D, COLS):
             acc += tl.load(tile + k // 4, eviction_policy="evict_first")
         y = tl.sum(acc, axis=1).to(tl.float32)
-    else:  # MODE 1: WORDS 0; then WORDS 1, 2 (ahead) for LANES 0, 1, 2
-        WORDS: tl.constexpr = 0 if MODE == 1 else 1 + MODE % 2
-        LANES: tl.constexpr = 0 if MODE == 1 else (MODE - 2) // 2
-        y, _ = rows_times_x1(w_ptr, x_ptr, rows, all_rows, D, 0, D, ROWS, COLS, True, OFFSET_INT8, g_ptr, True, 16,
-                             WORDS, LANES)
+    else:
+        y, _ = rows_times_x1(w_ptr, x_ptr, rows, all_rows, D, 0, D, ROWS, COLS, True, OFFSET_INT8, g_ptr, True, 16)
     tl.store(out_ptr + rows, y)
 
 
@@ -96,7 +91,7 @@ def check_int8_rows(device):
         out = torch.empty(2 * rows, device=device)
         for mode in range(len(INT8_MODES)):
             int8_rows(w.to(device), x.to(device), g.to(device), out, shape, mode)
-            ref = want[min(mode, 1)]
+            ref = want[mode]
             err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
             if not err < (1e-6 if mode == 0 else 3e-4):
                 raise AssertionError(f"int8 {INT8_MODES[mode]} {shape}: rel_err {err:.2e}")

@@ -92,7 +92,7 @@ def main():
     for label, kernel, named, options, grid in hc.launches:
         weights = next((v.dtype for k, v in named.items() if k.startswith("w") and hasattr(v, "dtype")), None)
         tag = f"{label} {str(weights).removeprefix('torch.')} " + " ".join(
-            f"{k}={named[k]}" for k in ("B", "FMA", "NORM", "WORDS") if k in named) + \
+            f"{k}={named[k]}" for k in ("B", "FMA", "NORM") if k in named) + \
             (f" maxnreg={options['maxnreg']}" if "maxnreg" in options else "")
         if all(w in tag for w in wanted):
             report(tag, hc.compile_for_hopper(kernel, named, options), grid, options.get("num_warps", 4))

@@ -72,17 +72,10 @@ def launch_all(D=256, F=512):
         scales = (torch.rand(F), torch.rand(F), torch.rand(D))
         cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales)
         cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm)
-        if B == 1:  # int8 tiles as words (Blocks.int8_words), with tiles that divide the test's D; one
-            # word a lane (word_lanes) with a lane for each word of a step (columns = 128 x warps)
-            fit = {} if D % 2048 == 0 else dict(gate_d=128, up_d=128, up_steps=2)
-            lane_fit = dict(gate_f=8, gate_d=256, gate_warps=2, up_d=256, up_steps=8 if D % 2048 == 0 else 1)
-            for words, lanes in ((1, 0), (2, 0), (1, 1), (2, 1), (1, 2), (2, 2)):
-                blocks = dataclasses.replace(mlp_tiles.INT8_B1_BLOCKS, int8_words=words, word_lanes=lanes, down_words=words,
-                                             **(lane_fit if lanes else fit))
+        if B == 1:  # the model's int8 tiles on bytes (down_words off), and with the gate's cap lower
+            for change in (dict(down_words=0), dict(gate_regs=64)):
+                blocks = dataclasses.replace(mlp_tiles.INT8_B1_BLOCKS, **change)
                 cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm, blocks=blocks)
-            # the model's tiles with registers capped (Blocks.gate_regs, up_regs, down_regs: maxnreg) below their own
-            capped = dataclasses.replace(mlp_tiles.INT8_B1_BLOCKS, gate_regs=64, up_regs=64, down_regs=96)
-            cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm, blocks=capped)
         gm.int8_gemv_triton(x, q8[0], scales[0])
         gm.gemv_triton(x, torch.randn(D, D, **bf16), residual=torch.randn(B, D, **bf16))
         gm.gemv_triton(x, torch.randn(F, D, **bf16), up=(torch.randn(F, D, **bf16), None))  # the dense MLP's gated GEMV

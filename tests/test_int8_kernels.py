@@ -152,45 +152,41 @@ def test_int8_cats_mlp_matches_reference(poisoned_scratch, dtype, B, sparsity, d
         assert rel_err(out, ref) < CATS_TOL[dtype]
 
 
-WORDS_TILES = dataclasses.replace(SMALL_FMA, sub=8, down_fold=4)  # whole runs of whole words; 2 steps a launch at d = 64
+WORDS_TILES = dataclasses.replace(SMALL_FMA, sub=8, down_fold=4, down_words=1)  # down: 16 columns, whole words
 
 
 @pytest.mark.parametrize("sparsity", [0, 0.4, 1])
-@pytest.mark.parametrize("words", [dict(int8_words=1), dict(int8_words=2), dict(int8_words=1, word_lanes=1),
-                                   dict(int8_words=2, word_lanes=1), dict(int8_words=1, word_lanes=2),
-                                   dict(int8_words=2, word_lanes=2), dict(down_words=1), dict(down_words=2),
-                                   dict(down_words=2, down_fold=0)])
-def test_int8_cats_mlp_words_match_reference(poisoned_scratch, sparsity, words):
-    """One token, the block's norm folded in, tiles loaded as int32 words (Blocks.int8_words: the
-    gate and up launches, one a lane with word_lanes (2: the tile as words x rows), down_words: the
-    down launch; 2: a step ahead):
-    the reference's result,
-    and the byte tiles' to fp32 rounding."""
+@pytest.mark.parametrize("tiles", [dict(), dict(down_fold=0), dict(down_steps=1), dict(down_steps=3)])
+def test_int8_cats_mlp_down_words_match_reference(poisoned_scratch, sparsity, tiles):
+    """One token, the block's norm folded in, the down launch on int32 words a step ahead
+    (Blocks.down_words, the model's int8 tiles): the reference's result, and the byte tiles' to
+    fp32 rounding; with one step a program (nothing ahead inside it) and three (a last step past
+    the list's end)."""
     d, f = 64, 150  # f: a last gate program with rows past the matrix
-    x, qs, scales = _int8_mlp(1, d, f, torch.bfloat16, seed=len(str(words)))
+    x, qs, scales = _int8_mlp(1, d, f, torch.bfloat16, seed=len(str(tiles)))
     norm = (torch.rand(d, generator=torch.Generator().manual_seed(5)).to(DEV, torch.bfloat16) + 0.5, 1e-5)
     t = int8_threshold(cm.rms_norm_reference(x, *norm), qs, scales, sparsity)
-    blocks = dataclasses.replace(WORDS_TILES, **words)
-    assert mlp_tiles.word_tiles(blocks, d) == (blocks.int8_words, blocks.down_words)  # the words paths are taken
+    blocks = dataclasses.replace(WORDS_TILES, **tiles)
+    assert mlp_tiles.word_tiles(blocks, d)  # the words path is taken
     out = cm.cats_mlp_triton(x, *qs, t, blocks=blocks, scales=scales, norm=norm)
     ref = cats_mlp_reference(x, *qs, t, scales=scales, norm=norm)
     if sparsity == 1:
         assert (out == 0).all()
     else:
         assert rel_err(out, ref) < CATS_TOL[torch.bfloat16]
-        as_bytes = dataclasses.replace(blocks, int8_words=0, down_words=0)
+        as_bytes = dataclasses.replace(blocks, down_words=0)
         assert rel_err(cm.cats_mlp_triton(x, *qs, t, blocks=blocks, scales=scales, norm=norm, fp32_out=True),
                        cm.cats_mlp_triton(x, *qs, t, blocks=as_bytes, scales=scales, norm=norm, fp32_out=True)) \
             < INT8_F32_TOL
 
 
-def test_int8_words_only_where_the_tiles_fit():
-    blocks = dataclasses.replace(WORDS_TILES, int8_words=2, down_words=1)
-    assert mlp_tiles.word_tiles(blocks, 64) == (2, 1)
-    assert mlp_tiles.word_tiles(blocks, 72) == (0, 0)  # up's 32 columns do not divide 72, nor do down's 16 columns
-    assert mlp_tiles.word_tiles(blocks, 48) == (0, 1)  # 48: down's 16 columns divide it, up's 32 do not
-    assert mlp_tiles.word_tiles(dataclasses.replace(blocks, sub=6), 64) == (0, 1)  # runs of 6: not whole words
-    assert mlp_tiles.word_tiles(dataclasses.replace(blocks, sub=0), 64) == (0, 1)  # no runs
+def test_int8_down_words_only_where_the_tiles_fit():
+    assert mlp_tiles.word_tiles(WORDS_TILES, 64)
+    assert mlp_tiles.word_tiles(WORDS_TILES, 48)  # down's 16 columns divide 48
+    assert not mlp_tiles.word_tiles(WORDS_TILES, 72)  # 72: not a multiple of 16
+    assert not mlp_tiles.word_tiles(dataclasses.replace(WORDS_TILES, down_d=32), 48)  # 32 columns do not divide 48
+    assert not mlp_tiles.word_tiles(dataclasses.replace(WORDS_TILES, down_words=0), 64)
+    assert mlp_tiles.word_tiles(mlp_tiles.INT8_B1_BLOCKS, 4096)  # the model's int8 tiles at Llama-2-7B's d
 
 
 def test_int8_words_conversion_is_exact_for_every_value_and_position():
