@@ -28,14 +28,16 @@ return at once. The list's order varies between runs, so fp32 sums may differ in
 step is one tl.dot on the tensor cores (FMA units for fp32); one token multiplies on the FMA units
 unpadded (mlp_tiles.pick_blocks). Why this design and not others, with measurements:
 notes/kernels.md. The one-token down launches, a pair with their own prologue, live in
-kernels/down1.py.
+kernels/down1.py, the tiles in kernels/mlp_tiles.py. Just over 300 lines, one op: its three launches
+share the row list, its counter and the folded norm's 1 / rms (the gate launch writes them, the up
+and down launches read them), so they are not usable apart.
 """
 from typing import Optional
 
 import torch
 
 from . import mlp_tiles
-from .mlp_tiles import Blocks, word_tiles
+from .mlp_tiles import Blocks, down_words_fit
 from .workspace import int32_workspace
 
 try:
@@ -224,7 +226,7 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     cfg = blocks or mlp_tiles.pick_blocks(B, int8)  # (through the module: scripts swap its tables)
     dot_f32 = x.dtype == torch.float32 or not x.is_cuda
     fma = cfg.fma_at_b1 and B == 1
-    down_words = int8 and fma and word_tiles(cfg, D)
+    down_words = int8 and fma and down_words_fit(cfg, D)
 
     f32 = dict(device=x.device, dtype=torch.float32)
     v, u_acc, y_acc = _empty(B, F, **f32), _empty(B, F, **f32), _empty(B, D, **f32)

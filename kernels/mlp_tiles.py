@@ -5,7 +5,7 @@ how each table was measured: notes/kernels.md.
 """
 from dataclasses import dataclass
 
-__all__ = ["Blocks", "INT8_BLOCKS", "INT8_B1_BLOCKS", "FLOAT_B1_BLOCKS", "pick_blocks", "word_tiles"]
+__all__ = ["Blocks", "INT8_BLOCKS", "INT8_B1_BLOCKS", "FLOAT_B1_BLOCKS", "pick_blocks", "down_words_fit"]
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def pick_blocks(B: int, int8: bool = False) -> Blocks:
     return INT8_BLOCKS if int8 else Blocks()
 
 
-def word_tiles(cfg: Blocks, D: int) -> bool:
+def down_words_fit(cfg: Blocks, D: int) -> bool:
     """Whether the one-token int8 down launch runs on words (cfg.down_words where whole words and
     whole column tiles fit D; elsewhere the byte tiles run)."""
     return bool(cfg.down_words) and D % 16 == 0 and D % cfg.down_d == 0

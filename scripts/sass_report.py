@@ -70,12 +70,7 @@ def variants(texts, int8: bool, D=4096, F=11008):
     """Each Blocks variant's one-token MLP launches, compiled and reported."""
     from gpu_sparse import tile_changes, tile_variants
     hc.record_kernels()
-    x, norm = torch.randn(1, D, dtype=torch.bfloat16), (torch.rand(D, dtype=torch.bfloat16), 1e-5)
-    if int8:
-        weights = [torch.randint(-127, 128, (F, D), dtype=torch.int8) for _ in range(3)]
-        scales = dict(scales=(torch.rand(F), torch.rand(F), torch.rand(D)))
-    else:
-        weights, scales = [torch.randn(F, D, dtype=torch.bfloat16) for _ in range(3)], {}
+    x, norm, weights, scales = hc.mlp_inputs(1, D, F, int8)
     for label, blocks in tile_variants(hc.mlp_tiles.pick_blocks(1, int8=int8), [tile_changes(t) for t in texts]).items():
         hc.launches.clear()
         hc.cm.cats_mlp_triton(x, *weights, torch.rand(F), norm=norm, blocks=blocks, **scales)

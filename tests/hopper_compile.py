@@ -53,6 +53,18 @@ def compile_for_hopper(kernel, named, options):
                           target=HOPPER, options=options)
 
 
+def mlp_inputs(B: int, D: int, F: int, int8: bool):
+    """Random CATS MLP inputs for a recorded launch: x [B, D] bf16, the block's norm (weight, eps),
+    the three weights [F, D] (bf16, or int8) and the keyword arguments that go with them (int8: the
+    scales; float: none)."""
+    bf16 = dict(dtype=torch.bfloat16)
+    x, norm = torch.randn(B, D, **bf16), (torch.rand(D, **bf16), 1e-5)
+    if int8:
+        weights = [torch.randint(-127, 128, (F, D), dtype=torch.int8) for _ in range(3)]
+        return x, norm, weights, dict(scales=(torch.rand(F), torch.rand(F), torch.rand(D)))
+    return x, norm, [torch.randn(F, D, **bf16) for _ in range(3)], {}
+
+
 def launch_all(D=256, F=512):
     """D, F: the MLP's shape (small for the test; scripts/sass_report.py --model takes Llama-2-7B's,
     whose tiles divide it as the model's do)."""
@@ -64,12 +76,11 @@ def launch_all(D=256, F=512):
         da.decode_attention_rope_triton(qkv, torch.randn(64, 128), torch.randn(64, 128), torch.stack((k, v)),
                                         torch.tensor([9]), 4, 16)
     for B in (1, 4):
-        x = torch.randn(B, D, **bf16)
-        norm = (torch.rand(D, **bf16), 1e-5)  # the block's RMSNorm folded in (issue 14)
-        cm.cats_mlp_triton(x, *(torch.randn(F, D, **bf16) for _ in range(3)), torch.tensor(0.1))
-        cm.cats_mlp_triton(x, *(torch.randn(F, D, **bf16) for _ in range(3)), torch.tensor(0.1), norm=norm)
-        q8 = [torch.randint(-127, 128, (F, D), dtype=torch.int8) for _ in range(3)]
-        scales = (torch.rand(F), torch.rand(F), torch.rand(D))
+        x, norm, w16, _ = mlp_inputs(B, D, F, int8=False)  # norm: the block's RMSNorm folded in (issue 14)
+        cm.cats_mlp_triton(x, *w16, torch.tensor(0.1))
+        cm.cats_mlp_triton(x, *w16, torch.tensor(0.1), norm=norm)
+        _, _, q8, int8_scales = mlp_inputs(B, D, F, int8=True)
+        scales = int8_scales["scales"]
         cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales)
         cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm)
         if B == 1:  # the model's int8 tiles on bytes (down_words off), and with the gate's cap lower

@@ -65,7 +65,7 @@ def test_a_swapped_table_is_the_ops_tiles(monkeypatch):
     variant = dataclasses.replace(mlp_tiles.INT8_B1_BLOCKS, gate_f=8, gate_regs=80)
     gpu_tiles_ab.use_tiles(variant, int8=True)
     seen = []
-    monkeypatch.setattr(cm, "word_tiles", lambda cfg, D: seen.append(cfg) or False)  # bytes: d = 64 has no whole down tile
+    monkeypatch.setattr(cm, "down_words_fit", lambda cfg, D: seen.append(cfg) or False)  # bytes: d = 64 has no whole down tile
     torch.manual_seed(0)
     d, f = 64, 48
     (qg, sg), (qu, su), (qd, sd) = quantize_int8(torch.randn(f, d)), quantize_int8(torch.randn(f, d)), \

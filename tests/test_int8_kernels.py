@@ -167,7 +167,7 @@ def test_int8_cats_mlp_down_words_match_reference(poisoned_scratch, sparsity, ti
     norm = (torch.rand(d, generator=torch.Generator().manual_seed(5)).to(DEV, torch.bfloat16) + 0.5, 1e-5)
     t = int8_threshold(cm.rms_norm_reference(x, *norm), qs, scales, sparsity)
     blocks = dataclasses.replace(WORDS_TILES, **tiles)
-    assert mlp_tiles.word_tiles(blocks, d)  # the words path is taken
+    assert mlp_tiles.down_words_fit(blocks, d)  # the words path is taken
     out = cm.cats_mlp_triton(x, *qs, t, blocks=blocks, scales=scales, norm=norm)
     ref = cats_mlp_reference(x, *qs, t, scales=scales, norm=norm)
     if sparsity == 1:
@@ -181,12 +181,12 @@ def test_int8_cats_mlp_down_words_match_reference(poisoned_scratch, sparsity, ti
 
 
 def test_int8_down_words_only_where_the_tiles_fit():
-    assert mlp_tiles.word_tiles(WORDS_TILES, 64)
-    assert mlp_tiles.word_tiles(WORDS_TILES, 48)  # down's 16 columns divide 48
-    assert not mlp_tiles.word_tiles(WORDS_TILES, 72)  # 72: not a multiple of 16
-    assert not mlp_tiles.word_tiles(dataclasses.replace(WORDS_TILES, down_d=32), 48)  # 32 columns do not divide 48
-    assert not mlp_tiles.word_tiles(dataclasses.replace(WORDS_TILES, down_words=0), 64)
-    assert mlp_tiles.word_tiles(mlp_tiles.INT8_B1_BLOCKS, 4096)  # the model's int8 tiles at Llama-2-7B's d
+    assert mlp_tiles.down_words_fit(WORDS_TILES, 64)
+    assert mlp_tiles.down_words_fit(WORDS_TILES, 48)  # down's 16 columns divide 48
+    assert not mlp_tiles.down_words_fit(WORDS_TILES, 72)  # 72: not a multiple of 16
+    assert not mlp_tiles.down_words_fit(dataclasses.replace(WORDS_TILES, down_d=32), 48)  # 32 columns do not divide 48
+    assert not mlp_tiles.down_words_fit(dataclasses.replace(WORDS_TILES, down_words=0), 64)
+    assert mlp_tiles.down_words_fit(mlp_tiles.INT8_B1_BLOCKS, 4096)  # the model's int8 tiles at Llama-2-7B's d
 
 
 def test_int8_words_conversion_is_exact_for_every_value_and_position():
