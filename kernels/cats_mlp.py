@@ -223,7 +223,7 @@ def cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, blocks: Blocks | None 
     assert norm is None or norm[0].shape == (D,)
     g, eps = norm if norm is not None else (x, 0.0)  # unread without a norm
     x = x.contiguous()
-    cfg = blocks or mlp_tiles.pick_blocks(B, int8)  # (through the module: scripts swap its tables)
+    cfg = blocks or mlp_tiles.pick_blocks(B, int8)  # (through the module: a sweep may replace pick_blocks)
     dot_f32 = x.dtype == torch.float32 or not x.is_cuda
     fma = cfg.fma_at_b1 and B == 1
     down_words = int8 and fma and down_words_fit(cfg, D)

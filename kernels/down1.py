@@ -2,9 +2,9 @@
 the CATS MLP's down launch for one token (B = 1) on the FMA units, as a program of STEPS x BLOCK_R
 consecutive entries of the gate launch's row list and BLOCK_D columns of W_down^T. Two kernels
 with one contract: down1_kernel on the weights as stored (float, or int8 bytes), and
-down1_words_kernel on int8 weights loaded as int32 words (Blocks.down_words, the model's int8 tiles:
-notes/kernels.md v15), whose tile can be carried across the loop's steps without being repacked. Both read the list's length from count[1] (the up launch's copy) and set count[0] back
-to 0 for the next call's gate launch."""
+down1_words_kernel on int8 weights loaded as int32 words (Blocks.down_words), whose tile can be
+carried across the loop's steps without being repacked. Both read the list's length from count[1]
+(the up launch's copy) and set count[0] back to 0 for the next call's gate launch."""
 import triton
 import triton.language as tl
 

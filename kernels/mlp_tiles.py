@@ -36,7 +36,7 @@ class Blocks:
     sub: int = 0
     down_fold: int = 0
     down_warps: int = 0
-    down_words: int = 0
+    down_words: bool = False
     gate_regs: int = 0
 
 
@@ -51,7 +51,7 @@ INT8_BLOCKS = Blocks(gate_f=32, gate_d=128, gate_warps=4, gate_stages=4, up_r=32
 # 3.6). Both measured in the model on an H200, one process (notes/kernels.md v15).
 INT8_B1_BLOCKS = Blocks(gate_f=16, gate_d=512, gate_warps=4, gate_stages=2, up_r=8, up_d=512, up_steps=4,
                         down_r=32, down_d=128, down_steps=4, warps=2, stages=1, fma_at_b1=True, sub=16,
-                        down_fold=4, down_warps=1, down_words=1, gate_regs=80)
+                        down_fold=4, down_warps=1, down_words=True, gate_regs=80)
 # Float weights, one token: the FMA launches with runs of 8 (scripts/gpu_sparse.py --sweep, session 9);
 # the down launch on one warp, 32 rows x 2 steps (notes/kernels.md v12)
 FLOAT_B1_BLOCKS = Blocks(gate_f=16, gate_d=256, gate_warps=4, gate_stages=3, up_r=8, up_d=1024, up_steps=2,
@@ -71,4 +71,4 @@ def pick_blocks(B: int, int8: bool = False) -> Blocks:
 def down_words_fit(cfg: Blocks, D: int) -> bool:
     """Whether the one-token int8 down launch runs on words (cfg.down_words where whole words and
     whole column tiles fit D; elsewhere the byte tiles run)."""
-    return bool(cfg.down_words) and D % 16 == 0 and D % cfg.down_d == 0
+    return bool(cfg.down_words) and D % 16 == 0 and D % cfg.down_d == 0  # (bool: --try gives 0 or 1)

@@ -84,7 +84,7 @@ def launch_all(D=256, F=512):
         cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales)
         cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm)
         if B == 1:  # the model's int8 tiles on bytes (down_words off), and with the gate's cap lower
-            for change in (dict(down_words=0), dict(gate_regs=64)):
+            for change in (dict(down_words=False), dict(gate_regs=64)):
                 blocks = dataclasses.replace(mlp_tiles.INT8_B1_BLOCKS, **change)
                 cm.cats_mlp_triton(x, *q8, torch.rand(F), scales=scales, norm=norm, blocks=blocks)
         gm.int8_gemv_triton(x, q8[0], scales[0])

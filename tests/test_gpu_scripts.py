@@ -47,12 +47,11 @@ def test_tiles_ab_runs_every_variant_each_round(monkeypatch):
     settings = BenchSettings(device="cpu", dtype="float32", quantize="int8", compile=False, new_tokens=3, repeats=1,
                              prompt_len=8, max_seq_len=64)
     model = gpu_tiles_ab.mlp_tiles.INT8_B1_BLOCKS
-    variant = dataclasses.replace(model, down_words=0)
+    variant = dataclasses.replace(model, down_words=False)
     times = gpu_tiles_ab.run(settings, "tiny", {"model": model, "words": variant}, rounds=2, sparsities=[0.5])
     assert {k: len(v) for k, v in times.items()} == {("dense", 0.0): 2, ("model", 0.5): 2, ("words", 0.5): 2}
     assert all(ms > 0 for v in times.values() for ms in v)
     assert seen == [model, model, variant] * 2  # a round: dense and s = 0.5 on the model's tiles, then the variant
-
 
 
 def test_a_swapped_table_is_the_ops_tiles(monkeypatch):
@@ -73,6 +72,7 @@ def test_a_swapped_table_is_the_ops_tiles(monkeypatch):
     prepare_workspaces("cpu", 1, 1)
     cm.cats_mlp_triton(torch.randn(1, d), qg, qu, qd.t().contiguous(), torch.tensor(0.1), scales=(sg, su, sd))
     assert seen == [variant]
+
 
 def test_programs_an_sm_by_registers_and_warps():
     assert sass_report.programs_per_sm(80, 4) == 6  # 80 x 32 = 2560 registers a warp: 65536 // 10240

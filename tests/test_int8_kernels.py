@@ -152,7 +152,7 @@ def test_int8_cats_mlp_matches_reference(poisoned_scratch, dtype, B, sparsity, d
         assert rel_err(out, ref) < CATS_TOL[dtype]
 
 
-WORDS_TILES = dataclasses.replace(SMALL_FMA, sub=8, down_fold=4, down_words=1)  # down: 16 columns, whole words
+WORDS_TILES = dataclasses.replace(SMALL_FMA, sub=8, down_fold=4, down_words=True)  # down: 16 columns, whole words
 
 
 @pytest.mark.parametrize("sparsity", [0, 0.4, 1])
@@ -174,7 +174,7 @@ def test_int8_cats_mlp_down_words_match_reference(poisoned_scratch, sparsity, ti
         assert (out == 0).all()
     else:
         assert rel_err(out, ref) < CATS_TOL[torch.bfloat16]
-        as_bytes = dataclasses.replace(blocks, down_words=0)
+        as_bytes = dataclasses.replace(blocks, down_words=False)
         assert rel_err(cm.cats_mlp_triton(x, *qs, t, blocks=blocks, scales=scales, norm=norm, fp32_out=True),
                        cm.cats_mlp_triton(x, *qs, t, blocks=as_bytes, scales=scales, norm=norm, fp32_out=True)) \
             < INT8_F32_TOL
@@ -185,7 +185,7 @@ def test_int8_down_words_only_where_the_tiles_fit():
     assert mlp_tiles.down_words_fit(WORDS_TILES, 48)  # down's 16 columns divide 48
     assert not mlp_tiles.down_words_fit(WORDS_TILES, 72)  # 72: not a multiple of 16
     assert not mlp_tiles.down_words_fit(dataclasses.replace(WORDS_TILES, down_d=32), 48)  # 32 columns do not divide 48
-    assert not mlp_tiles.down_words_fit(dataclasses.replace(WORDS_TILES, down_words=0), 64)
+    assert not mlp_tiles.down_words_fit(dataclasses.replace(WORDS_TILES, down_words=False), 64)
     assert mlp_tiles.down_words_fit(mlp_tiles.INT8_B1_BLOCKS, 4096)  # the model's int8 tiles at Llama-2-7B's d
 
 
